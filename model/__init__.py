@@ -5,5 +5,9 @@ directly. No torch.distributed, no megatron: parallelism is applied from outside
 """
 
 from .config import PRESETS, ModelConfig, count_params, get_preset
+from .layers import KVCache
+from .transformer import (CausalLM, ModelOutput, build_model, hf_tensor_slot, iter_hf_tensors, load_hf_tensor,
+                          token_logprobs)
 
-__all__ = ["PRESETS", "ModelConfig", "count_params", "get_preset"]
+__all__ = ["PRESETS", "CausalLM", "KVCache", "ModelConfig", "ModelOutput", "build_model", "count_params",
+           "get_preset", "hf_tensor_slot", "iter_hf_tensors", "load_hf_tensor", "token_logprobs"]

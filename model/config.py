@@ -29,7 +29,7 @@ IGNORED_HF_KEYS = frozenset({
     "layer_types", "quantization_config", "aux_loss_alpha", "seq_aux", "ep_size", "moe_layer_freq", "topk_method",
     "scoring_func", "model_type", "_name_or_path", "output_router_logits", "router_aux_loss_coef", "pad_token_id",
     "bos_token_id", "eos_token_id", "rope_interleave", "head_dim", "rope_parameters", "use_mla", "is_encoder_decoder",
-    "hidden_act", "id2label", "label2id", "problem_type", "tie_encoder_decoder", "return_dict", "chunk_size_feed_forward",
+    "hidden_act", "qk_head_dim", "id2label", "label2id", "problem_type", "tie_encoder_decoder", "return_dict", "chunk_size_feed_forward",
 })
 
 
