@@ -148,16 +148,20 @@ def build_kv_cache(cfg: ModelConfig, batch_size: int, max_len: int, device, dtyp
     return KVCache(layers, valid, torch.zeros(batch_size, dtype=torch.long, device=device), 0, max_len)
 
 
-def build_attention_mask(valid_BS: torch.Tensor | None, start: int, T: int, S: int, device) -> torch.Tensor | None:
-    """Boolean [B|1, 1, T, S] mask (True = attend): causal over absolute positions and key validity.
+def build_attention_mask(valid_BS: torch.Tensor | None, start: int, T: int, S: int, device,
+                         segments_BT: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Boolean [B|1, 1, T, S] mask (True = attend): causal over absolute positions and key validity; with
+    `segments_BT` (packed sequences, no cache) a token attends only within its own segment.
     Every query may attend to itself so rows of pad queries never become all -inf (their outputs are unused)."""
     q_pos = torch.arange(start, start + T, device=device)[:, None]
     k_pos = torch.arange(S, device=device)[None, :]
-    mask = k_pos <= q_pos  # [T, S]
-    if valid_BS is None:
-        return mask[None, None]
-    mask = mask[None] & valid_BS[:, None, :S]
-    mask = mask | (k_pos == q_pos)[None]
+    mask = (k_pos <= q_pos)[None]  # [1, T, S]
+    if valid_BS is not None:
+        mask = mask & valid_BS[:, None, :S]
+    if segments_BT is not None:
+        mask = mask & (segments_BT[:, :, None] == segments_BT[:, None, :])
+    if valid_BS is not None or segments_BT is not None:
+        mask = mask | (k_pos == q_pos)[None]
     return mask[:, None]
 
 

@@ -130,9 +130,12 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                compute_mtp: bool = False) -> ModelOutput:
+                compute_mtp: bool = False, segment_ids: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = pad; left or right padding);
-        with `cache`, the T tokens are appended after the cache's `length` positions."""
+        with `cache`, the T tokens are appended after the cache's `length` positions. `segment_ids` [B, T]
+        (packed training sequences): attention stays within a segment and positions restart at each segment."""
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
         cfg = self.cfg
         B, T = input_ids.shape
         device = input_ids.device
@@ -142,6 +145,8 @@ class CausalLM(nn.Module):
         valid_BT = attention_mask.bool() if attention_mask is not None else None
         if cache is not None:
             cache.valid_BS[:, start:start + T] = True if valid_BT is None else valid_BT
+        if position_ids is None and segment_ids is not None:
+            position_ids = _segment_positions(segment_ids)
         if position_ids is None:
             if valid_BT is None:
                 base = torch.arange(T, device=device)[None].expand(B, T)
@@ -153,12 +158,12 @@ class CausalLM(nn.Module):
             cache.next_pos_B += T if valid_BT is None else valid_BT.long().sum(-1)
 
         S = start + T
-        causal_no_mask = cache is None and valid_BT is None
+        causal_no_mask = cache is None and valid_BT is None and segment_ids is None
         if causal_no_mask:
             mask = None
         else:
             valid_BS = cache.valid_BS if cache is not None else valid_BT
-            mask = build_attention_mask(valid_BS, start, T, S, device)
+            mask = build_attention_mask(valid_BS, start, T, S, device, segment_ids)
 
         x = self.model.embed_tokens(input_ids)
         rotary = self.model.layers[0].self_attn.rotary
@@ -196,6 +201,16 @@ class CausalLM(nn.Module):
             h, _ = DecoderLayer.forward(layer, h, cos, sin, mask, None, 0, causal_no_mask, valid_BT)
             logits.append(self.lm_head(layer.shared_head.norm(h)))
         return logits
+
+
+def _segment_positions(segments_BT: torch.Tensor) -> torch.Tensor:
+    """Positions restarting at 0 at each new segment id along the row."""
+    T = segments_BT.shape[1]
+    idx = torch.arange(T, device=segments_BT.device).expand_as(segments_BT)
+    is_start = torch.ones_like(segments_BT, dtype=torch.bool)
+    is_start[:, 1:] = segments_BT[:, 1:] != segments_BT[:, :-1]
+    start_idx = torch.where(is_start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
 
 
 def _init_weights(model: CausalLM) -> None:

@@ -108,3 +108,16 @@ def test_mtp_logits_and_aux_loss():
     assert out.aux_loss.item() > 0
     (out.logits.mean() + out.mtp_logits[0].mean() + out.aux_loss).backward()
     assert model.model.layers[cfg.num_hidden_layers].eh_proj.weight.grad is not None
+
+
+def test_packed_segments_equal_separate_sequences():
+    model = build_model(get_preset("tiny-moe"), seed=0).eval()
+    a = torch.randint(3, 128, (1, 5))
+    b = torch.randint(3, 128, (1, 4))
+    packed = torch.cat([a, b], 1)
+    seg = torch.tensor([[0] * 5 + [1] * 4])
+    with torch.no_grad():
+        out = model(packed, segment_ids=seg).logits
+        la, lb = model(a).logits, model(b).logits
+    assert (out[:, :5] - la).abs().max() < 1e-5
+    assert (out[:, 5:] - lb).abs().max() < 1e-5

@@ -1,0 +1,362 @@
+"""HF checkpoint load/save: `from_pretrained(dir)` -> CausalLM, `save_pretrained(model, dir)` -> an HF directory.
+
+A directory is `config.json` + `model.safetensors` (or shards `model-0000i-of-0000N.safetensors` with
+`model.safetensors.index.json`), the layout transformers and SGLang read. Tensor names are the HF names the model's
+state dict already uses (per-expert `mlp.experts.{e}.gate_proj.weight`, MTP at `model.layers.{L + j}`).
+
+Loading builds the model on the meta device and streams tensors in shard by shard (`safetensors.safe_open` maps
+the file; one tensor at a time is read), so a large model is never materialised twice. DeepSeek-V3's released FP8
+weights (`float8_e4m3fn` + `<name>_scale_inv`, one float32 scale per 128x128 block) are de-quantized on load with
+the semantics of DeepSeek-V3 `inference/fp8_cast_bf16.py` / `kernel.py:weight_dequant`:
+w[i, j] = fp8[i, j] * scale_inv[i // 128, j // 128], computed in float32, then cast to the model dtype.
+
+Saving writes into a temporary directory next to the target and renames it into place, so a reader sees either
+the old checkpoint or the complete new one, never a half-written directory.
+
+    model = from_pretrained("ckpt/", dtype=torch.bfloat16, device="cuda")
+    save_pretrained(model, "out/", max_shard_size="5GB", tokenizer=tok, extra_files={"r1moe_meta.json": "{}"})
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .transformer import CausalLM, build_model, hf_tensor_slot, load_hf_tensor
+
+CONFIG_NAME = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+SCALE_SUFFIX = "_scale_inv"
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------- load
+def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> CausalLM:
+    """Load an HF checkpoint directory into a new CausalLM (in eval mode, like transformers).
+
+    dtype None: the checkpoint's `torch_dtype` / `dtype` from config.json, else float32. The router's
+    `e_score_correction_bias` stays float32 whatever the dtype. Every error names the tensor or key and the file;
+    nothing is returned half-loaded."""
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    cfg = ModelConfig.from_json(config_file)
+    raw = json.loads(config_file.read_text())
+    dtype = dtype if dtype is not None else _config_dtype(raw, config_file)
+    block = _fp8_block_size(raw, config_file)
+    weight_map = _weight_map(path)
+
+    names = set(weight_map)
+    scales = {n for n in names if n.endswith(SCALE_SUFFIX) and n[:-len(SCALE_SUFFIX)] in names}
+    L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    if D and not any(n.startswith(f"model.layers.{L + j}.") for n in names for j in range(D)):
+        source = path / INDEX_NAME if (path / INDEX_NAME).exists() else path / SINGLE_FILE
+        warnings.warn(f"{source}: config has num_nextn_predict_layers={D} but the checkpoint has no MTP tensors "
+                      f"(model.layers.{L}.*; transformers drops them on save); loading with MTP disabled",
+                      stacklevel=2)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+
+    model = build_model(cfg, device="meta", dtype=dtype)
+    model.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        # to_empty re-creates parameters one module at a time, which unties lm_head from embed_tokens.
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.__dict__.pop("_hf_slots", None)  # slot cache of the meta tensors, if anything built it
+
+    aliases = _aliases(model)
+    expected = list(model.state_dict().keys())
+    loaded: set[str] = set()
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, []).append(name)
+    for file, file_names in by_file.items():
+        file_path = path / file
+        with safe_open(file_path, framework="pt", device="cpu") as f:
+            present = set(f.keys())
+            for name in file_names:
+                if name in scales:
+                    continue
+                if name not in present:
+                    raise ValueError(f"{file_path}: tensor {name!r} is listed in {INDEX_NAME} but not in the file")
+                main = aliases.get(name)
+                if main is not None and main in names:
+                    # A stored copy of a shared tensor (MTP embed/head, tied lm_head): the model holds one tensor,
+                    # loaded from the main name; the copy's shape is still checked.
+                    _check_shape(model, name, f.get_slice(name).get_shape(), file_path)
+                    loaded.add(name)
+                    continue
+                tensor = f.get_tensor(name)
+                scale_name = name + SCALE_SUFFIX
+                if (tensor.dtype in FP8_DTYPES) != (scale_name in scales):
+                    raise ValueError(f"{file_path}: tensor {name!r} is stored as {tensor.dtype} "
+                                     + ("without" if scale_name not in scales else "with")
+                                     + f" a {scale_name!r}; only FP8 weights with a block scale are supported")
+                if scale_name in scales:
+                    scale = _read_tensor(path, weight_map[scale_name], scale_name, f if weight_map[scale_name] == file
+                                         else None)
+                    tensor = compute_fp8_dequant(tensor.to(device), scale.to(device), block, name)
+                _load_one(model, name, tensor, file_path)
+                loaded.add(name)
+                if main is not None:
+                    loaded.add(main)
+
+    covered = loaded | {a for a, m in aliases.items() if m in loaded}
+    missing = [n for n in expected if n not in covered]
+    main_missing = [n for n in missing if not _is_mtp(n, L)]
+    if main_missing:
+        shown = ", ".join(repr(n) for n in main_missing[:5])
+        raise ValueError(f"{path}: checkpoint is missing {len(main_missing)} tensor(s) the config requires: {shown}"
+                         + (" ..." if len(main_missing) > 5 else ""))
+    if missing:  # some MTP tensors present (else MTP was disabled above), some not
+        raise ValueError(f"{path}: MTP layers are only partially present; missing tensor {missing[0]!r}"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    return model.eval()
+
+
+def compute_fp8_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
+                        name: str = "weight") -> torch.Tensor:
+    """Block-wise FP8 de-quantization (DeepSeek-V3 `weight_dequant`): float32 w[i, j] = q[i, j] * s[i // bm, j // bn]."""
+    if weight.dim() != 2:
+        raise ValueError(f"tensor {name!r}: FP8 block de-quantization expects a 2-D weight, got {tuple(weight.shape)}")
+    M, N = weight.shape
+    bm, bn = block
+    want = (math.ceil(M / bm), math.ceil(N / bn))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(f"tensor {name!r}: {name}{SCALE_SUFFIX} has shape {tuple(scale_inv.shape)}, expected {want} "
+                         f"for a {tuple(weight.shape)} weight in {bm}x{bn} blocks")
+    s = scale_inv.float().repeat_interleave(bm, dim=0)[:M].repeat_interleave(bn, dim=1)[:, :N]
+    return weight.float() * s
+
+
+def _load_one(model: CausalLM, name: str, tensor: torch.Tensor, file_path: Path) -> None:
+    try:
+        load_hf_tensor(model, name, tensor)
+    except KeyError:
+        raise ValueError(f"{file_path}: unexpected tensor {name!r}: a {model.cfg.architecture} with this config has "
+                         f"no such tensor") from None
+    except ValueError as e:
+        raise ValueError(f"{file_path}: {e}") from None
+
+
+def _check_shape(model: CausalLM, name: str, shape: list[int], file_path: Path) -> None:
+    try:
+        dst = hf_tensor_slot(model, name)
+    except KeyError:
+        raise ValueError(f"{file_path}: unexpected tensor {name!r}") from None
+    if tuple(dst.shape) != tuple(shape):
+        raise ValueError(f"{file_path}: tensor {name!r}: checkpoint shape {tuple(shape)} != model shape "
+                         f"{tuple(dst.shape)} from config")
+
+
+def _read_tensor(path: Path, file: str, name: str, handle) -> torch.Tensor:
+    if handle is not None:
+        return handle.get_tensor(name)
+    with safe_open(path / file, framework="pt", device="cpu") as f:
+        return f.get_tensor(name)
+
+
+def _aliases(model: CausalLM) -> dict[str, str]:
+    """Checkpoint names that are copies of another tensor in this model -> the main name."""
+    out = dict(model._mtp_copies())
+    if model.cfg.tie_word_embeddings:
+        out["lm_head.weight"] = "model.embed_tokens.weight"
+    return out
+
+
+def _is_mtp(name: str, num_hidden_layers: int) -> bool:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return m is not None and int(m.group(1)) >= num_hidden_layers
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    """HF tensor name -> file name, from the index or the single file; every named file must exist."""
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        for file in dict.fromkeys(weight_map.values()):
+            if not (path / file).is_file():
+                raise FileNotFoundError(f"{path / file}: shard named in {index} does not exist")
+        return weight_map
+    single = path / SINGLE_FILE
+    if not single.is_file():
+        raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_NAME} found (only safetensors checkpoints "
+                                f"are supported)")
+    with safe_open(single, framework="pt", device="cpu") as f:
+        return {name: SINGLE_FILE for name in f.keys()}
+
+
+def _config_dtype(raw: dict[str, Any], source: Path) -> torch.dtype:
+    for key in ("torch_dtype", "dtype"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        name = str(value).removeprefix("torch.")
+        if name not in _DTYPES:
+            raise ValueError(f"{source}: {key}={value!r} is not a supported model dtype; expected one of "
+                             f"{sorted(_DTYPES)} (pass dtype= to override)")
+        return _DTYPES[name]
+    return torch.float32
+
+
+def _fp8_block_size(raw: dict[str, Any], source: Path) -> tuple[int, int]:
+    qc = raw.get("quantization_config") or {}
+    block = qc.get("weight_block_size") or [128, 128]
+    if len(block) != 2:
+        raise ValueError(f"{source}: quantization_config.weight_block_size={block!r}: expected [rows, cols]")
+    return int(block[0]), int(block[1])
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: str | int = "5GB",
+                    tokenizer=None, dtype: torch.dtype | None = None,
+                    extra_files: dict[str, bytes | str] | None = None) -> Path:
+    """Write `model` as an HF checkpoint directory at `path` (replacing one that is there), atomically.
+
+    dtype None keeps the model's dtype; `e_score_correction_bias` is always stored float32. `tokenizer`: a
+    `tokenizers.Tokenizer`, saved as tokenizer.json + a minimal tokenizer_config.json. `extra_files`: relative name
+    -> str/bytes content written into the same directory. Returns the final path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path}: exists and is not a directory")
+    cfg = model.cfg
+    dtype = dtype if dtype is not None else model.lm_head.weight.dtype
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype={dtype}: expected one of {sorted(_DTYPES)}")
+    limit = parse_size(max_shard_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        _write_weights(model, tmp, dtype, limit)
+        config = cfg.to_hf_dict()
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        _write_json(tmp / CONFIG_NAME, config)
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+        if cfg.pad_token_id is not None:
+            gen["pad_token_id"] = cfg.pad_token_id
+        _write_json(tmp / GENERATION_CONFIG_NAME, gen)
+        if tokenizer is not None:
+            _write_tokenizer(tokenizer, cfg, tmp)
+        for name, content in (extra_files or {}).items():
+            _write_extra(tmp, name, content)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes from an int or "5GB" / "500MB" / "2GiB" (decimal units for B/KB/MB/GB, binary for KiB/MiB/GiB)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"max_shard_size={size}: must be > 0")
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size={size!r}: expected bytes as an int or a string like '5GB' or '500MB'")
+    unit = m.group(2).upper()
+    powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    value = int(float(m.group(1)) * powers[unit])
+    if value <= 0:
+        raise ValueError(f"max_shard_size={size!r}: must be > 0")
+    return value
+
+
+def _tensor_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if name.endswith("e_score_correction_bias") else dtype
+
+
+def _plan_shards(model: CausalLM, dtype: torch.dtype, limit: int) -> tuple[list[list[str]], int]:
+    """Names per shard in state-dict order, greedily filled up to `limit` bytes (a bigger tensor gets a shard)."""
+    shards: list[list[str]] = [[]]
+    size = total = 0
+    for name, t in model.state_dict().items():
+        nbytes = t.numel() * _tensor_dtype(name, dtype).itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+        total += nbytes
+    return shards, total
+
+
+def _write_weights(model: CausalLM, out: Path, dtype: torch.dtype, limit: int) -> None:
+    shards, total = _plan_shards(model, dtype, limit)
+    n = len(shards)
+    files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    state = model.state_dict()
+    weight_map = {}
+    for file, names in zip(files, shards):
+        # Expert slices and MTP copies share storage with other tensors; safetensors wants each tensor on its own.
+        tensors = {k: state[k].detach().to(device="cpu", dtype=_tensor_dtype(k, dtype), copy=True).contiguous()
+                   for k in names}
+        save_file(tensors, out / file, metadata={"format": "pt"})
+        del tensors
+        weight_map.update({k: file for k in names})
+    if n > 1:
+        _write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _write_tokenizer(tokenizer, cfg: ModelConfig, out: Path) -> None:
+    tokenizer.save(str(out / "tokenizer.json"))
+    tok_cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    eos = cfg.eos_ids[0] if cfg.eos_ids else None
+    for key, token_id in (("bos_token", cfg.bos_token_id), ("eos_token", eos), ("pad_token", cfg.pad_token_id)):
+        token = tokenizer.id_to_token(token_id) if token_id is not None else None
+        if token is not None:
+            tok_cfg[key] = token
+    _write_json(out / "tokenizer_config.json", tok_cfg)
+
+
+def _write_extra(out: Path, name: str, content: bytes | str) -> None:
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise ValueError(f"extra_files: {name!r} must be a relative path inside the checkpoint directory")
+    if isinstance(content, str):
+        content = content.encode()
+    if not isinstance(content, (bytes, bytearray)):
+        raise TypeError(f"extra_files[{name!r}]: expected str or bytes, got {type(content).__name__}")
+    target = out / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(content)
+
+
+def _write_json(file: Path, obj: Any) -> None:
+    file.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path`; an existing `path` is renamed away first and deleted only once the new one is in."""
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+

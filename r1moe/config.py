@@ -1,0 +1,260 @@
+"""The typed config tree: one `JobConfig` of nested dataclasses for every stage (pretrain, sft, grpo, rm, eval).
+
+Loaded as `merge(structured(JobConfig), load(recipe.yaml), from_dotlist(overrides))` then `to_object`, so code gets
+real dataclasses and an unknown key or a bad value is an error naming it (torchtitan's JobConfig style). Defaults
+are the DeepSeek-R1 paper values where it states them (../shared R1-SETTINGS.md); recipes under `recipes/` say
+where they had to choose.
+
+    cfg = load_config("recipes/tiny/r1_zero/grpo.yaml", ["train.steps=10", "rollout.group_size=4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny-moe"
+    """Architecture from r1moe.model.PRESETS; ignored when `init` names a checkpoint (its config.json wins)."""
+    init: str | None = None
+    """HF checkpoint directory to start from; None = random init of `preset` (pretraining)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields changed on top of the preset (e.g. vocab_size, aux_loss_alpha); random init only."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ParallelSection:
+    backend: Literal["reference", "megatron"] = "reference"
+    """reference = the pure-PyTorch model (CPU or one GPU); megatron = r1moe.parallel (TP/EP/PP, FP8)."""
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+    cp: int = 1
+    fp8: Literal["delayed", "tensorwise", "blockwise"] | None = None
+    recompute: Literal["full", "selective"] | None = None
+
+
+@dataclass
+class DataSection:
+    train: str | None = None
+    """JSONL: prompts (grpo), prompt+response (sft), text or JSONL (pretrain), preference pairs (rm)."""
+    eval: str | None = None
+    """Held-out prompts JSONL for periodic evaluation (a seed not used for training)."""
+    template: Literal["r1_zero", "chat", "none"] = "r1_zero"
+    """Prompt template: Table 1 of DeepSeek-R1 (r1_zero), the R1 chat template (chat), or raw text (none)."""
+    tokenizer: str | None = None
+    """tokenizer.json or a directory holding it; None = the init checkpoint's, or a tiny one built from the data."""
+    tokenizer_vocab_size: int = 512
+    """Vocabulary of a tokenizer built from the data (tiny runs)."""
+    seq_len: int = 512
+    """Packed sequence length (pretrain/sft/rm)."""
+    max_prompt_tokens: int = 256
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    """Optimizer steps (GRPO: rollout steps). For sft, `epochs` takes precedence when set."""
+    epochs: float | None = None
+    batch_size: int = 32
+    """Sequences per step (pretrain/sft/rm) or questions per step (grpo; R1: 32 questions x 16 outputs)."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward (gradient accumulation); 0 = the whole batch at once."""
+    seed: int = 0
+    device: str = "auto"
+    """auto = cuda when available, else cpu."""
+    threads: int = 0
+    """torch intra-op threads on CPU; 0 = torch's default."""
+    mtp_weight: float = 0.0
+    """lambda of the MTP loss (V3 eq. 25: 0.3 early, 0.1 late in pretraining). 0 disables MTP."""
+    expert_bias_rate: float = 0.001
+    """gamma of the aux-loss-free bias update (V3 §4.2: 0.001); 0 freezes the bias."""
+    log_every: int = 1
+    eval_every: int = 0
+    """Evaluate on data.eval every N steps (and at start and end); 0 = only at the end."""
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-6
+    """R1-Zero / R1 RL: 3e-6 (R1-SETTINGS §1)."""
+    min_lr_ratio: float = 1.0
+    """Final LR / peak LR of the schedule (R1 SFT: cosine 5e-5 -> 5e-6 = 0.1)."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+
+
+@dataclass
+class RolloutSection:
+    engine: Literal["builtin", "sglang"] = "builtin"
+    group_size: int = 16
+    """G outputs per question (R1: 16)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    """Generation stops at EOS or after any of these strings (kept in the output)."""
+    micro_batch_size: int = 0
+    """Sequences generated at once; 0 = all of a step's questions x G together."""
+
+
+@dataclass
+class AlgoSection:
+    """GRPO (DeepSeek-R1 eq. 1 and 3) and the variants users expect."""
+
+    beta: float = 0.001
+    """KL weight (R1: 0.001); 0 skips the reference model entirely."""
+    eps_low: float = 0.2
+    """Clip epsilon (R1 reasoning RL states 10; R1-Zero n/s). Lower side with clip-higher."""
+    eps_high: float | None = None
+    """Upper clip (DAPO clip-higher); None = symmetric."""
+    agg: Literal["seq_mean_group_mean", "token_mean", "seq_sum_norm"] = "seq_mean_group_mean"
+    """Paper (per-sequence mean then group mean) | DAPO token-level | Dr. GRPO constant normaliser."""
+    adv_scale: Literal["std", "none"] = "std"
+    """Divide by the group std (eq. 3) or not (Dr. GRPO)."""
+    norm_const: float | None = None
+    """Dr. GRPO normaliser; None = rollout.max_new_tokens."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (DAPO)."""
+    num_minibatches: int = 1
+    """Policy updates per rollout batch (R1: 16 mini-batches, 1 epoch)."""
+    ref_refresh_every: int = 0
+    """Replace pi_ref with the current policy every N steps (R1: 400); 0 = never."""
+    update_expert_bias: bool = False
+    """Keep updating the aux-loss-free expert bias during RL (off = frozen routing bias)."""
+
+
+@dataclass
+class RewardsSection:
+    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
+    """Reward name -> weight; names from r1moe.rewards.REWARD_FUNCS (R1-Zero: accuracy + format, eq. 4)."""
+    reward_model: str | None = None
+    """Bradley-Terry reward model checkpoint scoring `general` prompts (all-scenario RL, stage 4)."""
+    reward_model_weight: float = 1.0
+
+
+@dataclass
+class EvalSection:
+    samples: int = 4
+    """K samples per question (R1: 64 for AIME, 16 MATH); pass@1 = mean accuracy over them."""
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 0
+    """0 = rollout.max_new_tokens."""
+    max_questions: int = 0
+    """Evaluate on the first N questions only; 0 = all."""
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0
+    """Save every N steps (HF dir + trainer state, atomically); 0 = only the final checkpoint."""
+    keep: int = 2
+    """Intermediate checkpoints kept (the final one is always kept)."""
+    resume: bool = False
+    """Continue from the run directory's last checkpoint (also `--resume` on the command line)."""
+
+
+@dataclass
+class LoggingSection:
+    run_dir: str = "runs/default"
+    project: str = "r1moe"
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    plots: bool = True
+
+
+@dataclass
+class JobConfig:
+    name: str = "default"
+    stage: Literal["pretrain", "sft", "grpo", "rm", "eval"] = "grpo"
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algo: AlgoSection = field(default_factory=AlgoSection)
+    rewards: RewardsSection = field(default_factory=RewardsSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    def __post_init__(self) -> None:
+        _positive(self.train, "train", ["steps", "batch_size"])
+        _positive(self.rollout, "rollout", ["group_size", "max_new_tokens"])
+        if self.rollout.temperature < 0:
+            raise ValueError(f"rollout.temperature={self.rollout.temperature} must be >= 0")
+        if not 0 < self.rollout.top_p <= 1:
+            raise ValueError(f"rollout.top_p={self.rollout.top_p} must be in (0, 1]")
+        if self.algo.eps_high is not None and self.algo.eps_high < self.algo.eps_low:
+            raise ValueError(f"algo.eps_high={self.algo.eps_high} must be >= algo.eps_low={self.algo.eps_low}")
+        if self.algo.num_minibatches < 1 or self.train.batch_size % self.algo.num_minibatches:
+            raise ValueError(f"algo.num_minibatches={self.algo.num_minibatches} must divide "
+                             f"train.batch_size={self.train.batch_size}")
+        if self.algo.beta < 0:
+            raise ValueError(f"algo.beta={self.algo.beta} must be >= 0")
+        for name, w in self.rewards.weights.items():
+            if not isinstance(w, (int, float)):
+                raise ValueError(f"rewards.weights.{name}={w!r} must be a number")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.logging.run_dir)
+
+
+def _positive(section: Any, prefix: str, names: list[str]) -> None:
+    for n in names:
+        if getattr(section, n) <= 0:
+            raise ValueError(f"{prefix}.{n}={getattr(section, n)} must be > 0")
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Recipe YAML + `key=value` overrides -> JobConfig. Errors name the file and the key."""
+    base = OmegaConf.structured(JobConfig)
+    layers = [base]
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe not found: {path}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as e:  # yaml errors carry line numbers in their text
+            raise ValueError(f"{path}: invalid YAML: {e}") from None
+    try:
+        merged = OmegaConf.merge(*layers)
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        where = f"{recipe}: " if recipe else ""
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ValueError(f"{where}bad config key {key!r}: {msg}") from None
+    return cfg
+
+
+def config_to_dict(cfg: JobConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: JobConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically) — a run directory starts with it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tmp.replace(path)

@@ -1,0 +1,49 @@
+"""The rollout-engine contract: generate completions for token prompts, take new weights as HF-named tensors.
+
+The built-in engine (r1moe/rollout/builtin.py) runs the reference model on CPU or CUDA; an SGLang engine
+implements the same protocol (weights arrive through the same HF-named iterator the megatron backend exports).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+FinishReason = Literal["eos", "stop", "length"]
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 = no top-k filtering."""
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    """Stop after any of these strings appears in the completion (the string is kept)."""
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    """Completion tokens, the EOS token included when finish_reason == "eos"."""
+    logprobs: list[float]
+    """log pi(token) under the model's unmodified distribution (temperature 1, no top-p/k): the policy's logprob."""
+    text: str
+    finish_reason: FinishReason
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        """One Generation per prompt, in order."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors (full, unsharded) into the engine's model."""
+        ...

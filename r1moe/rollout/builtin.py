@@ -1,0 +1,137 @@
+"""The built-in rollout engine: batched sampling over the reference model with its KV cache, CPU or CUDA.
+
+Prompts are left-padded into one batch, prefilled in one forward, then decoded one token per step for all rows;
+rows that finished keep stepping (their tokens are discarded) so the batch stays rectangular. Sampling: temperature,
+top-k, then top-p (nucleus) on the temperature-scaled distribution; the logprob returned is the unmodified policy's.
+Stops at EOS, at a stop string, or at max_new_tokens.
+
+Legend: B rows, V vocab, P padded prompt length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from r1moe.model import CausalLM, load_hf_tensor
+
+from .base import Generation, SamplingParams
+
+
+def sample_next(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """Token ids [B] from logits under temperature / top-k / top-p."""
+    if params.temperature == 0:
+        return logits_BV.argmax(-1)
+    logits = logits_BV.float() / params.temperature
+    if params.top_k > 0:
+        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class BuiltinEngine:
+    """RolloutEngine over a CausalLM. Pass the policy module itself to generate with the live weights (no copy),
+    or a separate model and feed it `update_weights` from a trainer's HF-named export."""
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, eos_ids: list[int], pad_id: int = 0,
+                 micro_batch_size: int = 0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = list(eos_ids)
+        self.pad_id = pad_id
+        self.micro_batch_size = micro_batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in named_tensors:
+            load_hf_tensor(self.model, name, tensor)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        step = self.micro_batch_size or len(prompts)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        out: list[Generation] = []
+        for i in range(0, len(prompts), step):
+            out.extend(self._generate_batch(prompts[i:i + step], params, gen))
+        return out
+
+    def _stop_token_ids(self, stops: list[str]) -> tuple[set[int], list[str]]:
+        ids, text_stops = set(), []
+        for s in stops:
+            tid = self.tokenizer.token_to_id(s)
+            if tid is not None:
+                ids.add(tid)
+            else:
+                text_stops.append(s)
+        return ids, text_stops
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
+                        gen: torch.Generator | None) -> list[Generation]:
+        model, device = self.model, self.device
+        was_training = model.training
+        model.eval()
+        B, P = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, P), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, P - len(p):] = torch.tensor(p)
+            mask[r, P - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        stop_ids, text_stops = self._stop_token_ids(params.stop)
+        eos = torch.tensor(self.eos_ids, device=device)
+        max_stop_chars = max((len(s) for s in text_stops), default=0)
+
+        cache = model.new_cache(B, P + params.max_new_tokens)
+        logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        logps: list[list[float]] = [[] for _ in range(B)]
+        finish: list[str | None] = [None] * B
+        ones = torch.ones(B, 1, dtype=torch.long, device=device)
+        for _ in range(params.max_new_tokens):
+            nxt = sample_next(logits, params, gen)
+            lp = F.log_softmax(logits.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)
+            nxt_l, lp_l = nxt.tolist(), lp.tolist()
+            is_eos = torch.isin(nxt, eos).tolist()
+            for r in range(B):
+                if finish[r] is not None:
+                    continue
+                tokens[r].append(nxt_l[r])
+                logps[r].append(lp_l[r])
+                if is_eos[r]:
+                    finish[r] = "eos"
+                elif nxt_l[r] in stop_ids:
+                    finish[r] = "stop"
+                elif text_stops:
+                    tail = self.tokenizer.decode(tokens[r][-(max_stop_chars + 8):], skip_special_tokens=False)
+                    if any(s in tail for s in text_stops):
+                        finish[r] = "stop"
+            if all(f is not None for f in finish):
+                break
+            logits = model(nxt[:, None], attention_mask=ones, cache=cache).logits[:, -1]
+        model.train(was_training)
+        out = []
+        for r in range(B):
+            text_ids = [t for t in tokens[r] if t not in self.eos_ids]
+            out.append(Generation(prompt_ids=list(prompts[r]), token_ids=tokens[r], logprobs=logps[r],
+                                  text=self.tokenizer.decode(text_ids, skip_special_tokens=False),
+                                  finish_reason=finish[r] or "length"))
+        return out
