@@ -1,0 +1,114 @@
+"""Evaluation metrics of DeepSeek-R1 (v1 §3, v2 Supplementary D.1): pass@k, cons@k, and a per-benchmark summary.
+
+- pass@1 = (1/k) sum_i p_i over the k samples of each question, averaged over questions (the paper's
+  definition; sampled at T=0.6, top-p 0.95, never greedy).
+- pass@k: the unbiased estimator of Chen et al. 2021 (arXiv 2107.03374, "Evaluating Large Language Models
+  Trained on Code", eq. 1): 1 - C(n-c, k) / C(n, k) for n samples of which c are correct.
+- cons@k: majority vote over the k final answers, then graded (cons@64 on AIME in R1; cons@16 in Fig. 2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleResult:
+    """One graded sample of one question."""
+
+    correct: bool
+    formatted: bool  # the response follows the required format (e.g. <think>...</think> then an answer)
+    length_tokens: int  # response length in tokens
+    answer: str | None = None  # the extracted final answer (None: nothing could be extracted)
+    language_consistency: float | None = None  # R1 v2 eq. 7 in [0, 1]; None when not measured
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k samples drawn without replacement from n (c correct) is correct.
+
+    Product form 1 - prod_{i=n-c+1}^{n} (1 - k/i) (= 1 - C(n-c, k)/C(n, k)) avoids the huge binomials.
+    """
+    if not (0 <= c <= n) or not (1 <= k <= n):
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    if k == 1:
+        return c / n  # what the product telescopes to, without its rounding
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def _normalise(answer: str | None) -> str | None:
+    if answer is None:
+        return None
+    normalised = " ".join(answer.split())
+    return normalised or None
+
+
+def majority_vote(answers: Sequence[str | None]) -> str | None:
+    """Most frequent answer after whitespace normalisation (runs of whitespace -> one space, stripped);
+    None and empty answers do not vote; a tie goes to the answer seen first; None when nobody voted.
+
+    Answers are compared as strings: canonicalise equivalent forms (1/2 vs 0.5) before voting if needed.
+    """
+    votes = [a for a in map(_normalise, answers) if a is not None]
+    if not votes:
+        return None
+    counts = Counter(votes)
+    best = max(counts.values())
+    return next(a for a in votes if counts[a] == best)
+
+
+def cons_at_k(answers: Sequence[str | None], gold: Any, is_correct: Callable[[str, Any], bool]) -> float:
+    """1.0 if the majority answer is correct according to `is_correct(answer, gold)`, else 0.0."""
+    winner = majority_vote(answers)
+    return float(winner is not None and bool(is_correct(winner, gold)))
+
+
+def _cons_from_samples(samples: Sequence[SampleResult]) -> float:
+    """cons@k without a grader: the majority answer is correct iff a sample that gave it was graded correct
+    (grading is a function of the answer, so any such sample will do; we take the first)."""
+    winner = majority_vote([s.answer for s in samples])
+    if winner is None:
+        return 0.0
+    return float(next(s.correct for s in samples if _normalise(s.answer) == winner))
+
+
+def _ks_up_to(num_samples: int) -> list[int]:
+    ks = [1 << i for i in range(num_samples.bit_length()) if 1 << i <= num_samples]
+    return ks if ks[-1] == num_samples else [*ks, num_samples]
+
+
+def summarize_eval(results: Sequence[Sequence[SampleResult]]) -> dict[str, float]:
+    """Metrics of one benchmark from K graded samples per question (`results[q][i]`).
+
+    Keys: `pass@1` (mean over questions of the fraction of correct samples), `pass@k` for k = 2, 4, ... and K,
+    `cons@K`, `format_rate` and `mean_response_length` (over all samples), `language_consistency` (mean over
+    the samples that measured it; absent when none did), `num_questions`, `num_samples` (total).
+    """
+    if not results:
+        raise ValueError("summarize_eval needs at least one question")
+    sizes = {len(samples) for samples in results}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"every question needs the same number (>= 1) of samples, got sizes {sorted(sizes)}")
+    num_per_question = sizes.pop()
+    num_questions = len(results)
+    all_samples = [s for samples in results for s in samples]
+
+    summary: dict[str, float] = {}
+    for k in _ks_up_to(num_per_question):
+        summary[f"pass@{k}"] = (
+            sum(pass_at_k(num_per_question, sum(s.correct for s in samples), k) for samples in results) / num_questions
+        )
+    summary[f"cons@{num_per_question}"] = sum(_cons_from_samples(samples) for samples in results) / num_questions
+    summary["format_rate"] = sum(s.formatted for s in all_samples) / len(all_samples)
+    summary["mean_response_length"] = sum(s.length_tokens for s in all_samples) / len(all_samples)
+    measured = [s.language_consistency for s in all_samples if s.language_consistency is not None]
+    if measured:
+        summary["language_consistency"] = sum(measured) / len(measured)
+    summary["num_questions"] = num_questions
+    summary["num_samples"] = len(all_samples)
+    return summary

@@ -1,0 +1,178 @@
+"""Training-curve PNGs from a run's metrics.jsonl, in the style of DeepSeek-R1's figures.
+
+- accuracy.png: held-out accuracy vs step (`eval/.../pass@1`, `eval/.../cons@k`), like R1 Figure 2 (AIME
+  accuracy of R1-Zero during RL: pass@1 and cons@16 curves, optional dashed reference levels).
+- response_length.png: `rollout/response_length` vs step with a +-1 std band from
+  `rollout/response_length_std` when present, like R1 Figure 3.
+- rewards.png: every `reward/*` component; loss.png: `train/loss`.
+
+Matplotlib's object API on the Agg canvas: no pyplot, no global backend switch, no display needed. Each PNG
+is written to a temporary file in the same directory and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from r1moe.tracking import read_metrics
+
+Series = list[tuple[float, float]]
+
+_LENGTH_KEY = "rollout/response_length"
+_LENGTH_STD_KEY = "rollout/response_length_std"
+_LOSS_KEY = "train/loss"
+
+
+def _series(records: Sequence[dict], key: str) -> Series:
+    """(step, value) for every record that has a finite `key`; a re-logged step keeps its last value."""
+    by_step: dict[float, float] = {}
+    for record in records:
+        value, step = record.get(key), record.get("step")
+        if isinstance(value, int | float) and math.isfinite(value) and step is not None:
+            by_step[step] = float(value)
+    return sorted(by_step.items())
+
+
+def _keys(records: Sequence[dict]) -> list[str]:
+    seen: dict[str, None] = {}
+    for record in records:
+        seen.update(dict.fromkeys(record))
+    return list(seen)
+
+
+def _is_accuracy_key(key: str) -> bool:
+    leaf = key.rsplit("/", 1)[-1]
+    return key.startswith("eval/") and (leaf == "pass@1" or leaf.startswith("cons@"))
+
+
+def _new_axes(title: str, xlabel: str, ylabel: str):
+    fig = Figure(figsize=(7.0, 4.2), dpi=120, layout="tight")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _save(fig: Figure, out_path: Path) -> Path:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}-", suffix=".png", dir=out_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def _xy(series: Series) -> tuple[list[float], list[float]]:
+    return [s for s, _ in series], [v for _, v in series]
+
+
+def _plot_accuracy(records, keys, out_dir: Path, refs: dict[str, float] | None) -> Path | None:
+    acc_keys = [k for k in keys if _is_accuracy_key(k)]
+    curves = {k.removeprefix("eval/"): _series(records, k) for k in acc_keys}
+    curves = {name: s for name, s in curves.items() if s}
+    if not curves:
+        return None
+    fig, ax = _new_axes("Held-out accuracy during training", "Steps", "Accuracy")
+    for name, series in curves.items():
+        ax.plot(*_xy(series), marker="o", markersize=3, linewidth=1.5, label=name)
+    for name, level in (refs or {}).items():
+        ax.axhline(level, linestyle="--", linewidth=1.0, color="gray", label=name)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, out_dir / "accuracy.png")
+
+
+def _plot_length(records, out_dir: Path) -> Path | None:
+    series = _series(records, _LENGTH_KEY)
+    if not series:
+        return None
+    fig, ax = _new_axes("Average response length during training", "Steps", "Average length per response (tokens)")
+    steps, lengths = _xy(series)
+    ax.plot(steps, lengths, linewidth=1.5, color="tab:blue", label="mean")
+    std = dict(_series(records, _LENGTH_STD_KEY))
+    if std:
+        band = [(s, v, std[s]) for s, v in series if s in std]
+        ax.fill_between(
+            [s for s, _, _ in band],
+            [v - d for _, v, d in band],
+            [v + d for _, v, d in band],
+            color="tab:blue",
+            alpha=0.2,
+            linewidth=0,
+            label="+-1 std",
+        )
+        ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, out_dir / "response_length.png")
+
+
+def _plot_rewards(records, keys, out_dir: Path) -> Path | None:
+    curves = {k.removeprefix("reward/"): _series(records, k) for k in keys if k.startswith("reward/")}
+    curves = {name: s for name, s in curves.items() if s}
+    if not curves:
+        return None
+    fig, ax = _new_axes("Rewards during training", "Steps", "Mean reward")
+    for name, series in curves.items():
+        ax.plot(*_xy(series), linewidth=1.5, label=name)
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, out_dir / "rewards.png")
+
+
+def _plot_loss(records, out_dir: Path) -> Path | None:
+    series = _series(records, _LOSS_KEY)
+    if not series:
+        return None
+    fig, ax = _new_axes("Training loss", "Steps", "Loss")
+    ax.plot(*_xy(series), linewidth=1.2, color="tab:red")
+    return _save(fig, out_dir / "loss.png")
+
+
+def plot_run(
+    run_dir: str | os.PathLike,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    accuracy_refs: dict[str, float] | None = None,
+) -> list[Path]:
+    """Write accuracy.png, response_length.png, rewards.png and loss.png for the curves present in
+    `run_dir/metrics.jsonl` (a plot whose keys never appear is skipped). Returns the written paths.
+
+    out_dir: where the PNGs go (default: run_dir). accuracy_refs: dashed horizontal reference levels on the
+    accuracy plot, e.g. {"o1-0912 pass@1": 0.74} as in R1 Figure 2.
+    """
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir
+    records = read_metrics(run_dir)
+    keys = _keys(records)
+    written = [
+        _plot_accuracy(records, keys, out, accuracy_refs),
+        _plot_length(records, out),
+        _plot_rewards(records, keys, out),
+        _plot_loss(records, out),
+    ]
+    return [p for p in written if p is not None]
+
+
+def plot_compare(
+    series: dict[str, Sequence[tuple[float, float]]], title: str, ylabel: str, out_path: str | os.PathLike
+) -> Path:
+    """One line per named (step, value) series on shared axes, e.g. accuracy of several pipeline stages."""
+    fig, ax = _new_axes(title, "Steps", ylabel)
+    for name, points in series.items():
+        points = sorted(points)
+        if points:
+            ax.plot(*_xy(points), marker="o", markersize=3, linewidth=1.5, label=name)
+    if any(series.values()):
+        ax.legend(loc="best", fontsize=8)
+    return _save(fig, Path(out_path))

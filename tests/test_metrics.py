@@ -1,0 +1,103 @@
+"""pass@k against the closed form with math.comb; majority vote; cons@k; summarize_eval on hand-made results."""
+
+import math
+
+import pytest
+
+from r1moe.metrics import SampleResult, cons_at_k, majority_vote, pass_at_k, summarize_eval
+
+
+def _closed_form(n, c, k):
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)  # math.comb(a, k) = 0 when k > a
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 64, 200])
+def test_pass_at_k_matches_binomial_closed_form(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(_closed_form(n, c, k), rel=1e-9, abs=1e-12), (n, c, k)
+
+
+def test_pass_at_k_edge_cases():
+    assert pass_at_k(10, 0, 5) == 0.0
+    assert pass_at_k(10, 10, 1) == 1.0
+    assert pass_at_k(10, 7, 4) == 1.0  # n - c = 3 < k: every 4-subset holds a correct sample
+    assert pass_at_k(16, 3, 1) == 3 / 16  # pass@1 = c / n exactly
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(1000, 1, 1000) == 1.0
+    assert 0.0 < pass_at_k(10**6, 1, 10) < 1e-4  # huge n: no overflow, no cancellation to 0
+    assert pass_at_k(10**6, 1, 10) == pytest.approx(1e-5, rel=1e-9)
+    for bad in [(4, 5, 1), (4, -1, 1), (4, 2, 0), (4, 2, 5)]:
+        with pytest.raises(ValueError):
+            pass_at_k(*bad)
+
+
+def test_majority_vote():
+    assert majority_vote(["3", "4", "4", "3"]) == "3"  # tie: first seen wins
+    assert majority_vote(["4", "3", "3", "4"]) == "4"
+    assert majority_vote([None, "x", None, None, "y", "y"]) == "y"  # None never votes
+    assert majority_vote(["a  b", " a b ", "c", "c"]) == "a b"  # whitespace-normalised, tie -> first
+    assert majority_vote(["", "  ", None]) is None
+    assert majority_vote([]) is None
+
+
+def test_cons_at_k_uses_the_grader():
+    def is_correct(answer, gold):
+        return float(answer) == gold
+
+    assert cons_at_k(["0.5", "0.50", "1", "0.5"], 0.5, is_correct) == 1.0
+    assert cons_at_k(["1", "1", "0.5"], 0.5, is_correct) == 0.0
+    assert cons_at_k([None, None], 0.5, is_correct) == 0.0
+
+
+def _s(correct, answer, length=10, formatted=True, lang=None):
+    return SampleResult(
+        correct=correct, formatted=formatted, length_tokens=length, answer=answer, language_consistency=lang
+    )
+
+
+def test_summarize_eval_hand_computed():
+    results = [
+        # q0: 2/4 correct, majority "5" (2 votes vs 1 vs 1) is correct
+        [_s(True, "5", 10), _s(True, "5", 20), _s(False, "6", 30, formatted=False), _s(False, "7", 40)],
+        # q1: 2/4 correct, majority "2" (tie 2-2 with "1", "2" seen first) is wrong
+        [_s(False, "2", 10, lang=0.5), _s(True, "1", 10, lang=1.0), _s(False, "2", 10), _s(True, "1", 10)],
+        # q2: 0/4 correct, no answers extracted
+        [_s(False, None, 100, formatted=False) for _ in range(4)],
+    ]
+    c = [2, 2, 0]  # correct samples per question
+    out = summarize_eval(results)
+    assert out["pass@1"] == pytest.approx((2 / 4 + 2 / 4 + 0) / 3)
+    # pass@2 per question = 1 - C(4-c, 2)/C(4, 2): c=2 -> 1 - 1/6
+    assert out["pass@2"] == pytest.approx(sum(1 - math.comb(4 - ci, 2) / 6 for ci in c) / 3)
+    assert out["pass@4"] == pytest.approx((1 + 1 + 0) / 3)
+    assert out["cons@4"] == pytest.approx((1 + 0 + 0) / 3)
+    assert out["format_rate"] == pytest.approx((3 + 4 + 0) / 12)
+    assert out["mean_response_length"] == pytest.approx((100 + 40 + 400) / 12)
+    assert out["language_consistency"] == pytest.approx(0.75)
+    assert out["num_questions"] == 3 and out["num_samples"] == 12
+    assert set(out) == {
+        "pass@1",
+        "pass@2",
+        "pass@4",
+        "cons@4",
+        "format_rate",
+        "mean_response_length",
+        "language_consistency",
+        "num_questions",
+        "num_samples",
+    }
+
+
+def test_summarize_eval_k_not_power_of_two_and_no_language():
+    results = [[_s(i == 0, str(i)) for i in range(6)]]
+    out = summarize_eval(results)
+    assert [k for k in out if k.startswith("pass@")] == ["pass@1", "pass@2", "pass@4", "pass@6"]
+    assert out["pass@6"] == 1.0 and out["pass@1"] == pytest.approx(1 / 6)
+    assert out["cons@6"] == 1.0  # all answers differ: the first ("0", the correct one) wins the tie
+    assert "language_consistency" not in out
+
+
+def test_summarize_eval_rejects_ragged():
+    with pytest.raises(ValueError, match="same number"):
+        summarize_eval([[_s(True, "1")], [_s(True, "1"), _s(False, "2")]])
