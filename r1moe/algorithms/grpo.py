@@ -196,8 +196,10 @@ def compute_grpo_loss(
     if beta > 0 and ref_logp_BT is None:
         raise ValueError("beta > 0 needs ref_logp_BT")
     eps_high = eps_low if eps_high is None else eps_high
-    if not (0 <= eps_low < 1 and eps_high >= 0):
-        raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+    # eps_low >= 1 is allowed: DeepSeek-R1's reasoning RL uses clip epsilon 10 (v2 §3.2.1), where the lower bound
+    # 1 - eps is <= 0 and only the upper clip ever binds.
+    if not (eps_low >= 0 and eps_high >= 0):
+        raise ValueError(f"need eps_low >= 0 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
     num_seqs = logp_BT.shape[0]
     if logp_BT.dim() != 2 or mask_BT.shape != logp_BT.shape or advantages_B.shape != (num_seqs,):
         raise ValueError(

@@ -249,3 +249,13 @@ def test_grpo_loss_accepts_bf16_and_huge_ratios():
     loss.backward()
     assert torch.isfinite(logp_BT.grad.float()).all()
     assert stats.ratio_max.item() == pytest.approx(math.exp(20), rel=1e-5)  # log ratio 59 clamped to 20
+
+
+def test_r1_clip_epsilon_10_only_clips_above():
+    # R1 reasoning RL: epsilon = 10 -> ratio clipped to [-9, 11]; a ratio of e^3 ~ 20 with A > 0 is clipped at 11
+    logp = torch.tensor([[3.0, -3.0]])
+    old = torch.zeros(1, 2)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, _ = compute_grpo_loss(logp, old, torch.tensor([1.0]), mask, eps_low=10.0)
+    expected = -(11.0 + math.exp(-3.0)) / 2  # e^-3 is inside [-9, 11]: unclipped
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
