@@ -1,1 +1,39 @@
-"""r1moe.parallel: the megatron-core + Transformer Engine backend (TP/EP/PP/DP, FP8). Imports megatron lazily."""
+"""r1moe.parallel: the megatron-core + Transformer Engine backend (TP/EP/PP/DP, FP8).
+
+CPU-importable (no megatron needed): ParallelConfig, MegatronOptions, the HF<->megatron name table and its
+sharding functions (mapping), config translation (mcore_config), HF checkpoint I/O (hf_io). The GPU API imports
+megatron lazily on first use:
+
+    from r1moe.parallel import (ParallelConfig, MegatronOptions, initialize_parallel, build_mcore_model,
+                                build_optimizer, train_step, forward_only, export_hf_weights,
+                                save_dist_checkpoint, load_dist_checkpoint, HFReader)
+
+See parallel/README.md for the trainer-facing contract.
+"""
+
+from .config import ParallelConfig
+from .hf_io import HFReader, HFShardWriter, dequantize_fp8_blockwise
+from .mapping import RULES, hf_names, hf_to_mcore_state, mcore_to_hf_state, stage_entries
+from .mcore_config import MegatronOptions, transformer_config_kwargs
+
+_LAZY = {
+    "initialize_parallel": "model", "destroy_parallel": "model", "build_mcore_model": "model",
+    "load_hf_weights": "model", "rank_coords": "model", "unwrap": "model",
+    "build_optimizer": "train", "train_step": "train", "forward_only": "train", "set_learning_rate": "train",
+    "StepResult": "train",
+    "export_hf_weights": "export",
+    "save_dist_checkpoint": "checkpoint", "load_dist_checkpoint": "checkpoint",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["HFReader", "HFShardWriter", "MegatronOptions", "ParallelConfig", "RULES", "dequantize_fp8_blockwise",
+           "hf_names", "hf_to_mcore_state", "mcore_to_hf_state", "stage_entries", "transformer_config_kwargs",
+           *_LAZY]

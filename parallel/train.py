@@ -1,0 +1,154 @@
+"""One optimizer step on the megatron model: megatron's pipeline schedule around r1moe's shared loss functions.
+
+    optimizer = build_optimizer(models, lr=3e-6, weight_decay=0.0)
+    result = train_step(models, optimizer, microbatches, loss_fn)       # loss_fn(logits_BTV, mb) -> (loss, metrics)
+    logps = forward_only(models, microbatches, lambda logits, mb: compute_token_logprobs(logits, mb.targets))
+
+The loss math is never re-implemented here: `loss_fn` is the trainer's closure over r1moe.algorithms
+(compute_sft_loss, compute_grpo_loss, compute_token_logprobs), called on the full-vocabulary logits of one
+micro-batch on the last pipeline stage. The model's output_processor hook (GPTModel._postprocess) gathers the
+TP-split logits and drops the vocabulary padding, so `loss_fn` sees exactly what the reference model returns.
+
+Loss scaling: the value `loss_fn` returns is this micro-batch's share of the step loss (the r1moe.algorithms
+`loss_denominator` convention: the step loss is the SUM over micro-batches). Megatron divides every micro-batch
+loss by num_microbatches, so it is multiplied back here. Gradients are averaged over data-parallel replicas.
+MoE expert-bias updates (V3 §2.1.2) and DP/SP/embedding gradient reductions run in megatron's
+finalize_model_grads at the end of the schedule; MTP's loss (lambda / D * sum_k L_MTP^k) is added by megatron.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+class MicroBatch(Protocol):
+    input_ids: torch.Tensor
+    """[B, T] token ids; every micro-batch of a step has the same [B, T] (pipeline buffers are fixed-size)."""
+
+
+LossFn = Callable[[torch.Tensor, Any], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    """loss_fn's metrics averaged over micro-batches and data-parallel ranks (same value on every rank)."""
+    grad_norm: float | None
+    update_successful: bool
+
+
+def build_optimizer(models: list[torch.nn.Module], *, lr: float, weight_decay: float = 0.0,
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, clip_grad: float = 1.0,
+                    dtype: torch.dtype = torch.bfloat16):
+    """Megatron's distributed Adam (fp32 master weights and moments sharded over data-parallel ranks; routed
+    experts get their own optimizer over the expert-data-parallel group)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    ocfg = OptimizerConfig(optimizer="adam", lr=lr, min_lr=0.0, weight_decay=weight_decay, adam_beta1=betas[0],
+                           adam_beta2=betas[1], adam_eps=eps, clip_grad=clip_grad, bf16=dtype == torch.bfloat16,
+                           params_dtype=dtype, use_distributed_optimizer=True)
+    return get_megatron_optimizer(ocfg, models)
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _logits_processor(*, hidden_states, output_layer, output_weight, context, **_unused) -> torch.Tensor:
+    """GPTModel output_processor: [s, b, h] -> full-vocabulary logits [b, s, V] (TP-gathered, padding dropped)."""
+    logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=True)
+    logits = logits.transpose(0, 1)
+    vocab = context
+    return logits[..., :vocab] if logits.shape[-1] != vocab else logits
+
+
+def _run_schedule(models, microbatches: Sequence[Any], vocab_size: int, loss_func_for: Callable,
+                  forward_only: bool) -> list[dict[str, torch.Tensor]]:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not microbatches:
+        raise ValueError("train_step needs at least one micro-batch")
+    B, T = microbatches[0].input_ids.shape
+    for i, mb in enumerate(microbatches):
+        if tuple(mb.input_ids.shape) != (B, T):
+            raise ValueError(f"micro-batch {i} has shape {tuple(mb.input_ids.shape)}, micro-batch 0 has {(B, T)}")
+    device = torch.device("cuda", torch.cuda.current_device())
+    position_ids = torch.arange(T, device=device).unsqueeze(0).expand(B, T)
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        tokens = mb.input_ids.to(device, non_blocking=True)
+        out = model(tokens, position_ids, None, output_processor=_logits_processor,
+                    output_processor_context=vocab_size)
+        return out, loss_func_for(mb)
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(microbatches), model=models,
+        num_microbatches=len(microbatches), seq_length=T, micro_batch_size=B, forward_only=forward_only)
+
+
+def _reduce_metrics(reduced: list[dict[str, torch.Tensor]], models) -> dict[str, float]:
+    """Average over micro-batches (last stage), then make it the same on every rank (PP broadcast, DP mean)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    keys = sorted(reduced[0]) if reduced else []
+    pp_group = ps.get_pipeline_model_parallel_group()
+    last = dist.get_process_group_ranks(pp_group)[-1]
+    names = [keys]
+    dist.broadcast_object_list(names, src=last, group=pp_group)
+    keys = names[0]
+    vals = torch.zeros(len(keys), device="cuda", dtype=torch.float32)
+    if reduced:
+        vals = torch.stack([torch.stack([r[k].float().reshape(()) for r in reduced]).mean() for k in keys])
+    dist.broadcast(vals, src=last, group=pp_group)
+    dist.all_reduce(vals, group=ps.get_data_parallel_group())
+    vals /= ps.get_data_parallel_world_size()
+    return dict(zip(keys, vals.tolist()))
+
+
+def train_step(models: list[torch.nn.Module], optimizer, microbatches: Sequence[MicroBatch], loss_fn: LossFn,
+               vocab_size: int) -> StepResult:
+    """Forward + backward over all micro-batches (1F1B when pp > 1), gradient reductions, one optimizer step."""
+    n = len(microbatches)
+    for m in models:
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
+
+    def loss_func_for(mb):
+        def loss_func(logits_BTV):
+            loss, metrics = loss_fn(logits_BTV, mb)
+            # megatron divides by num_microbatches; the shared losses are already step-normalised (see docstring)
+            return loss * n, {"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}}
+        return loss_func
+
+    reduced = _run_schedule(models, microbatches, vocab_size, loss_func_for, forward_only=False)
+    ok, grad_norm, _ = optimizer.step()
+    metrics = _reduce_metrics(reduced, models)
+    return StepResult(metrics=metrics, grad_norm=None if grad_norm is None else float(grad_norm),
+                      update_successful=bool(ok))
+
+
+@torch.no_grad()
+def forward_only(models: list[torch.nn.Module], microbatches: Sequence[MicroBatch],
+                 fn: Callable[[torch.Tensor, Any], torch.Tensor], vocab_size: int) -> list[torch.Tensor] | None:
+    """Per micro-batch fn(logits_BTV, mb) (e.g. token log-probs of the old / reference policy). Results live on
+    the last pipeline stage; other stages get None."""
+    for m in models:
+        m.eval()
+    try:
+        def loss_func_for(mb):
+            def loss_func(logits_BTV, non_loss_data=False):
+                return torch.zeros((), device=logits_BTV.device), {"out": fn(logits_BTV, mb)}
+            return loss_func
+
+        reduced = _run_schedule(models, microbatches, vocab_size, loss_func_for, forward_only=True)
+    finally:
+        for m in models:
+            m.train()
+    return [r["out"] for r in reduced] if reduced else None
