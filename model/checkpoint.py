@@ -25,7 +25,6 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 from .config import ModelConfig
 from .transformer import CausalLM, build_model, hf_tensor_slot, load_hf_tensor
@@ -43,6 +43,7 @@ INDEX_NAME = "model.safetensors.index.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 SCALE_SUFFIX = "_scale_inv"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_CORE_FILES = (CONFIG_NAME, INDEX_NAME, GENERATION_CONFIG_NAME)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -131,7 +132,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
 def compute_fp8_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
                         name: str = "weight") -> torch.Tensor:
-    """Block-wise FP8 de-quantization (DeepSeek-V3 `weight_dequant`): float32 w[i, j] = q[i, j] * s[i // bm, j // bn]."""
+    """Block-wise FP8 de-quantization (DeepSeek-V3 `weight_dequant`), in float32:
+    w[i, j] = q[i, j] * s[i // bm, j // bn]."""
     if weight.dim() != 2:
         raise ValueError(f"tensor {name!r}: FP8 block de-quantization expects a 2-D weight, got {tuple(weight.shape)}")
     M, N = weight.shape
@@ -201,7 +203,7 @@ def _weight_map(path: Path) -> dict[str, str]:
         raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_NAME} found (only safetensors checkpoints "
                                 f"are supported)")
     with safe_open(single, framework="pt", device="cpu") as f:
-        return {name: SINGLE_FILE for name in f.keys()}
+        return dict.fromkeys(f.keys(), SINGLE_FILE)
 
 
 def _config_dtype(raw: dict[str, Any], source: Path) -> torch.dtype:
@@ -229,21 +231,31 @@ def _fp8_block_size(raw: dict[str, Any], source: Path) -> tuple[int, int]:
 def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: str | int = "5GB",
                     tokenizer=None, dtype: torch.dtype | None = None,
                     extra_files: dict[str, bytes | str] | None = None) -> Path:
-    """Write `model` as an HF checkpoint directory at `path` (replacing one that is there), atomically.
+    """Write `model` as an HF checkpoint directory at `path`, atomically; an existing checkpoint there is replaced
+    (a non-empty directory without config.json is refused rather than deleted).
 
     dtype None keeps the model's dtype; `e_score_correction_bias` is always stored float32. `tokenizer`: a
-    `tokenizers.Tokenizer`, saved as tokenizer.json + a minimal tokenizer_config.json. `extra_files`: relative name
-    -> str/bytes content written into the same directory. Returns the final path."""
+    `tokenizers.Tokenizer` (saved as tokenizer.json + a minimal tokenizer_config.json) or anything with
+    `save_pretrained(dir)` (a transformers tokenizer). `extra_files`: relative name -> str/bytes content written last
+    into the same directory (e.g. r1moe_meta.json, or a richer tokenizer_config.json with a chat template); it may not
+    replace config.json, generation_config.json or weight files. Returns the final path."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path}: exists and is not a directory")
+    if path.name in ("", ".", ".."):
+        raise ValueError(f"{path}: name the checkpoint directory itself (it is replaced as a whole)")
+    if path.exists():
+        if not path.is_dir():
+            raise FileExistsError(f"{path}: exists and is not a directory")
+        if any(path.iterdir()) and not (path / CONFIG_NAME).exists():
+            raise FileExistsError(f"{path}: exists, is not empty and has no {CONFIG_NAME}; refusing to replace a "
+                                  f"directory that is not a checkpoint")
     cfg = model.cfg
     dtype = dtype if dtype is not None else model.lm_head.weight.dtype
     if dtype not in _DTYPES.values():
         raise ValueError(f"dtype={dtype}: expected one of {sorted(_DTYPES)}")
     limit = parse_size(max_shard_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()  # not tempfile.mkdtemp: that makes it 0700, and the checkpoint must be readable like any other dir
     try:
         _write_weights(model, tmp, dtype, limit)
         config = cfg.to_hf_dict()
@@ -257,6 +269,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: st
             _write_tokenizer(tokenizer, cfg, tmp)
         for name, content in (extra_files or {}).items():
             _write_extra(tmp, name, content)
+        _fsync_tree(tmp)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -319,6 +332,12 @@ def _write_weights(model: CausalLM, out: Path, dtype: torch.dtype, limit: int) -
 
 
 def _write_tokenizer(tokenizer, cfg: ModelConfig, out: Path) -> None:
+    if not isinstance(tokenizer, Tokenizer):
+        if not hasattr(tokenizer, "save_pretrained"):
+            raise TypeError(f"tokenizer: expected a tokenizers.Tokenizer or an object with save_pretrained(), got "
+                            f"{type(tokenizer).__name__}")
+        tokenizer.save_pretrained(str(out))
+        return
     tokenizer.save(str(out / "tokenizer.json"))
     tok_cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
     eos = cfg.eos_ids[0] if cfg.eos_ids else None
@@ -338,12 +357,31 @@ def _write_extra(out: Path, name: str, content: bytes | str) -> None:
     if not isinstance(content, (bytes, bytearray)):
         raise TypeError(f"extra_files[{name!r}]: expected str or bytes, got {type(content).__name__}")
     target = out / rel
+    if target.exists() and (rel.name.endswith(".safetensors") or rel.name in _CORE_FILES):
+        raise ValueError(f"extra_files: {name!r} would overwrite the checkpoint's own {rel.name}")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(content)
 
 
 def _write_json(file: Path, obj: Any) -> None:
     file.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush file contents and directory entries before the rename publishes them (else a crash right after the
+    rename can leave a complete-looking directory of empty files)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:
