@@ -8,6 +8,7 @@ Parameter counts are computed analytically from the config: nothing is allocated
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -171,7 +172,13 @@ class ModelConfig:
         for k in ("bos_token_id", "eos_token_id", "pad_token_id", "head_dim"):
             if k in d and k in names:
                 kwargs[k] = d[k]
-        if model_type != "deepseek_v3":
+        if model_type == "deepseek_v3":
+            # transformers writes head_dim = qk_rope_head_dim for DeepSeek-V3; MLA does not use head_dim.
+            kwargs.pop("head_dim", None)
+        else:
+            if kwargs.get("head_dim") == d["hidden_size"] // d["num_attention_heads"]:
+                kwargs.pop("head_dim")  # the default; keeps round trips equal
+            kwargs.setdefault("q_lora_rank", None)
             kwargs.setdefault("num_key_value_heads", d.get("num_attention_heads"))
             kwargs.setdefault("attention_bias", model_type == "qwen2")
             kwargs.setdefault("first_k_dense_replace", 0)
@@ -206,10 +213,10 @@ class ModelConfig:
             d.update(scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1, rope_interleave=True)
         elif self.head_dim is not None:
             d["head_dim"] = self.head_dim
-        return d
+        return copy.deepcopy(d)  # callers (transformers.AutoConfig) mutate nested dicts such as rope_scaling
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(copy.deepcopy(self), **changes)
 
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -246,7 +253,7 @@ PRESETS: dict[str, ModelConfig] = {
         rms_norm_eps=1e-5, num_nextn_predict_layers=0, bos_token_id=163584, eos_token_id=163585),
     # CPU-sized DeepSeek-V3: every feature on (group-limited routing, q LoRA, dense first layer, MTP).
     "tiny-moe": ModelConfig(
-        vocab_size=128, hidden_size=128, intermediate_size=384, moe_intermediate_size=96, num_hidden_layers=4,
+        vocab_size=512, hidden_size=128, intermediate_size=384, moe_intermediate_size=96, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
         num_experts_per_tok=2, n_group=2, topk_group=2, routed_scaling_factor=1.0, norm_topk_prob=True,
         first_k_dense_replace=1, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
@@ -277,7 +284,7 @@ PRESETS: dict[str, ModelConfig] = {
                            num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                            max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=dict(_LLAMA3_ROPE),
                            rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=[128001, 128008, 128009]),
-    "tiny-dense": _dense("qwen2", vocab_size=128, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+    "tiny-dense": _dense("qwen2", vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=1,
                          eos_token_id=2, pad_token_id=0),
@@ -287,7 +294,7 @@ PRESETS: dict[str, ModelConfig] = {
 def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[name])
+    return copy.deepcopy(PRESETS[name])
 
 
 # ---------------------------------------------------------------------------------------------- param counts

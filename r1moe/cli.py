@@ -1,0 +1,79 @@
+"""The `r1moe` command line.
+
+    r1moe pretrain RECIPE [key=value ...] [--resume]     next-token pretraining (reference backend)
+    r1moe sft      RECIPE [key=value ...] [--resume]     SFT: cold start, rejection-sampled data, distillation
+    r1moe grpo     RECIPE [key=value ...] [--resume]     GRPO (R1-Zero, reasoning RL, all-scenario RL)
+    r1moe rm       RECIPE [key=value ...]                Bradley-Terry reward model
+    r1moe eval     --checkpoint DIR --data FILE ...      pass@1 / pass@k / cons@K
+    r1moe pipeline RECIPE [--force STAGE]                the whole DeepSeek-R1 pipeline, resumable
+    r1moe data make TASK --n N --seed S --out FILE       procedural verifiable datasets
+    r1moe model info PRESET [--json]                     analytic parameter counts
+
+Errors in inputs (recipes, data, checkpoints) print one clear line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+STAGES = {
+    "pretrain": "r1moe.train.pretrain",
+    "sft": "r1moe.train.sft",
+    "grpo": "r1moe.train.grpo",
+    "rm": "r1moe.train.rm",
+    "eval": "r1moe.evaluate",
+    "pipeline": "r1moe.pipeline",
+}
+
+
+def model_info(argv: list[str]) -> int:
+    import argparse
+
+    from r1moe.model import PRESETS, count_params, get_preset
+
+    p = argparse.ArgumentParser(prog="r1moe model info", description="Parameter counts computed from the config.")
+    p.add_argument("preset", help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    cfg = get_preset(a.preset)
+    counts = count_params(cfg)
+    info = {"preset": a.preset, "architecture": cfg.architecture, **counts}
+    if a.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            print(f"{k:>18}: {v:,}" if isinstance(v, int) else f"{k:>18}: {v}")
+    return 0
+
+
+def _usage() -> str:
+    return __doc__.split("\n\n")[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd == "model" and rest[:1] == ["info"]:
+            return model_info(rest[1:])
+        if cmd == "data" and rest[:1] == ["make"]:
+            from r1moe.data.make import data_make_main
+
+            return data_make_main(rest[1:])
+        if cmd in STAGES:
+            return importlib.import_module(STAGES[cmd]).main(rest)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"r1moe {cmd}: error: {msg}", file=sys.stderr)
+        return 2
+    print(f"r1moe: unknown command {' '.join(argv[:2])!r}\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""A pretraining corpus for tiny base models: task problems with worked solutions, some of them wrong.
+
+A base model pretrained on web text has seen many worked solutions, not all correct, and only sometimes in the
+`<think>`/`<answer>` shape. This corpus reproduces that in miniature so R1-Zero has something to incentivise:
+a fraction `slip_rate` of solutions carry an arithmetic slip in their last step (the final answer is off by a small
+amount, in the reasoning and in the answer alike), and a fraction `untagged_rate` state the answer without tags.
+The base model then "sometimes solves the task", as DeepSeek-V3-Base does for AIME; GRPO with the accuracy and
+format rewards pushes both rates down.
+
+    (pipeline data spec)  {what: corpus, task: arithmetic, n: 20000, seeds: [2, 3, 4, 5, 6, 7], slip_rate: 0.35}
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from r1moe.data.cold_start import worked_solution
+from r1moe.data.tasks import iter_dataset
+from r1moe.templates import format_completion
+
+NUMERIC = re.compile(r"^-?\d+$")
+
+
+def _slip(solution: str, answer: str, rng: random.Random) -> tuple[str, str]:
+    """Replace the last two whole-number occurrences of the answer (the last step's result and the closing
+    "So the answer is ...") by a nearby wrong number."""
+    wrong = str(int(answer) + rng.choice([-3, -2, -1, 1, 2, 3, 10, -10]))
+    spans = [m.span() for m in re.finditer(rf"(?<![\d-]){re.escape(answer)}(?!\d)", solution)][-2:]
+    for a, b in reversed(spans):
+        solution = solution[:a] + wrong + solution[b:]
+    return solution, wrong
+
+
+def problem_pool(task: str, seeds: list[int], difficulty: int = 1, limit: int = 1_000_000) -> list:
+    """All distinct problems of the given splits (each split is drawn until exhausted or `limit` is reached)."""
+    pool = []
+    for seed in seeds:
+        try:
+            for sample in iter_dataset(task, limit, seed, difficulty):
+                pool.append(sample)
+        except ValueError:  # the split ran out of new problems: everything it had is in the pool
+            pass
+    return pool
+
+
+def make_corpus(task: str, n: int, seeds: list[int], slip_rate: float = 0.3, untagged_rate: float = 0.1,
+                difficulty: int = 1) -> list[dict[str, str]]:
+    """`n` {"prompt", "response"} records over the problems of the splits `seeds` (use splits disjoint from the
+    RL and eval seeds). Problems repeat when n exceeds the pool, each time with fresh noise, as web text would."""
+    if not 0 <= slip_rate <= 1 or not 0 <= untagged_rate <= 1:
+        raise ValueError(f"slip_rate={slip_rate} and untagged_rate={untagged_rate} must be in [0, 1]")
+    pool = problem_pool(task, seeds, difficulty, limit=min(n, 1500))
+    if not pool:
+        raise ValueError(f"task {task!r}: splits {seeds} hold no problems")
+    rng = random.Random(f"corpus-{task}-{seeds}")
+    out = []
+    for i in range(n):
+        if i % len(pool) == 0:
+            rng.shuffle(pool)
+        s = pool[i % len(pool)]
+        sol, ans = worked_solution(s), s.answer
+        if NUMERIC.match(ans) and rng.random() < slip_rate:
+            sol, ans = _slip(sol, ans, rng)
+        response = sol if rng.random() < untagged_rate else format_completion(sol, ans)
+        out.append({"prompt": s.prompt, "response": response})
+    return out

@@ -1,0 +1,135 @@
+"""Evaluation as the paper does it (R1 v1 §3, v2 D.1): K samples per question at T=0.6, top-p 0.95, never greedy;
+pass@1 = mean accuracy over the K samples; unbiased pass@k; cons@K = majority vote over extracted answers; plus
+format rate, language consistency and mean response length.
+
+    r1moe eval --checkpoint runs/tiny-r1-zero/grpo/final --data data/arith_eval.jsonl --samples 8 \
+        --temperature 0.6 --top-p 0.95 [--template r1_zero] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from r1moe.data import PromptSample
+from r1moe.metrics import SampleResult, summarize_eval
+from r1moe.rollout import RolloutEngine, SamplingParams
+
+
+@dataclass
+class EvalSettings:
+    samples: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    template: str = "r1_zero"
+    stop: tuple[str, ...] = ("</answer>",)
+    seed: int = 0
+    chunk: int = 64
+    """Sequences generated per engine call (bounds memory; one progress tick each)."""
+
+
+def grade(completion: str, sample: PromptSample, template: str, num_tokens: int) -> SampleResult:
+    from r1moe.rewards import accuracy_reward, extract_answer, format_reward, language_consistency_reward
+    from r1moe.templates import completion_prefix
+
+    full = completion_prefix(template) + completion if template != "none" else completion
+    return SampleResult(correct=accuracy_reward(full, sample) >= 1.0, formatted=format_reward(full, sample) >= 1.0,
+                        length_tokens=num_tokens, answer=extract_answer(full),
+                        language_consistency=language_consistency_reward(full, sample))
+
+
+def evaluate(engine: RolloutEngine, tok: Tokenizer, samples: list[PromptSample], s: EvalSettings,
+             show_progress: bool = True) -> dict[str, float]:
+    from r1moe.train.common import encode, progress_bar, render_prompt
+
+    if not samples:
+        raise ValueError("evaluation set is empty")
+    prompts = [encode(tok, render_prompt(s.template, q.prompt)) for q in samples for _ in range(s.samples)]
+    owners = [q for q in samples for _ in range(s.samples)]
+    params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                            stop=list(s.stop), seed=s.seed)
+    graded: list[SampleResult] = []
+    chunks = range(0, len(prompts), s.chunk)
+    with progress_bar("eval", len(chunks)) if show_progress else _null() as advance:
+        for i in chunks:
+            gens = engine.generate(prompts[i:i + s.chunk], params)
+            graded += [grade(g.text, q, s.template, len(g.token_ids)) for g, q in zip(gens, owners[i:i + s.chunk])]
+            advance(f"eval {min(i + s.chunk, len(prompts))}/{len(prompts)} samples")
+    per_question = [graded[i:i + s.samples] for i in range(0, len(graded), s.samples)]
+    return summarize_eval(per_question)
+
+
+class _null:
+    def __enter__(self):
+        return lambda _: None
+
+    def __exit__(self, *a):
+        return False
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, s: EvalSettings, max_questions: int = 0,
+                        device: str = "auto") -> dict[str, float]:
+    from r1moe.data import read_prompts
+    from r1moe.data.tokenizer import load_tokenizer, special_ids
+    from r1moe.model import from_pretrained
+    from r1moe.rollout import BuiltinEngine
+    from r1moe.train.common import resolve_device
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint}: not a checkpoint directory (no config.json)")
+    samples = read_prompts(data)
+    if max_questions:
+        samples = samples[:max_questions]
+    tok = load_tokenizer(checkpoint)
+    dev = resolve_device(device)
+    model = from_pretrained(checkpoint, device=str(dev)).eval()
+    pad, _, eos = special_ids(tok)
+    engine = BuiltinEngine(model, tok, eos_ids=sorted({eos, *model.cfg.eos_ids}), pad_id=pad)
+    torch.manual_seed(s.seed)
+    return evaluate(engine, tok, samples, s)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="r1moe eval", description="pass@1 / pass@k / cons@K of a checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="HF checkpoint directory (with tokenizer.json)")
+    p.add_argument("--data", required=True, help="prompts JSONL (prompt, answer, ...)")
+    p.add_argument("--samples", type=int, default=4, help="K samples per question (paper: 64 AIME, 16 MATH)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--template", default="r1_zero", choices=["r1_zero", "chat", "none"])
+    p.add_argument("--max-questions", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="write the metrics JSON here too")
+    a = p.parse_args(argv)
+    s = EvalSettings(samples=a.samples, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                     template=a.template, seed=a.seed)
+    result = {"checkpoint": str(a.checkpoint), "data": str(a.data), "samples": a.samples,
+              "temperature": a.temperature, "top_p": a.top_p,
+              **evaluate_checkpoint(a.checkpoint, a.data, s, a.max_questions, a.device)}
+    print(json.dumps(result, indent=2))
+    if a.out:
+        write_json_atomic(a.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""What every stage entry point shares: the run directory, device and seeds, tokenizer and policy construction,
+optimizer + LR schedule, atomic checkpoints (HF directory + trainer state) with resume, the expert-bias update.
+
+Run directory layout:
+    config.yaml            resolved config, written first
+    metrics.jsonl          one line per logged step (r1moe.tracking)
+    checkpoints/step_N/    HF checkpoint + trainer_state.pt (written atomically)
+    final/                 the stage's output checkpoint (HF directory, tokenizer included)
+    DONE.json              written last: a run directory without it is not complete
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from r1moe.config import JobConfig, OptimSection, save_config
+from r1moe.model import CausalLM, ModelConfig, build_model, get_preset
+
+DONE_FILE = "DONE.json"
+TRAINER_STATE = "trainer_state.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / DONE_FILE).is_file()
+
+
+def read_done(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / DONE_FILE).read_text())
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(cfg: JobConfig, resume: bool) -> Path:
+    """Create the run directory and write config.yaml. A complete run is never overwritten; an incomplete one is
+    resumed (resume=True) or started afresh, its stale checkpoints removed."""
+    run_dir = cfg.run_dir
+    if is_complete(run_dir):
+        raise FileExistsError(f"{run_dir} already holds a complete {cfg.stage} run ({DONE_FILE}); "
+                              f"choose another logging.run_dir or delete it")
+    if run_dir.exists() and not resume:
+        for stale in ("checkpoints", "final", "metrics.jsonl", "wandb"):
+            p = run_dir / stale
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def setup_torch(cfg: JobConfig) -> torch.device:
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    return resolve_device(cfg.train.device)
+
+
+def config_dict(cfg: JobConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+@contextmanager
+def progress_bar(desc: str, total: int, done: int = 0) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar; yields `advance(description)`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        transient=True)
+    with progress:
+        task = progress.add_task(desc, total=total, completed=done)
+        yield lambda description: progress.update(task, advance=1, description=description)
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def init_checkpoint_dir(cfg: JobConfig) -> Path | None:
+    """The checkpoint a stage starts from, checked before any work: missing or incomplete is an error naming it."""
+    if cfg.model.init is None:
+        return None
+    path = Path(cfg.model.init)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.init={path}: no config.json there (missing or incomplete checkpoint; "
+                                f"did the previous stage finish?)")
+    return path
+
+
+def load_stage_tokenizer(cfg: JobConfig) -> Tokenizer | None:
+    """data.tokenizer, else the init checkpoint's tokenizer.json; None when neither exists (pretrain builds one)."""
+    from r1moe.data.tokenizer import load_tokenizer
+
+    if cfg.data.tokenizer:
+        return load_tokenizer(cfg.data.tokenizer)
+    init = init_checkpoint_dir(cfg)
+    if init is not None:
+        if not (init / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{init}: no tokenizer.json (set data.tokenizer)")
+        return load_tokenizer(init)
+    return None
+
+
+def special_ids(tok: Tokenizer) -> tuple[int, int, int]:
+    """(pad, bos, eos) token ids."""
+    from r1moe.data.tokenizer import special_ids as _special_ids
+
+    return _special_ids(tok)
+
+
+def check_tokenizer_fits(tok: Tokenizer, mcfg: ModelConfig, where: str) -> None:
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > mcfg.vocab_size:
+        raise ValueError(f"{where}: tokenizer has {n} tokens but the model's vocab_size is {mcfg.vocab_size}; "
+                         f"the tokenizer and the model disagree")
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_policy(cfg: JobConfig, tok: Tokenizer, device: torch.device) -> CausalLM:
+    """From model.init (an HF directory) or a random init of model.preset + overrides. A checkpoint whose
+    architecture disagrees with the recipe's explicit overrides is an error, not a silent choice."""
+    from r1moe.model import from_pretrained
+
+    dtype = dtype_of(cfg.model.dtype)
+    init = init_checkpoint_dir(cfg)
+    if init is not None:
+        model = from_pretrained(init, dtype=dtype, device=str(device))
+        for key, value in cfg.model.overrides.items():
+            if key == "aux_loss_alpha":
+                model.cfg.aux_loss_alpha = value
+                continue
+            if getattr(model.cfg, key, None) != value:
+                raise ValueError(f"model.overrides.{key}={value!r} disagrees with {init}/config.json "
+                                 f"({key}={getattr(model.cfg, key, None)!r})")
+    else:
+        mcfg = get_preset(cfg.model.preset)
+        try:
+            mcfg = mcfg.replace(**cfg.model.overrides)
+        except TypeError as e:
+            raise ValueError(f"model.overrides: {e}") from None
+        model = build_model(mcfg, device=device, dtype=dtype, seed=cfg.train.seed)
+    check_tokenizer_fits(tok, model.cfg, f"model {init or cfg.model.preset}")
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    return model
+
+
+def apply_expert_bias_update(model: CausalLM, counts_LE: torch.Tensor | None, rate: float) -> None:
+    """DeepSeek-V3 aux-loss-free balancing: after each step b_i += rate * sign(mean load - load_i)."""
+    if counts_LE is None or rate == 0 or not model.cfg.is_moe:
+        return
+    from r1moe.algorithms import compute_expert_bias_update
+
+    moe_layers = [layer.mlp for layer in model.model.layers[:model.cfg.num_hidden_layers]
+                  if hasattr(layer.mlp, "gate")]
+    with torch.no_grad():
+        for gate_mod, counts in zip((m.gate for m in moe_layers), counts_LE):
+            b = gate_mod.e_score_correction_bias
+            b.copy_(compute_expert_bias_update(b, counts.to(b.device).float(), rate))
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+def build_optimizer(model: torch.nn.Module, optim: OptimSection, total_steps: int
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
+
+    def factor(step: int) -> float:
+        if optim.warmup_steps and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / span)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1 - progress
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def clip_and_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, grad_clip: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+@dataclass
+class TrainerState:
+    step: int
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+    extra: dict
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tok: Tokenizer, opt, sched, extra: dict,
+                    keep: int) -> Path:
+    """checkpoints/step_N: an HF directory plus trainer_state.pt, written atomically; keeps the newest `keep`."""
+    from r1moe.model import save_pretrained
+
+    buf = io.BytesIO()
+    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+                "extra": extra}, buf)
+    path = run_dir / "checkpoints" / f"step_{step:07d}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_pretrained(model, path, tokenizer=tok, extra_files={TRAINER_STATE: buf.getvalue()})
+    ckpts = sorted(path.parent.glob("step_*"))
+    for old in ckpts[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / TRAINER_STATE).is_file())
+    return ckpts[-1] if ckpts else None
+
+
+def restore_checkpoint(path: Path, model: CausalLM, opt, sched) -> TrainerState:
+    from r1moe.model import load_hf_tensor
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                load_hf_tensor(model, name, st.get_tensor(name))
+    state = torch.load(path / TRAINER_STATE, weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return TrainerState(state["step"], state["optimizer"], state["scheduler"], state["rng"], state["extra"])
+
+
+def finalize(run_dir: Path, model: CausalLM, tok: Tokenizer, summary: dict[str, Any]) -> Path:
+    """Write final/ (HF directory) then DONE.json: the run is complete only once both exist."""
+    from r1moe.model import save_pretrained
+
+    final = run_dir / "final"
+    save_pretrained(model, final, tokenizer=tok)
+    write_json_atomic(run_dir / DONE_FILE, {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **summary})
+    return final
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def parse_stage_args(argv: list[str] | None, stage: str) -> tuple[JobConfig, bool]:
+    """`r1moe STAGE RECIPE [key=value ...] [--resume]` -> (config, resume)."""
+    import argparse
+
+    from r1moe.config import load_config
+
+    p = argparse.ArgumentParser(prog=f"r1moe {stage}", description=f"Run the {stage} stage from a recipe.")
+    p.add_argument("recipe", help="recipe YAML (recipes/...)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=10")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    args = p.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        p.error(f"overrides must look like key=value: {bad}")
+    cfg = load_config(args.recipe, [*args.overrides, f"stage={stage}"])
+    return cfg, args.resume or cfg.checkpoint.resume
+
+
+def encode(tok: Tokenizer, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def render_prompt(template: str, prompt: str) -> str:
+    if template == "none":
+        return prompt
+    from r1moe.templates import render
+
+    return render(template, prompt)

@@ -1,0 +1,91 @@
+"""The next-token training loop shared by `pretrain`, `sft` and distillation (SFT of a student): packed batches ->
+cross-entropy on target tokens (+ MTP, + sequence-wise balance loss) -> AdamW step -> expert-bias update -> log ->
+checkpoint. Resumable: `--resume` restores weights, optimizer, schedule, RNG and the data position.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tokenizers import Tokenizer
+
+from r1moe.algorithms import compute_sft_loss
+from r1moe.config import JobConfig
+from r1moe.plots import plot_run
+from r1moe.tracking import MetricsLogger
+
+from . import common
+from .packing import IGNORE, Example, iterate_batches, mtp_targets, pack_examples
+
+
+def _masked_ce(logits, targets):
+    mask = targets != IGNORE
+    return compute_sft_loss(logits, targets.clamp(min=0), mask)
+
+
+def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bool = False) -> dict:
+    if not examples:
+        raise ValueError(f"data.train={cfg.data.train}: empty dataset")
+    device = common.setup_torch(cfg)
+    pad_id = common.special_ids(tok)[0]
+    rows = pack_examples(examples, cfg.data.seq_len, pad_id)
+    steps = cfg.train.steps
+    if cfg.train.epochs is not None:
+        steps = max(1, math.ceil(cfg.train.epochs * len(rows) / cfg.train.batch_size))
+    run_dir = common.prepare_run_dir(cfg, resume)
+    model = common.build_policy(cfg, tok, device).train()
+    opt, sched = common.build_optimizer(model, cfg.optim, steps)
+    start = 0
+    if resume and (ckpt := common.latest_checkpoint(run_dir)) is not None:
+        start = common.restore_checkpoint(ckpt, model, opt, sched).step
+    batches = iterate_batches(rows, cfg.train.batch_size, cfg.train.seed, start_step=start)
+    mtp_on = cfg.train.mtp_weight > 0 and model.cfg.num_nextn_predict_layers > 0
+    mb = cfg.train.micro_batch_size or cfg.train.batch_size
+    logger = MetricsLogger(run_dir, project=cfg.logging.project, run_name=cfg.name, wandb_mode=cfg.logging.wandb,
+                           config=common.config_dict(cfg))
+    last: dict = {}
+    with logger, common.progress_bar(cfg.stage, steps, start) as advance:
+        for step in range(start + 1, steps + 1):
+            t0 = time.perf_counter()
+            batch = next(batches).to(device)
+            total_tokens = max(1, batch.num_target_tokens)
+            loss_sum, mtp_sum, aux_sum, counts = 0.0, 0.0, 0.0, None
+            for i in range(0, batch.input_ids_RT.shape[0], mb):
+                ids, tgt, seg = (t[i:i + mb] for t in (batch.input_ids_RT, batch.targets_RT, batch.segment_ids_RT))
+                out = model(ids, segment_ids=seg, compute_mtp=mtp_on)
+                share = int((tgt != IGNORE).sum()) / total_tokens
+                loss = _masked_ce(out.logits, tgt)
+                total = loss + out.aux_loss
+                if mtp_on:
+                    depth = len(out.mtp_logits)
+                    mtp = sum(_masked_ce(lg, mtp_targets(tgt, seg, k)) for k, lg in enumerate(out.mtp_logits, 1))
+                    total = total + cfg.train.mtp_weight / depth * mtp  # V3 eq. 25
+                    mtp_sum += float(mtp.detach()) * share
+                (total * share).backward()
+                loss_sum += float(loss.detach()) * share
+                aux_sum += float(out.aux_loss.detach()) * share
+                if out.expert_counts is not None:
+                    counts = out.expert_counts if counts is None else counts + out.expert_counts
+            grad_norm = common.clip_and_step(model, opt, sched, cfg.optim.grad_clip)
+            common.apply_expert_bias_update(model, counts, cfg.train.expert_bias_rate)
+            last = {"train/loss": loss_sum, "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0],
+                    "train/tokens": total_tokens, "perf/step_s": time.perf_counter() - t0}
+            if mtp_on:
+                last["train/mtp_loss"] = mtp_sum
+            if aux_sum:
+                last["train/aux_loss"] = aux_sum
+            if counts is not None:
+                load = counts.float()
+                last["moe/max_violation"] = float(((load.max(-1).values - load.mean(-1)) / load.mean(-1)).mean())
+            if step % cfg.train.log_every == 0 or step == steps:
+                logger.log(step, last)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
+                common.save_checkpoint(run_dir, step, model, tok, opt, sched, {}, cfg.checkpoint.keep)
+            advance(f"{cfg.stage} loss {loss_sum:.3f}")
+    if cfg.logging.plots:
+        plot_run(run_dir)
+    summary = {"stage": cfg.stage, "steps": steps, "final_loss": last.get("train/loss"), "rows": len(rows)}
+    common.finalize(run_dir, model, tok, summary)
+    return summary

@@ -1,0 +1,88 @@
+"""Pretraining: next-token prediction on a text or JSONL corpus with the reference model (+ MTP, + the
+aux-loss-free expert-bias update of DeepSeek-V3 §2.1.2). Tiny runs build their tokenizer from the corpus.
+
+Corpus formats (data.train): `.txt` (documents separated by blank lines) or `.jsonl` with {"text": ...} or
+{"prompt": ..., "response": ...} per line (the prompt rendered with data.template; loss on every token).
+
+    r1moe pretrain recipes/tiny/r1_zero/pretrain.yaml [key=value ...] [--resume]
+    python -m r1moe.train.pretrain recipes/tiny/r1_zero/pretrain.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from r1moe.config import JobConfig
+
+from . import common
+from .lm import train_lm
+from .packing import Example
+
+
+def read_corpus(path: str | Path, template: str) -> list[tuple[str, str]]:
+    """(prefix, text) pairs: prefix is the rendered prompt ('' for plain text). Errors name file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.train={path}: file not found")
+    docs: list[tuple[str, str]] = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+                docs.append(("", rec["text"]))
+            elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
+                docs.append((common.render_prompt(template, rec["prompt"]), rec["response"]))
+            else:
+                raise ValueError(f"{path}:{n}: expected a string field 'text' or 'prompt' + 'response'")
+    else:
+        docs = [("", d.strip()) for d in path.read_text().split("\n\n") if d.strip()]
+    if not docs:
+        raise ValueError(f"{path}: empty dataset")
+    return docs
+
+
+def build_examples(docs: list[tuple[str, str]], tok: Tokenizer, loss_on_prefix: bool) -> list[Example]:
+    _, bos, eos = common.special_ids(tok)
+    out = []
+    for prefix, text in docs:
+        p = common.encode(tok, prefix) if prefix else []
+        r = common.encode(tok, text)
+        ids = [bos] + p + r + [eos]
+        mask = [False] + [loss_on_prefix] * len(p) + [True] * (len(r) + 1)
+        out.append(Example(ids, mask))
+    return out
+
+
+def tiny_tokenizer_for(docs: list[tuple[str, str]], vocab_size: int) -> Tokenizer:
+    from r1moe.data.tokenizer import build_tiny_tokenizer
+    from r1moe.templates import TEMPLATES
+
+    texts = [t for d in docs for t in d if t] + [str(t) for t in TEMPLATES.values()]
+    return build_tiny_tokenizer(texts, vocab_size=vocab_size)
+
+
+def run(cfg: JobConfig, resume: bool = False) -> dict:
+    if cfg.data.train is None:
+        raise ValueError("data.train is required for pretraining")
+    docs = read_corpus(cfg.data.train, cfg.data.template)
+    tok = common.load_stage_tokenizer(cfg) or tiny_tokenizer_for(docs, cfg.data.tokenizer_vocab_size)
+    return train_lm(cfg, build_examples(docs, tok, loss_on_prefix=True), tok, resume)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, resume = common.parse_stage_args(argv, "pretrain")
+    run(cfg, resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Supervised fine-tuning: loss on response tokens only, packed sequences. Used for the cold start (R1 stage 1),
+SFT on rejection-sampled data (stage 3; paper: 2 epochs from the *base* model) and distillation into dense
+students (§2.4: SFT only, no RL).
+
+Data (data.train): JSONL with `prompt` and `response` per line; the prompt is rendered with data.template.
+
+    r1moe sft recipes/tiny/r1/stage1_cold_start.yaml [key=value ...] [--resume]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from r1moe.config import JobConfig
+
+from . import common
+from .lm import train_lm
+from .pretrain import build_examples
+
+
+def run(cfg: JobConfig, resume: bool = False) -> dict:
+    from r1moe.data import read_sft
+
+    if cfg.data.train is None:
+        raise ValueError("data.train is required for sft")
+    records = read_sft(cfg.data.train)
+    tok = common.load_stage_tokenizer(cfg)
+    if tok is None:
+        raise ValueError("sft needs a tokenizer: set model.init to a checkpoint with tokenizer.json or data.tokenizer")
+    docs = [(common.render_prompt(cfg.data.template, r.prompt), r.response) for r in records]
+    return train_lm(cfg, build_examples(docs, tok, loss_on_prefix=False), tok, resume)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, resume = common.parse_stage_args(argv, "sft")
+    run(cfg, resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
