@@ -34,6 +34,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["HFReader", "HFShardWriter", "MegatronOptions", "ParallelConfig", "RULES", "dequantize_fp8_blockwise",
-           "hf_names", "hf_to_mcore_state", "mcore_to_hf_state", "stage_entries", "transformer_config_kwargs",
-           *_LAZY]
+__all__ = ["RULES", "HFReader", "HFShardWriter", "MegatronOptions", "ParallelConfig", "StepResult", "build_mcore_model",
+           "build_optimizer", "dequantize_fp8_blockwise", "destroy_parallel", "export_hf_weights", "forward_only",
+           "hf_names", "hf_to_mcore_state", "initialize_parallel", "load_dist_checkpoint", "load_hf_weights",
+           "mcore_to_hf_state", "rank_coords", "save_dist_checkpoint", "set_learning_rate", "stage_entries",
+           "train_step", "transformer_config_kwargs", "unwrap"]

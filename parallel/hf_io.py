@@ -42,7 +42,7 @@ class HFReader:
             if not single.exists():
                 raise FileNotFoundError(f"{self.path}: neither model.safetensors.index.json nor model.safetensors")
             with safe_open(single, framework="pt") as f:
-                self.weight_map = {k: single.name for k in f.keys()}
+                self.weight_map = {k: single.name for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         self._open: dict[str, object] = {}
 
     def _file(self, shard: str):

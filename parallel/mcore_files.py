@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
 from r1moe.model import ModelConfig
 
 from .config import ParallelConfig

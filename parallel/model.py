@@ -11,13 +11,13 @@ module imports on machines without it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import socket
 from collections.abc import Callable
 
 import torch
-
 from r1moe.model import ModelConfig
 
 from .config import ParallelConfig
@@ -42,7 +42,7 @@ def initialize_parallel(pcfg: ParallelConfig, seed: int = 1234, *, timeout_minut
                 port = s.getsockname()[1]
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(port))
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl", timeout=datetime.timedelta(minutes=timeout_minutes))
     pcfg.validate(None, dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
@@ -95,12 +95,13 @@ def _mla_without_q_norm_spec(spec, tcfg):
             resolved["linear_q_proj"] = TEColumnParallelLinear
             return resolved
 
+    spec = copy.deepcopy(spec)  # the TE layer specs are shared objects; leave them untouched for other models
     for layer_spec in spec.layer_specs:
         layer_spec.submodules.self_attention.module = MLASelfAttentionNoQNorm
     return spec
 
 
-def build_mcore_model(cfg: ModelConfig, pcfg: ParallelConfig, opts: MegatronOptions = MegatronOptions(), *,
+def build_mcore_model(cfg: ModelConfig, pcfg: ParallelConfig, opts: MegatronOptions | None = None, *,
                       dtype: torch.dtype = torch.bfloat16, wrap_ddp: bool = True,
                       hf_weights: Callable[[str], torch.Tensor] | None = None) -> list[torch.nn.Module]:
     """The megatron model chunks of this rank (one chunk: no virtual pipeline stages).
@@ -117,6 +118,7 @@ def build_mcore_model(cfg: ModelConfig, pcfg: ParallelConfig, opts: MegatronOpti
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
 
     pcfg.validate(cfg, dist.get_world_size())
+    opts = opts or MegatronOptions()
     if not wrap_ddp and opts.grad_accum_fusion:
         opts = dataclasses.replace(opts, grad_accum_fusion=False)
     tcfg = build_transformer_config(cfg, pcfg, opts, dtype)

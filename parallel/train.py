@@ -36,7 +36,8 @@ LossFn = Callable[[torch.Tensor, Any], "tuple[torch.Tensor, dict[str, torch.Tens
 @dataclass
 class StepResult:
     metrics: dict[str, float]
-    """loss_fn's metrics averaged over micro-batches and data-parallel ranks (same value on every rank)."""
+    """"loss": the step loss (sum of the micro-batch losses); loss_fn's other metrics averaged over micro-batches;
+    both averaged over data-parallel replicas (same values on every rank)."""
     grad_norm: float | None
     update_successful: bool
 
@@ -92,8 +93,9 @@ def _run_schedule(models, microbatches: Sequence[Any], vocab_size: int, loss_fun
         num_microbatches=len(microbatches), seq_length=T, micro_batch_size=B, forward_only=forward_only)
 
 
-def _reduce_metrics(reduced: list[dict[str, torch.Tensor]], models) -> dict[str, float]:
-    """Average over micro-batches (last stage), then make it the same on every rank (PP broadcast, DP mean)."""
+def _reduce_metrics(reduced: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """"loss" summed over micro-batches (each is its share of the step loss), other metrics averaged; then the
+    same on every rank (broadcast from the last pipeline stage, mean over data-parallel replicas)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -105,7 +107,8 @@ def _reduce_metrics(reduced: list[dict[str, torch.Tensor]], models) -> dict[str,
     keys = names[0]
     vals = torch.zeros(len(keys), device="cuda", dtype=torch.float32)
     if reduced:
-        vals = torch.stack([torch.stack([r[k].float().reshape(()) for r in reduced]).mean() for k in keys])
+        per_mb = [torch.stack([r[k].float().reshape(()) for r in reduced]) for k in keys]
+        vals = torch.stack([v.sum() if k == "loss" else v.mean() for k, v in zip(keys, per_mb)])
     dist.broadcast(vals, src=last, group=pp_group)
     dist.all_reduce(vals, group=ps.get_data_parallel_group())
     vals /= ps.get_data_parallel_world_size()
@@ -129,7 +132,7 @@ def train_step(models: list[torch.nn.Module], optimizer, microbatches: Sequence[
 
     reduced = _run_schedule(models, microbatches, vocab_size, loss_func_for, forward_only=False)
     ok, grad_norm, _ = optimizer.step()
-    metrics = _reduce_metrics(reduced, models)
+    metrics = _reduce_metrics(reduced)
     return StepResult(metrics=metrics, grad_norm=None if grad_norm is None else float(grad_norm),
                       update_successful=bool(ok))
 
