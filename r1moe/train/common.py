@@ -266,6 +266,26 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics logged after `step` (by an attempt that died after its last checkpoint), so a resumed run's
+    metrics.jsonl reads as one uninterrupted run."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a crash
+
+
 def restore_checkpoint(path: Path, model: CausalLM, opt, sched) -> TrainerState:
     from r1moe.model import load_hf_tensor
     from safetensors import safe_open
@@ -275,6 +295,7 @@ def restore_checkpoint(path: Path, model: CausalLM, opt, sched) -> TrainerState:
             for name in st.keys():
                 load_hf_tensor(model, name, st.get_tensor(name))
     state = torch.load(path / TRAINER_STATE, weights_only=False)
+    truncate_metrics(path.parent.parent, state["step"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
