@@ -47,6 +47,7 @@ class DataSpec:
     difficulty: int = 1
     slip_rate: float = 0.3
     untagged_rate: float = 0.1
+    template_rate: float = 0.3
 
 
 @dataclass
@@ -169,7 +170,8 @@ def make_data(spec: DataSpec, out_dir: Path) -> str:
     if spec.what == "prompts":
         records = make_dataset(spec.task, spec.n, seed=spec.seed, difficulty=spec.difficulty)
     elif spec.what == "corpus":
-        records = make_corpus(spec.task, spec.n, spec.seeds, spec.slip_rate, spec.untagged_rate, spec.difficulty)
+        records = make_corpus(spec.task, spec.n, spec.seeds, spec.slip_rate, spec.untagged_rate, spec.difficulty,
+                              spec.template_rate)
     elif spec.what == "cold_start":
         records = make_cold_start(make_dataset(spec.task, spec.n, seed=spec.seed, difficulty=spec.difficulty))
     elif spec.what == "general":
@@ -198,6 +200,8 @@ def run_eval_stage(s: StageSpec, out: Path) -> dict:
 
 def run_pipeline(p: PipelineConfig, force: set[str] = frozenset()) -> dict[str, dict]:
     timings: dict[str, dict] = {}
+    root = Path(p.root)
+    root.mkdir(parents=True, exist_ok=True)
     for s in p.stages:
         out = stage_output(p, s)
         if is_complete(out) and s.name not in force:
@@ -212,8 +216,7 @@ def run_pipeline(p: PipelineConfig, force: set[str] = frozenset()) -> dict[str, 
         run_stage(p, s, resume=not forced)
         timings[s.name] = {"seconds": round(time.perf_counter() - t0, 1)}
         print(f"[pipeline] {s.name}: done in {timings[s.name]['seconds']} s", flush=True)
-    root = Path(p.root)
-    root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(root / "pipeline_timings.json", timings)  # after each stage: the report reads it
     write_json_atomic(root / "pipeline_timings.json", timings)
     return timings
 

@@ -45,11 +45,16 @@ def problem_pool(task: str, seeds: list[int], difficulty: int = 1, limit: int = 
 
 
 def make_corpus(task: str, n: int, seeds: list[int], slip_rate: float = 0.3, untagged_rate: float = 0.1,
-                difficulty: int = 1) -> list[dict[str, str]]:
-    """`n` {"prompt", "response"} records over the problems of the splits `seeds` (use splits disjoint from the
-    RL and eval seeds). Problems repeat when n exceeds the pool, each time with fresh noise, as web text would."""
-    if not 0 <= slip_rate <= 1 or not 0 <= untagged_rate <= 1:
-        raise ValueError(f"slip_rate={slip_rate} and untagged_rate={untagged_rate} must be in [0, 1]")
+                difficulty: int = 1, template_rate: float = 0.3) -> list[dict[str, str]]:
+    """`n` records over the problems of the splits `seeds` (use splits disjoint from the RL and eval seeds).
+    Problems repeat when n exceeds the pool, each time with fresh noise, as web text would.
+
+    A fraction `template_rate` are {"prompt", "response"} records (the trainer renders the prompt with the R1-Zero
+    template); the rest are short dialogues {"text": "User: {prompt}. Assistant:{response}"} — the template's
+    own closing shape without its preamble, so most of the compute goes to the problems, not the boilerplate."""
+    for name, rate in (("slip_rate", slip_rate), ("untagged_rate", untagged_rate), ("template_rate", template_rate)):
+        if not 0 <= rate <= 1:
+            raise ValueError(f"{name}={rate} must be in [0, 1]")
     pool = problem_pool(task, seeds, difficulty, limit=min(n, 1500))
     if not pool:
         raise ValueError(f"task {task!r}: splits {seeds} hold no problems")
@@ -63,5 +68,9 @@ def make_corpus(task: str, n: int, seeds: list[int], slip_rate: float = 0.3, unt
         if NUMERIC.match(ans) and rng.random() < slip_rate:
             sol, ans = _slip(sol, ans, rng)
         response = sol if rng.random() < untagged_rate else format_completion(sol, ans)
-        out.append({"prompt": s.prompt, "response": response})
+        if rng.random() < template_rate:
+            out.append({"prompt": s.prompt, "response": response})
+        else:
+            # no space after "Assistant:": the same token boundary as a rendered prompt followed by its reply
+            out.append({"text": f"User: {s.prompt}. Assistant:{response}"})
     return out
