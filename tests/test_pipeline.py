@@ -1,0 +1,89 @@
+"""`r1moe pipeline`: stages run in order, complete stages are skipped on a re-run, a missing previous output is an
+error naming it (and complete outputs are never overwritten), the report states the paper's claims as measured."""
+
+import json
+
+import pytest
+import yaml
+
+from r1moe import cli
+from r1moe.pipeline import load_pipeline, run_pipeline
+from r1moe.report import check_claims
+from r1moe.train.common import DONE_FILE
+
+
+def _write(path, obj):
+    path.write_text(yaml.safe_dump(obj))
+    return str(path)
+
+
+@pytest.fixture
+def tiny_pipeline(tmp_path):
+    root = tmp_path / "root"
+    common = {"logging": {"wandb": "disabled", "plots": True}, "train": {"log_every": 1}}
+    pre = _write(tmp_path / "pre.yaml", {**common, "name": "p", "stage": "pretrain", "model": {"preset": "tiny-moe"},
+                                          "data": {"train": f"{root}/data/corpus.jsonl", "seq_len": 256},
+                                          "train": {"steps": 2, "batch_size": 2},
+                                          "logging": {"run_dir": f"{root}/pretrain", "wandb": "disabled"}})
+    rl = _write(tmp_path / "rl.yaml", {"name": "g", "stage": "grpo", "model": {"init": f"{root}/pretrain/final"},
+                                        "data": {"train": f"{root}/data/train.jsonl", "max_prompt_tokens": 160},
+                                        "train": {"steps": 1, "batch_size": 2},
+                                        "rollout": {"group_size": 2, "max_new_tokens": 8},
+                                        "logging": {"run_dir": f"{root}/grpo", "wandb": "disabled"}})
+    spec = {"name": "t", "root": str(root),
+            "report": {"eval_stage": "eval", "stage1": "base", "stage2": "grpo"},
+            "stages": [
+                {"name": "data", "kind": "data", "make": [
+                    {"what": "prompts", "task": "arithmetic", "n": 16, "seed": 0, "out": "train.jsonl"},
+                    {"what": "prompts", "task": "arithmetic", "n": 3, "seed": 1, "out": "eval.jsonl"},
+                    {"what": "corpus", "task": "arithmetic", "n": 40, "seeds": [2], "out": "corpus.jsonl"}]},
+                {"name": "pretrain", "kind": "pretrain", "recipe": pre},
+                {"name": "grpo", "kind": "grpo", "recipe": rl},
+                {"name": "eval", "kind": "eval", "eval": {
+                    "checkpoints": {"base": f"{root}/pretrain/final", "grpo": f"{root}/grpo/final"},
+                    "data": f"{root}/data/eval.jsonl", "samples": 2, "max_new_tokens": 8}},
+                {"name": "report", "kind": "report"}]}
+    return _write(tmp_path / "pipe.yaml", spec), root
+
+
+def test_pipeline_runs_then_skips_complete_stages(tiny_pipeline, capsys):
+    recipe, root = tiny_pipeline
+    assert cli.main(["pipeline", recipe]) == 0
+    for stage in ("data", "pretrain", "grpo", "eval", "report"):
+        assert (root / stage / DONE_FILE).is_file(), stage
+    report = (root / "report" / "report.md").read_text()
+    assert "| base |" in report and "| grpo |" in report and "cons@K >= pass@1" in report
+    assert (root / "report" / "grpo_response_length.png").is_file()
+    results = json.loads((root / "eval" / "results.json").read_text())
+    assert set(results) == {"base", "grpo"}
+    before = (root / "grpo" / "final" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli.main(["pipeline", recipe]) == 0
+    out = capsys.readouterr().out
+    assert out.count("), skipped") == 5
+    assert (root / "grpo" / "final" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_stage_with_missing_previous_output_fails_naming_it(tiny_pipeline, capsys):
+    recipe, root = tiny_pipeline
+    p = load_pipeline(recipe)
+    p.stages = [s for s in p.stages if s.name in ("data", "grpo")]  # pretrain never ran
+    with pytest.raises(FileNotFoundError, match="pretrain/final"):
+        run_pipeline(p)
+    assert not (root / "grpo" / DONE_FILE).exists()
+
+
+def test_unknown_pipeline_key_and_force_name(tmp_path, capsys):
+    bad = _write(tmp_path / "bad.yaml", {"name": "x", "stages": [{"name": "a", "kind": "data", "mkae": []}]})
+    assert cli.main(["pipeline", bad]) == 2
+    assert "mkae" in capsys.readouterr().err
+
+
+def test_claims_are_measured_not_assumed():
+    results = {"s1": {"pass@1": 0.5, "cons@4": 0.6}, "s2": {"pass@1": 0.4, "cons@4": 0.3},
+               "d": {"pass@1": 0.3, "cons@4": 0.3}, "r": {"pass@1": 0.35, "cons@4": 0.4}}
+    claims = {c.split(":")[0]: h for c, h, _ in check_claims(
+        results, {"stage1": "s1", "stage2": "s2", "distilled": "d", "student_rl": "r"})}
+    assert claims["reasoning RL improves on the cold start"] is False
+    assert claims["majority vote helps"] is False  # s2 has cons < pass@1
+    assert claims["distillation beats RL on the small student at equal steps (Table 6)"] is False
