@@ -14,6 +14,12 @@ import torch
 from .model import unwrap
 
 
+# 'fully_reshardable': optimizer state in canonical per-parameter form, so a checkpoint loads under another
+# TP/PP/EP/DP layout. megatron-core 0.19's default ('fully_sharded_model_space') is deprecated and its
+# flattened ShardedTensors are rejected at save ("ShardedTensor.flattened_range is not supported").
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
 def _model_sharded_state_dict(models: list[torch.nn.Module]) -> dict:
     if len(models) != 1:
         raise ValueError("virtual pipeline stages (several model chunks per rank) are not supported")
@@ -28,7 +34,7 @@ def save_dist_checkpoint(models: list[torch.nn.Module], optimizer, path: str | P
     path.mkdir(parents=True, exist_ok=True)
     state = {"model": _model_sharded_state_dict(models), "step": step}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"])
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=_OPTIM_METADATA)
     dist_checkpointing.save(sharded_state_dict=state, checkpoint_dir=str(path))
 
 
@@ -39,7 +45,7 @@ def load_dist_checkpoint(models: list[torch.nn.Module], optimizer, path: str | P
     model_sd = _model_sharded_state_dict(models)
     state = {"model": model_sd, "step": 0}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_METADATA)
     loaded = dist_checkpointing.load(sharded_state_dict=state, checkpoint_dir=str(path))
     result = unwrap(models[0]).load_state_dict(loaded["model"], strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]

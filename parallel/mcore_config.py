@@ -48,8 +48,10 @@ class MegatronOptions:
     """gamma of the aux-loss-free bias update (V3 §2.1.2, 0.001); 0 freezes the routing bias."""
     fused_rope: bool = True
     """Fused MLA RoPE (triton kernel in megatron.core.fusions); the unfused path computes the same rotation."""
-    grad_accum_fusion: bool = True
-    """TE accumulates weight gradients straight into the DDP buffer's main_grad (needs the DDP wrapper)."""
+    grad_accum_fusion: bool = False
+    """Accumulate weight gradients straight into the DDP buffer's main_grad. Off by default: megatron's
+    non-TE ColumnParallelLinear (the output layer) then needs APEX's fused_weight_gradient_mlp_cuda, which the
+    GPU image lacks (seen on megatron-core 0.19.2: RuntimeError at GPTModel construction)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Escape hatch: more TransformerConfig fields (e.g. {"moe_permute_fusion": False}); applied last."""
 

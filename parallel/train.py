@@ -61,9 +61,14 @@ def set_learning_rate(optimizer, lr: float) -> None:
 
 
 def _logits_processor(*, hidden_states, output_layer, output_weight, context, **_unused) -> torch.Tensor:
-    """GPTModel output_processor: [s, b, h] -> full-vocabulary logits [b, s, V] (TP-gathered, padding dropped)."""
-    logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=True)
-    logits = logits.transpose(0, 1)
+    """GPTModel output_processor: [s, b, h] -> full-vocabulary logits [b, s, V] (TP-gathered, padding dropped).
+    Without sequence parallelism the (small) hidden states are transposed before the head GEMM, so the (large)
+    logits and their gradient are born contiguous in [b, s, V]; with it the head must gather along s first."""
+    if output_layer.sequence_parallel:
+        logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=True)
+        logits = logits.transpose(0, 1)
+    else:
+        logits, _ = output_layer(hidden_states.transpose(0, 1), weight=output_weight, runtime_gather_output=True)
     vocab = context
     return logits[..., :vocab] if logits.shape[-1] != vocab else logits
 
@@ -101,17 +106,20 @@ def _reduce_metrics(reduced: list[dict[str, torch.Tensor]]) -> dict[str, float]:
 
     keys = sorted(reduced[0]) if reduced else []
     pp_group = ps.get_pipeline_model_parallel_group()
-    last = dist.get_process_group_ranks(pp_group)[-1]
-    names = [keys]
-    dist.broadcast_object_list(names, src=last, group=pp_group)
-    keys = names[0]
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        last = dist.get_process_group_ranks(pp_group)[-1]
+        names = [keys]
+        dist.broadcast_object_list(names, src=last, group=pp_group)
+        keys = names[0]
     vals = torch.zeros(len(keys), device="cuda", dtype=torch.float32)
     if reduced:
         per_mb = [torch.stack([r[k].float().reshape(()) for r in reduced]) for k in keys]
         vals = torch.stack([v.sum() if k == "loss" else v.mean() for k, v in zip(keys, per_mb)])
-    dist.broadcast(vals, src=last, group=pp_group)
-    dist.all_reduce(vals, group=ps.get_data_parallel_group())
-    vals /= ps.get_data_parallel_world_size()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(vals, src=last, group=pp_group)
+    if ps.get_data_parallel_world_size() > 1:
+        dist.all_reduce(vals, group=ps.get_data_parallel_group())
+        vals /= ps.get_data_parallel_world_size()
     return dict(zip(keys, vals.tolist()))
 
 

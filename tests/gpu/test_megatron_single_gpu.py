@@ -90,12 +90,15 @@ def test_logits_parity_and_export_round_trip(mp, name):
     assert n_buckets > 1
     assert err_mc <= tol, f"{name}: megatron rel err {err_mc:.4f} vs reference bf16 {err_ref:.4f}"
 
-    # The built-in rollout engine's path: update_weights(load_hf_tensor) from the export reproduces the logits
+    # The built-in rollout engine's path: update_weights(load_hf_tensor) from the export gives the reference
+    # model's exact weights (its MoE combine uses index_add_, so logits are compared with a tolerance)
     engine_model = build_model(cfg, device="cuda", dtype=torch.bfloat16).eval()
     for n, t in exported.items():
         load_hf_tensor(engine_model, n, t)
+    ref_sd = ref16.state_dict()
+    assert all(torch.equal(t, ref_sd[n]) for n, t in engine_model.state_dict().items())
     with torch.no_grad():
-        assert torch.equal(engine_model(tokens).logits, ref16(tokens).logits)
+        torch.testing.assert_close(engine_model(tokens).logits, ref16(tokens).logits, rtol=0.02, atol=0.02)
 
 
 def test_shard_files_load_onto_the_gpu_model(mp, tmp_path):
@@ -203,7 +206,9 @@ FP8_CFG = get_preset("tiny-moe").replace(
 
 @pytest.mark.parametrize("recipe", ["blockwise", "tensorwise", "delayed"])
 def test_fp8_recipe_tracks_bf16(mp, recipe):
-    """Same init, same data, 30 steps: FP8 learns and ends within 5% of bf16's loss (max gap recorded)."""
+    """Same init, same data, 30 steps of memorisation (loss 8.4 -> ~1e-3): at every step the FP8 loss is within
+    2% of the initial loss from bf16's (seen: <= 0.6%), and both learn. Relative gaps late in the run compare
+    numbers ~1e-3 and are recorded, not asserted."""
     from r1moe.parallel import MegatronOptions
 
     cfg = FP8_CFG
@@ -211,11 +216,10 @@ def test_fp8_recipe_tracks_bf16(mp, recipe):
     hf = hf_weights(cfg, seed=6)
     _, _, bf16 = _train(cfg, MegatronOptions(), 30, 2e-3, batches, hf)
     _, _, fp8 = _train(cfg, MegatronOptions(fp8=recipe), 30, 2e-3, batches, hf)
-    gaps = [abs(a - b) / b for a, b in zip(fp8, bf16)]
-    record("gpu_fp8", {recipe: {"bf16_loss": bf16, "fp8_loss": fp8, "max_rel_gap": max(gaps),
-                                "final_rel_gap": gaps[-1]}})
+    gap = max(abs(a - b) for a, b in zip(fp8, bf16)) / bf16[0]
+    record("gpu_fp8", {recipe: {"bf16_loss": bf16, "fp8_loss": fp8, "max_abs_gap_over_initial_loss": gap}})
     assert bf16[-1] < 0.8 * bf16[0] and fp8[-1] < 0.8 * fp8[0]
-    assert gaps[-1] < 0.05, f"fp8 {recipe}: final loss {fp8[-1]:.4f} vs bf16 {bf16[-1]:.4f}"
+    assert gap < 0.02, f"fp8 {recipe}: loss curve departs from bf16 by {gap:.4f} of the initial loss"
 
 
 def test_dist_checkpoint_round_trip(mp, tmp_path):
