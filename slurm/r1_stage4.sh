@@ -1,0 +1,25 @@
+#!/bin/bash
+# DeepSeek-R1 stage 4: all-scenario RL, GRPO on reasoning + general prompts with rule rewards and a reward model
+# (R1 v1 §2.3.4, v2 §3.2.2: 1,700 steps, T=0.7).
+#
+#   sbatch slurm/r1_stage4.sh recipes/deepseek-v3/r1/stage4_all_scenario_rl.yaml [key=value ...] [--resume]
+#   bash   slurm/r1_stage4.sh recipes/tiny/r1/stage4.yaml                     # one node, no SLURM (CPU or GPUs)
+#
+# Runs r1moe.train.grpo. #SBATCH values are real-scale defaults, each overridable (sbatch --nodes=... --time=...).
+# 64 nodes x 8 GPUs as R1 reports for RL (v2 B.4.4). Chosen: 1 day (stage 4 is 1,700 of R1's RL steps).
+# Submit from the repository root: the job runs in the submit directory and finds slurm/common.sh there.
+#SBATCH --job-name=r1-stage4-all-scenario-rl
+#SBATCH --nodes=64
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=1-00:00:00
+#SBATCH --output=slurm-%x-%j.out
+
+_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+[[ -f "$_dir/common.sh" ]] || _dir="${SLURM_SUBMIT_DIR:-$PWD}/slurm"   # sbatch runs a spool copy of this file
+# shellcheck source=slurm/common.sh
+source "$_dir/common.sh"
+
+[[ $# -ge 1 ]] || r1moe_usage slurm/r1_stage4.sh "RECIPE [key=value ...] [--resume]"
+r1moe_launch recipe r1moe.train.grpo "$@"
