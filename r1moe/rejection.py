@@ -1,0 +1,217 @@
+"""Rejection sampling + SFT data (DeepSeek-R1 stage 3: v1 §2.3.3, v2 B.3.3): sample N replies per reasoning prompt from
+the stage-2 (reasoning RL) checkpoint, keep the correct and readable ones, deduplicate, mix with non-reasoning SFT
+data (paper: ~600k reasoning + ~200k non-reasoning, v2 Table 5), and write the SFT set with provenance.
+
+Run as a pipeline stage (`kind: rejection`, section `rejection:` = `r1moe.pipeline.RejectionSpec`):
+
+    - {name: rejection, kind: rejection, rejection: {checkpoint: runs/tiny-r1/stage2/final,
+       prompts: runs/tiny-r1/data/train.jsonl, general: runs/tiny-r1/data/general_sft.jsonl, samples_per_prompt: 4}}
+
+Only reasoning prompts are sampled (kind math/code; general ones in `prompts` are skipped and counted). Filters,
+applied in this fixed order; a sample is counted under the first that fires (`FILTERS`):
+    incorrect        accuracy reward < 1 (rules: task verifier, math-verify, code sandbox; v2 B.3.3)
+    malformed        format reward 0: not exactly <think>...</think><answer>...</answer>
+    language_mixing  language consistency (v2 eq. 7) in `spec.language` < `min_language_consistency`
+    overlong         finished by length, or more than `max_tokens` tokens (0 = max_new_tokens)
+    repetition       a line or a sentence occurring more than `max_repeat` times
+Correctness comes first, so `incorrect` + the four readability counts + `passed_filters` = all samples, and the
+samples the readability filters drop were all correct. The paper also drops CoT with long paragraphs and code blocks; those two
+filters are not implemented here.
+
+Outputs in `out_dir`: `sft.jsonl` (SFTSample records; the response is the generated text, which follows
+`render(template, prompt)` verbatim; `meta` = provenance) and `stats.json` (the returned dict), both atomic. Nothing
+surviving the filters is a ValueError naming the checkpoint and the counts, and no sft.jsonl is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+from r1moe.data import PromptSample, SFTSample, read_prompts, read_sft, write_jsonl
+from r1moe.pipeline import RejectionSpec
+from r1moe.rewards import accuracy_reward, format_reward, language_consistency_reward
+from r1moe.rewards.rule import LANGUAGE_SCRIPTS
+from r1moe.rollout import BuiltinEngine, SamplingParams
+from r1moe.templates import REASONING_TAGS, TEMPLATES, completion_prefix
+from r1moe.train import common
+
+FILTERS = ("incorrect", "malformed", "language_mixing", "overlong", "repetition")
+STOP = ["</answer>"]
+"""Generation stops after the answer, as in GRPO and evaluation (their default `stop`)."""
+CHUNK = 64
+"""Sequences per engine call (bounds memory; one progress tick each)."""
+SEED = 0
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_HAS_WORD = re.compile(r"\w")
+
+
+# ---------------------------------------------------------------------------------------------- filters
+def full_completion(template: str, text: str) -> str:
+    """What the rule rewards score: the prefix the template forced (chat: "<think>\\n") + the generated text."""
+    return (completion_prefix(template) if template != "none" else "") + text
+
+
+def max_repeats(text: str) -> int:
+    """Occurrences of the most frequent line, or sentence, of `text` (tags removed, whitespace normalised). Units
+    with no letter or digit (blank lines, a lone "}") are not counted."""
+    for tag in REASONING_TAGS:
+        text = text.replace(tag, "\n")
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    sentences = [s for line in lines for s in _SENTENCE_END.split(line)]
+    best = 0
+    for units in (lines, sentences):
+        counts = Counter(u for u in units if _HAS_WORD.search(u))
+        best = max(best, max(counts.values(), default=0))
+    return best
+
+
+def classify(completion_text: str, num_tokens: int, finish_reason: str, sample: PromptSample,
+             spec: RejectionSpec) -> str | None:
+    """None to keep the sample, else the first filter of `FILTERS` that rejects it. `completion_text` is the
+    generated text (without the prefix the template forced; it is added here before scoring)."""
+    full = full_completion(spec.template, completion_text)
+    if accuracy_reward(full, sample) < 1.0:
+        return "incorrect"
+    if format_reward(full, sample) < 1.0:
+        return "malformed"
+    if language_consistency_reward(full, dataclasses.replace(sample, language=spec.language)) \
+            < spec.min_language_consistency:
+        return "language_mixing"
+    if finish_reason == "length" or num_tokens > (spec.max_tokens or spec.max_new_tokens):
+        return "overlong"
+    if max_repeats(full) > spec.max_repeat:
+        return "repetition"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- dedup and mixing
+def deduplicate(records: list[SFTSample]) -> tuple[list[SFTSample], int]:
+    """First record of each (prompt, response), in order; and how many were dropped."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for r in records:
+        if (r.prompt, r.response) not in seen:
+            seen.add((r.prompt, r.response))
+            out.append(r)
+    return out, len(records) - len(out)
+
+
+def mix_records(reasoning: list[SFTSample], general: list[SFTSample], reasoning_ratio: float, seed: int = SEED
+                ) -> tuple[list[SFTSample], dict[str, float]]:
+    """All reasoning records + a seeded sample of general ones so that reasoning / total = `reasoning_ratio` (or as
+    many general records as exist), shuffled. Returns (records, counts with the achieved ratio)."""
+    if not 0 < reasoning_ratio <= 1:
+        raise ValueError(f"reasoning_ratio={reasoning_ratio} must be in (0, 1]")
+    target = round(len(reasoning) * (1 - reasoning_ratio) / reasoning_ratio)
+    rng = random.Random(seed)
+    picked = rng.sample(general, min(target, len(general)))
+    mixed = reasoning + picked
+    rng.shuffle(mixed)
+    achieved = len(reasoning) / len(mixed) if mixed else 0.0
+    return mixed, {"reasoning": len(reasoning), "general": len(picked), "general_target": target,
+                   "general_available": len(general), "total": len(mixed), "achieved_ratio": achieved}
+
+
+def read_general(path: str, template: str) -> list[SFTSample]:
+    """Non-reasoning SFT records, tagged `meta.kind = "general"`; a record written for another template is an error
+    (its response would not follow the prompt the SFT stage renders)."""
+    out = []
+    for n, r in enumerate(read_sft(path), 1):
+        if r.meta.get("template", template) != template:
+            raise ValueError(f"{path}: record {n} ({r.id or r.prompt[:40]!r}) has meta.template="
+                             f"{r.meta['template']!r}, but rejection sampling uses template {template!r}")
+        out.append(dataclasses.replace(r, meta={**r.meta, "template": template, "kind": "general",
+                                                "source": r.meta.get("source", str(path))}))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def check_spec(spec: RejectionSpec) -> None:
+    if not spec.checkpoint or not spec.prompts:
+        raise ValueError("rejection: `checkpoint` and `prompts` are required")
+    if spec.template not in (*TEMPLATES, "none"):
+        raise ValueError(f"rejection.template={spec.template!r}: expected one of {[*sorted(TEMPLATES), 'none']}")
+    if spec.language not in LANGUAGE_SCRIPTS:
+        raise ValueError(f"rejection.language={spec.language!r}: expected one of {sorted(LANGUAGE_SCRIPTS)}")
+    for name in ("samples_per_prompt", "max_new_tokens", "max_repeat"):
+        if getattr(spec, name) < 1:
+            raise ValueError(f"rejection.{name}={getattr(spec, name)} must be >= 1")
+    if spec.temperature < 0 or not 0 < spec.top_p <= 1:
+        raise ValueError(f"rejection: temperature={spec.temperature} must be >= 0 and top_p={spec.top_p} in (0, 1]")
+    if not 0 < spec.reasoning_ratio <= 1:
+        raise ValueError(f"rejection.reasoning_ratio={spec.reasoning_ratio} must be in (0, 1]")
+    if not 0 <= spec.min_language_consistency <= 1 or spec.max_tokens < 0:
+        raise ValueError(f"rejection: min_language_consistency={spec.min_language_consistency} must be in [0, 1] "
+                         f"and max_tokens={spec.max_tokens} >= 0")
+    if not (Path(spec.checkpoint) / "config.json").is_file():
+        raise FileNotFoundError(f"rejection.checkpoint={spec.checkpoint}: no config.json there (missing or "
+                                f"incomplete checkpoint; did the reasoning-RL stage finish?)")
+
+
+def load_engine(checkpoint: str) -> BuiltinEngine:
+    from r1moe.data.tokenizer import load_tokenizer, special_ids
+    from r1moe.model import from_pretrained
+
+    tok = load_tokenizer(checkpoint)
+    model = from_pretrained(checkpoint, device=str(common.resolve_device("auto"))).eval()
+    pad, _, eos = special_ids(tok, checkpoint)
+    return BuiltinEngine(model, tok, eos_ids=sorted({eos, *model.cfg.eos_ids}), pad_id=pad)
+
+
+def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
+    """Sample, filter, deduplicate, mix; write out_dir/sft.jsonl and out_dir/stats.json; return the stats."""
+    check_spec(spec)
+    prompts = read_prompts(spec.prompts)
+    # Reasoning prompts only (v1 §2.3.3); non-reasoning data come from `spec.general`, not from this policy.
+    skipped = sum(s.kind == "general" for s in prompts)
+    prompts = [s for s in prompts if s.kind != "general"]
+    if not prompts:
+        raise ValueError(f"rejection.prompts={spec.prompts}: no reasoning prompts (all {skipped} are kind general)")
+    general = read_general(spec.general, spec.template) if spec.general else []
+    engine = load_engine(spec.checkpoint)
+    N = spec.samples_per_prompt
+    owners = [(i, j) for i in range(len(prompts)) for j in range(N)]
+    ids = [common.encode(engine.tokenizer, common.render_prompt(spec.template, prompts[i].prompt)) for i, _ in owners]
+    rejected = dict.fromkeys(FILTERS, 0)
+    kept: list[SFTSample] = []
+    with common.progress_bar("rejection sampling", -(-len(ids) // CHUNK)) as advance:
+        for c, start in enumerate(range(0, len(ids), CHUNK)):
+            params = SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
+                                    stop=list(STOP), seed=SEED + c)
+            gens = engine.generate(ids[start:start + CHUNK], params)
+            for (i, j), g in zip(owners[start:start + CHUNK], gens):
+                s = prompts[i]
+                reason = classify(g.text, len(g.token_ids), g.finish_reason, s, spec)
+                if reason is not None:
+                    rejected[reason] += 1
+                    continue
+                language = language_consistency_reward(full_completion(spec.template, g.text),
+                                                       dataclasses.replace(s, language=spec.language))
+                kept.append(SFTSample(
+                    prompt=s.prompt, response=g.text, id=f"{s.id or i}-rs{j}", kind=s.kind, language=s.language,
+                    meta={"template": spec.template, "kind": "reasoning", "source": "rejection_sampling",
+                          "checkpoint": spec.checkpoint, "prompt_index": i, "sample_index": j, "task": s.task,
+                          "num_tokens": len(g.token_ids),
+                          "reward": {"accuracy": 1.0, "format": 1.0, "language": language}}))
+            advance(f"rejection sampling: kept {len(kept)}/{min(start + CHUNK, len(ids))}")
+    if not kept:
+        raise ValueError(f"rejection sampling from {spec.checkpoint}: no sample survived the filters "
+                         f"({len(ids)} samples; rejected {rejected})")
+    reasoning, duplicates = deduplicate(kept)
+    general, general_duplicates = deduplicate(general)
+    mixed, mix = mix_records(reasoning, general, spec.reasoning_ratio)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = {"checkpoint": spec.checkpoint, "prompts": len(prompts), "general_prompts_skipped": skipped,
+             "samples": len(ids), "rejected": rejected,
+             "passed_filters": len(kept), "duplicates": duplicates, "kept": len(reasoning),
+             "general_duplicates": general_duplicates, **mix, "reasoning_ratio": spec.reasoning_ratio,
+             "sft": str(out_dir / "sft.jsonl")}
+    write_jsonl(out_dir / "sft.jsonl", mixed)
+    common.write_json_atomic(out_dir / "stats.json", stats)
+    return stats

@@ -1,0 +1,328 @@
+"""Bradley-Terry reward model (DeepSeek-R1 v2 §3.1, helpful RM): the R1 architecture with a scalar head, trained on
+preference pairs with -log sigmoid(s_chosen - s_rejected); used by all-scenario RL (stage 4, v2 §3.2.2 eq. 8-10) to
+score `general` prompts, whose replies no rule can check.
+
+    r1moe rm recipes/tiny/r1/rm.yaml [key=value ...] [--resume]
+    python -m r1moe.train.rm recipes/tiny/r1/rm.yaml
+
+Paper settings (R1-SETTINGS §2): batch 256 pairs, LR 6e-6, 1 epoch, max length 8,192, "scores the final summary
+only". Here `train.batch_size` counts pairs, `data.seq_len` is the max length, `model.init` the checkpoint the
+backbone starts from (required), `data.template` renders the prompt.
+
+What the RM reads (`scope`): "summary" (the paper's helpful RM) = rendered prompt + the reply after its last
+`</think>` (the whole reply when it has none); "full" (the paper's safety RM reads the whole response) = rendered
+prompt + the reply. Training and scoring apply the same scope; it is saved with the model. Each sequence is
+[bos] + prompt + scored reply + [eos], left-truncated to `seq_len`; the score is the head on the final normed hidden
+state of the last non-pad token (the EOS). Pairs whose two scored sequences are identical carry no signal for the
+chosen scope (e.g. two replies with the same summary) and are dropped, with their count logged.
+
+Saved reward model = an HF checkpoint directory of the backbone (tokenizer included, so `from_pretrained` reads it)
++ `score_head.safetensors` + `reward_model.json` (template, scope, max length, squash), written atomically as one
+directory by `save_pretrained(extra_files=...)`. Intermediate checkpoints keep the head in trainer_state.pt.
+
+Squash: GRPO adds R_RM to rule rewards in {0, 1} (v2 eq. 8); a Bradley-Terry score is a logit defined up to a
+constant, so `load_reward_fn` returns sigmoid(score) in (0, 1): the probability that the reply beats a reference
+reply of score 0. Group-normalised advantages (eq. 3) see only the ranking and spread inside a group; the squash sets
+the RM's weight against the rule rewards. The paper does not state its normalisation.
+
+Legend: B pairs in a (micro-)batch, N = 2B sequences (chosen rows then rejected rows), T padded length, H hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save
+from tokenizers import Tokenizer
+from torch import nn
+
+from r1moe.algorithms import compute_bradley_terry_loss
+from r1moe.config import JobConfig
+from r1moe.data import PreferencePair, PromptSample, read_pairs
+from r1moe.model import CausalLM
+from r1moe.templates import THINK_CLOSE, completion_prefix
+from r1moe.tracking import MetricsLogger
+
+from . import common
+
+Scope = Literal["summary", "full"]
+DEFAULT_SCOPE: Scope = "summary"
+"""The paper's helpful RM. JobConfig has no scope field yet: a "full" RM is trained with `run(cfg, scope="full")`."""
+SCORE_HEAD_FILE = "score_head.safetensors"
+META_FILE = "reward_model.json"
+EVAL_BATCH = 64
+
+
+# ---------------------------------------------------------------------------------------------- model
+@dataclass
+class RMOutput:
+    scores_N: torch.Tensor
+    """float32 scalar score per sequence."""
+    aux_loss: torch.Tensor
+    expert_counts: torch.Tensor | None
+
+
+class RewardModel(nn.Module):
+    """A CausalLM backbone + `score_head` (hidden -> 1, float32) on the last non-pad token's final hidden state."""
+
+    def __init__(self, backbone: CausalLM):
+        super().__init__()
+        self.backbone = backbone
+        p = backbone.lm_head.weight
+        self.score_head = nn.Linear(backbone.cfg.hidden_size, 1, device=p.device, dtype=torch.float32)
+        # Zero init: every pair starts at the Bradley-Terry baseline loss log 2.
+        nn.init.zeros_(self.score_head.weight)
+        nn.init.zeros_(self.score_head.bias)
+
+    def forward(self, input_ids_NT: torch.Tensor, attention_mask_NT: torch.Tensor) -> RMOutput:
+        out = self.backbone(input_ids_NT, attention_mask=attention_mask_NT)
+        T = input_ids_NT.shape[1]
+        # Index of the last 1 in the mask: right or left padding alike.
+        last_N = (attention_mask_NT.long() * torch.arange(1, T + 1, device=input_ids_NT.device)).argmax(-1)
+        h_NH = out.hidden[torch.arange(len(last_N), device=last_N.device), last_N]
+        return RMOutput(self.score_head(h_NH.float()).squeeze(-1), out.aux_loss, out.expert_counts)
+
+
+def scored_reply(reply: str, scope: Scope) -> str:
+    """The part of a reply the RM reads: after the last `</think>` for "summary" (the whole reply if none)."""
+    if scope == "full":
+        return reply
+    if scope == "summary":
+        return reply.rsplit(THINK_CLOSE, 1)[-1]
+    raise ValueError(f"reward model scope {scope!r}: expected 'summary' or 'full'")
+
+
+def encode_scored(tok: Tokenizer, template: str, prompt: str, reply: str, scope: Scope, seq_len: int) -> list[int]:
+    """[bos] + rendered prompt + scored reply + [eos], keeping the last `seq_len` tokens (the score reads the end)."""
+    _, bos, eos = common.special_ids(tok)
+    ids = ([] if bos is None else [bos]) + common.encode(tok, common.render_prompt(template, prompt))
+    ids += common.encode(tok, scored_reply(reply, scope)) + [eos]
+    return ids[-seq_len:]
+
+
+def build_rm_batch(seqs: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids_NT, attention_mask_NT)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for n, s in enumerate(seqs):
+        ids[n, :len(s)] = torch.tensor(s)
+        mask[n, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def score_sequences(rm: RewardModel, seqs: Sequence[list[int]], pad_id: int, batch: int = EVAL_BATCH) -> torch.Tensor:
+    """Raw scores [N] of token sequences, `batch` at a time, in eval mode (the caller's mode is restored)."""
+    was_training = rm.training
+    rm.eval()
+    device = rm.score_head.weight.device
+    scores = [rm(*build_rm_batch(seqs[i:i + batch], pad_id, device)).scores_N.cpu() for i in range(0, len(seqs), batch)]
+    rm.train(was_training)
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+def save_reward_model(rm: RewardModel, tok: Tokenizer, path: str | Path, meta: dict[str, Any]) -> Path:
+    """One atomic directory: backbone HF checkpoint + tokenizer + score_head.safetensors + reward_model.json."""
+    from r1moe.model import save_pretrained
+
+    head = {k: v.detach().float().cpu().contiguous() for k, v in rm.score_head.state_dict().items()}
+    extra = {SCORE_HEAD_FILE: save(head), META_FILE: json.dumps(meta, indent=2) + "\n"}
+    return save_pretrained(rm.backbone, path, tokenizer=tok, extra_files=extra)
+
+
+def load_reward_model(path: str | Path, device: str = "auto") -> tuple[RewardModel, Tokenizer, dict[str, Any]]:
+    """(reward model in eval mode, its tokenizer, reward_model.json). Errors name the missing file."""
+    from r1moe.data.tokenizer import load_tokenizer
+    from r1moe.model import from_pretrained
+
+    path = Path(path)
+    for name in ("config.json", SCORE_HEAD_FILE, META_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path}: not a reward model directory (no {name}; train one with `r1moe rm`)")
+    meta = json.loads((path / META_FILE).read_text())
+    dev = common.resolve_device(device)
+    rm = RewardModel(from_pretrained(path, device=str(dev)))
+    rm.score_head.load_state_dict(load_file(path / SCORE_HEAD_FILE, device=str(dev)))
+    return rm.eval(), load_tokenizer(path), meta
+
+
+class RewardModelReward:
+    """The `reward_model` reward of all-scenario RL (R1 v2 eq. 8): sigmoid(RM score) for `general` samples, 0.0 for
+    the others (reasoning prompts get rule rewards). `completion` is what GRPO scores: completion_prefix(template) +
+    generated text. `score_batch` scores many at once."""
+
+    def __init__(self, rm: RewardModel, tok: Tokenizer, meta: dict[str, Any], template: str):
+        if template != meta["template"]:
+            raise ValueError(f"reward model was trained on prompts rendered with template {meta['template']!r}, "
+                             f"but the policy uses {template!r}; train the RM with data.template={template}")
+        self.rm, self.tok, self.meta, self.template = rm, tok, meta, template
+        self.pad_id = common.special_ids(tok)[0]
+        self.prefix = completion_prefix(template) if template != "none" else ""
+
+    def score_batch(self, completions: Sequence[str], samples: Sequence[PromptSample]) -> list[float]:
+        idx = [i for i, s in enumerate(samples) if s.kind == "general"]
+        seqs = [encode_scored(self.tok, self.template, samples[i].prompt, completions[i].removeprefix(self.prefix),
+                              self.meta["scope"], self.meta["seq_len"]) for i in idx]
+        out = [0.0] * len(samples)
+        for i, s in zip(idx, torch.sigmoid(score_sequences(self.rm, seqs, self.pad_id)).tolist()):
+            out[i] = s
+        return out
+
+    def __call__(self, completion: str, sample: PromptSample) -> float:
+        return self.score_batch([completion], [sample])[0]
+
+
+def load_reward_fn(path: str | Path, template: str) -> RewardModelReward:
+    """`(completion, sample) -> float` over the reward model saved at `path` (device auto)."""
+    return RewardModelReward(*load_reward_model(path), template=template)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def encode_pairs(pairs: Sequence[PreferencePair], tok: Tokenizer, template: str, scope: Scope, seq_len: int
+                 ) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(chosen ids, rejected ids) per pair, and how many pairs were dropped because both read the same."""
+    out = []
+    for p in pairs:
+        c, r = (encode_scored(tok, template, p.prompt, reply, scope, seq_len) for reply in (p.chosen, p.rejected))
+        if c != r:
+            out.append((c, r))
+    return out, len(pairs) - len(out)
+
+
+def pair_batch(num_pairs: int, step: int, batch: int, seed: int) -> list[int]:
+    """Pair indices of `step` (1-based): a seeded shuffle per epoch, position (step - 1) * batch, so resume is exact."""
+    out = []
+    for i in range((step - 1) * batch, step * batch):
+        epoch, pos = divmod(i, num_pairs)
+        order = list(range(num_pairs))
+        random.Random(seed + epoch).shuffle(order)
+        out.append(order[pos])
+    return out
+
+
+def evaluate_pairs(rm: RewardModel, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, float]:
+    """Pairwise accuracy (chosen strictly above rejected), Bradley-Terry loss and mean margin."""
+    s = score_sequences(rm, [c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+    chosen, rejected = s[:len(pairs)], s[len(pairs):]
+    return {"accuracy": float((chosen > rejected).float().mean()),
+            "loss": float(compute_bradley_terry_loss(chosen, rejected)),
+            "margin": float((chosen - rejected).mean())}
+
+
+def _load(cfg: JobConfig, scope: Scope):
+    """Inputs checked before a run directory exists: init checkpoint, tokenizer, pairs."""
+    if cfg.data.train is None:
+        raise ValueError("data.train is required for rm (preference pairs JSONL: prompt, chosen, rejected)")
+    if cfg.model.init is None:
+        raise ValueError("model.init is required for rm: the policy/SFT checkpoint the reward model starts from "
+                         "(R1 v2 §3.1: the R1 architecture + a scalar head)")
+    if cfg.parallel.backend != "reference":
+        raise ValueError(f"parallel.backend={cfg.parallel.backend}: the rm stage runs on the reference backend only "
+                         f"(one device); a megatron reward model is not implemented")
+    if scope not in ("summary", "full"):
+        raise ValueError(f"reward model scope {scope!r}: expected 'summary' or 'full'")
+    common.init_checkpoint_dir(cfg)
+    tok = common.load_stage_tokenizer(cfg)
+    train, dropped = encode_pairs(read_pairs(cfg.data.train), tok, cfg.data.template, scope, cfg.data.seq_len)
+    if not train:
+        raise ValueError(f"data.train={cfg.data.train}: all {dropped} pairs read the same for chosen and rejected "
+                         f"under scope {scope!r}; nothing to learn")
+    held_out = ([], 0)
+    if cfg.data.eval:
+        held_out = encode_pairs(read_pairs(cfg.data.eval), tok, cfg.data.template, scope, cfg.data.seq_len)
+    return train, dropped, held_out, tok
+
+
+def run(cfg: JobConfig, resume: bool = False, scope: Scope = DEFAULT_SCOPE) -> dict:
+    train, dropped, (held_out, eval_dropped), tok = _load(cfg, scope)
+    device = common.setup_torch(cfg)
+    run_dir = common.prepare_run_dir(cfg, resume)
+    rm = RewardModel(common.build_policy(cfg, tok, device)).train()
+    B = cfg.train.batch_size
+    steps = cfg.train.steps
+    if cfg.train.epochs is not None:
+        steps = max(1, math.ceil(cfg.train.epochs * len(train) / B))
+    opt, sched = common.build_optimizer(rm, cfg.optim, steps)
+    start = 0
+    if resume and (ckpt := common.latest_checkpoint(run_dir)) is not None:
+        state = common.restore_checkpoint(ckpt, rm.backbone, opt, sched)
+        rm.score_head.load_state_dict(state.extra["score_head"])
+        start = state.step
+    pad = common.special_ids(tok)[0]
+    mb = cfg.train.micro_batch_size or B
+    logger = MetricsLogger(run_dir, project=cfg.logging.project, run_name=cfg.name, wandb_mode=cfg.logging.wandb,
+                           config=common.config_dict(cfg))
+    evals: dict[int, dict] = {}
+    last: dict[str, float] = {}
+
+    def run_eval(step: int) -> None:
+        if held_out:
+            evals[step] = evaluate_pairs(rm, held_out, pad)
+            logger.log(step, {f"eval/rm_{k}": v for k, v in evals[step].items()})
+
+    with logger, common.progress_bar("rm", steps, start) as advance:
+        logger.log(start, {"rm/pairs": len(train), "rm/pairs_dropped_identical": dropped,
+                           "eval/rm_pairs": len(held_out), "eval/rm_pairs_dropped_identical": eval_dropped})
+        if start == 0:
+            run_eval(0)
+        for step in range(start + 1, steps + 1):
+            t0 = time.perf_counter()
+            idx = pair_batch(len(train), step, B, cfg.train.seed)
+            losses, correct, margins, counts = [], [], [], None
+            for i in range(0, B, mb):
+                part = [train[j] for j in idx[i:i + mb]]
+                out = rm(*build_rm_batch([c for c, _ in part] + [r for _, r in part], pad, device))
+                chosen, rejected = out.scores_N[:len(part)], out.scores_N[len(part):]
+                loss = compute_bradley_terry_loss(chosen, rejected)
+                ((loss + out.aux_loss) * len(part) / B).backward()
+                losses.append(float(loss.detach()) * len(part) / B)
+                correct += (chosen > rejected).tolist()
+                margins += (chosen - rejected).detach().tolist()
+                if out.expert_counts is not None:
+                    counts = out.expert_counts if counts is None else counts + out.expert_counts
+            grad_norm = common.clip_and_step(rm, opt, sched, cfg.optim.grad_clip)
+            common.apply_expert_bias_update(rm.backbone, counts, cfg.train.expert_bias_rate)
+            last = {"rm/loss": sum(losses), "rm/accuracy": statistics.fmean(correct),
+                    "rm/margin": statistics.fmean(margins), "train/grad_norm": grad_norm,
+                    "train/lr": sched.get_last_lr()[0], "perf/step_s": time.perf_counter() - t0}
+            if step % cfg.train.log_every == 0 or step == steps:
+                logger.log(step, last)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
+                run_eval(step)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
+                common.save_checkpoint(run_dir, step, rm.backbone, tok, opt, sched,
+                                       {"score_head": rm.score_head.state_dict()}, cfg.checkpoint.keep)
+            advance(f"rm loss {last['rm/loss']:.3f} acc {last['rm/accuracy']:.2f}")
+        run_eval(steps)
+    meta = {"kind": "bradley_terry", "template": cfg.data.template, "scope": scope, "seq_len": cfg.data.seq_len,
+            "squash": "sigmoid", "init": cfg.model.init, "reference": "DeepSeek-R1 v2 §3.1"}
+    summary = {"stage": "rm", "steps": steps, "pairs": len(train), "pairs_dropped_identical": dropped,
+               "final_loss": last.get("rm/loss"),
+               "eval_base": evals.get(0), "eval_final": evals.get(steps)}
+    # common.finalize writes a plain HF directory; a reward model needs its head in final/ as well.
+    save_reward_model(rm, tok, run_dir / "final", meta)
+    common.write_json_atomic(run_dir / common.DONE_FILE,
+                             {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **summary})
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, resume = common.parse_stage_args(argv, "rm")
+    run(cfg, resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
