@@ -48,11 +48,11 @@ def grade(completion: str, sample: PromptSample, template: str, num_tokens: int)
 
 def evaluate(engine: RolloutEngine, tok: Tokenizer, samples: list[PromptSample], s: EvalSettings,
              show_progress: bool = True) -> dict[str, float]:
-    from r1moe.train.common import encode, progress_bar, render_prompt
+    from r1moe.train.common import encode_prompt, progress_bar
 
     if not samples:
         raise ValueError("evaluation set is empty")
-    prompts = [encode(tok, render_prompt(s.template, q.prompt)) for q in samples for _ in range(s.samples)]
+    prompts = [encode_prompt(tok, s.template, q.prompt) for q in samples for _ in range(s.samples)]
     owners = [q for q in samples for _ in range(s.samples)]
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                             stop=list(s.stop), seed=s.seed)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ StageKind = Literal["data", "pretrain", "sft", "grpo", "rm", "rejection", "eval"
 
 @dataclass
 class DataSpec:
-    what: Literal["prompts", "corpus", "cold_start", "general", "pairs"] = "prompts"
+    what: Literal["prompts", "corpus", "cold_start", "general", "general_sft", "pairs"] = "prompts"
     task: str = "arithmetic"
     n: int = 100
     seed: int = 0
@@ -48,6 +49,10 @@ class DataSpec:
     slip_rate: float = 0.3
     untagged_rate: float = 0.1
     template_rate: float = 0.3
+    general_fraction: float = 0.0
+    """prompts: this fraction of the n prompts are general (non-reasoning) ones, for all-scenario RL."""
+    template: str = "chat"
+    """cold_start / general_sft / pairs: the template the responses follow."""
 
 
 @dataclass
@@ -168,18 +173,40 @@ def make_data(spec: DataSpec, out_dir: Path) -> str:
 
     path = out_dir / spec.out
     if spec.what == "prompts":
-        records = make_dataset(spec.task, spec.n, seed=spec.seed, difficulty=spec.difficulty)
+        n_general = round(spec.n * spec.general_fraction)
+        records = make_dataset(spec.task, spec.n - n_general, seed=spec.seed, difficulty=spec.difficulty)
+        if n_general:
+            records += make_general(n_general, spec.seed)
+            random.Random(spec.seed).shuffle(records)
     elif spec.what == "corpus":
         records = make_corpus(spec.task, spec.n, spec.seeds, spec.slip_rate, spec.untagged_rate, spec.difficulty,
                               spec.template_rate)
     elif spec.what == "cold_start":
-        records = make_cold_start(make_dataset(spec.task, spec.n, seed=spec.seed, difficulty=spec.difficulty))
+        records = make_cold_start(make_dataset(spec.task, spec.n, seed=spec.seed, difficulty=spec.difficulty),
+                                  template=spec.template)
     elif spec.what == "general":
         records = make_general(spec.n, spec.seed)
+    elif spec.what == "general_sft":
+        records = general_sft(make_general(spec.n, spec.seed), spec.template)
     else:
-        records = make_preference_pairs(spec.n, spec.seed)
+        records = make_preference_pairs(spec.n, spec.seed, template=spec.template)
     write_jsonl(path, records)
     return str(path)
+
+
+def general_sft(samples, template: str):
+    """Non-reasoning SFT records: no chain of thought for trivial queries (R1 v2 B.3.3), i.e. an empty think block,
+    written as the text that follows render(template, prompt)."""
+    from r1moe.data import SFTSample
+    from r1moe.templates import completion_prefix, format_completion
+
+    prefix = completion_prefix(template) if template != "none" else ""
+    out = []
+    for s in samples:
+        full = format_completion("", s.answer)
+        out.append(SFTSample(prompt=s.prompt, response=full[len(prefix):] if full.startswith(prefix) else full,
+                             id=s.id, kind="general", language=s.language, meta={"template": template}))
+    return out
 
 
 def run_eval_stage(s: StageSpec, out: Path) -> dict:

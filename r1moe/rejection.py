@@ -176,7 +176,7 @@ def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
     engine = load_engine(spec.checkpoint)
     N = spec.samples_per_prompt
     owners = [(i, j) for i in range(len(prompts)) for j in range(N)]
-    ids = [common.encode(engine.tokenizer, common.render_prompt(spec.template, prompts[i].prompt)) for i, _ in owners]
+    ids = [common.encode_prompt(engine.tokenizer, spec.template, prompts[i].prompt) for i, _ in owners]
     rejected = dict.fromkeys(FILTERS, 0)
     kept: list[SFTSample] = []
     with common.progress_bar("rejection sampling", -(-len(ids) // CHUNK)) as advance:

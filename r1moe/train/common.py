@@ -335,6 +335,12 @@ def encode(tok: Tokenizer, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False).ids
 
 
+def encode_prompt(tok: Tokenizer, template: str, prompt: str) -> list[int]:
+    """[bos] + the rendered prompt: exactly how training sequences start (pretrain/SFT prepend BOS), so rollouts,
+    evaluation and rejection sampling condition the model on what it was trained on."""
+    return [special_ids(tok)[1]] + encode(tok, render_prompt(template, prompt))
+
+
 def render_prompt(template: str, prompt: str) -> str:
     if template == "none":
         return prompt

@@ -98,7 +98,7 @@ def _load(cfg: JobConfig):
     if tok is None:
         raise ValueError("grpo needs a tokenizer: set model.init to a checkpoint with tokenizer.json")
     for s in train[:1000]:
-        n = len(common.encode(tok, common.render_prompt(cfg.data.template, s.prompt)))
+        n = len(common.encode_prompt(tok, cfg.data.template, s.prompt))
         if n > cfg.data.max_prompt_tokens:
             raise ValueError(f"{cfg.data.train}: prompt {s.id or s.prompt[:40]!r} is {n} tokens > "
                              f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
@@ -110,11 +110,12 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
     from r1moe.templates import completion_prefix
 
     train, held_out, tok = _load(cfg)
-    extra_rewards = {}
-    if cfg.rewards.reward_model:
+    extra_rewards, weights = {}, dict(cfg.rewards.weights)
+    if cfg.rewards.reward_model:  # general prompts: R = R_rule + (R_RM + R_format) + R_language (v2 eq. 8-10)
         from .rm import load_reward_fn
 
         extra_rewards["reward_model"] = load_reward_fn(cfg.rewards.reward_model, cfg.data.template)
+        weights["reward_model"] = cfg.rewards.reward_model_weight
     device = common.setup_torch(cfg)
     run_dir = common.prepare_run_dir(cfg, resume)
     policy = common.build_policy(cfg, tok, device).train()
@@ -156,11 +157,11 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
             t0 = time.perf_counter()
             questions = sampler.batch(step, Q)
             owners = [q for q in questions for _ in range(G)]
-            prompts = [common.encode(tok, common.render_prompt(cfg.data.template, q.prompt)) for q in owners]
+            prompts = [common.encode_prompt(tok, cfg.data.template, q.prompt) for q in owners]
             params.seed = cfg.train.seed * 1_000_003 + step
             gens = engine.generate(prompts, params)
             t_rollout = time.perf_counter() - t0
-            rewards = compute_rewards([prefix + g.text for g in gens], owners, cfg.rewards.weights, extra=extra_rewards)
+            rewards = compute_rewards([prefix + g.text for g in gens], owners, weights, extra=extra_rewards)
             r_N = torch.tensor(rewards.total, dtype=torch.float32)
             adv_N = compute_advantages(r_N, G, scale=a.adv_scale)
             keep = filter_groups(r_N, G) if a.dynamic_sampling else torch.ones_like(r_N, dtype=torch.bool)
