@@ -58,19 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    try:
-        if cmd == "model" and rest[:1] == ["info"]:
-            return model_info(rest[1:])
-        if cmd == "data" and rest[:1] == ["make"]:
-            from r1moe.data.make import data_make_main
+    if cmd == "model" and rest[:1] == ["info"]:
+        from r1moe.train.common import run_cli
 
-            return data_make_main(rest[1:])
-        if cmd in STAGES:
-            return importlib.import_module(STAGES[cmd]).main(rest)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"r1moe {cmd}: error: {msg}", file=sys.stderr)
-        return 2
+        return run_cli("r1moe model info", lambda: model_info(rest[1:]))
+    if cmd == "data" and rest[:1] == ["make"]:
+        from r1moe.data.make import data_make_main
+
+        return data_make_main(rest[1:])
+    if cmd in STAGES:
+        return importlib.import_module(STAGES[cmd]).main(rest)
     print(f"r1moe: unknown command {' '.join(argv[:2])!r}\n{_usage()}", file=sys.stderr)
     return 2
 

@@ -107,6 +107,12 @@ def write_json_atomic(path: str | Path, obj) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from r1moe.train.common import run_cli
+
+    return run_cli("r1moe eval", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="r1moe eval", description="pass@1 / pass@k / cons@K of a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="HF checkpoint directory (with tokenizer.json)")
     p.add_argument("--data", required=True, help="prompts JSONL (prompt, answer, ...)")

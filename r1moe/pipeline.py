@@ -72,11 +72,13 @@ class RejectionSpec:
     reasoning_ratio: float = 0.75
     """Fraction of reasoning records in the mix (paper: ~600k : ~200k = 0.75)."""
     max_tokens: int = 0
-    """Overlong filter: drop responses longer than this (0 = max_new_tokens - 1, i.e. truncated ones)."""
+    """Overlong filter: drop responses longer than this many tokens; 0 = only those cut off at max_new_tokens."""
     max_repeat: int = 3
     """Repetition filter: drop responses with a line repeated more than this many times."""
     language: str = "en"
     min_language_consistency: float = 0.99
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    seed: int = 0
 
 
 @dataclass
@@ -249,6 +251,12 @@ def run_pipeline(p: PipelineConfig, force: set[str] = frozenset()) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from r1moe.train.common import run_cli
+
+    return run_cli("r1moe pipeline", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="r1moe pipeline", description="Run a pipeline recipe, resuming where it stopped.")
     ap.add_argument("recipe")
     ap.add_argument("--force", action="append", default=[], help="re-run this stage even if complete (repeatable)")

@@ -40,11 +40,8 @@ from r1moe.templates import REASONING_TAGS, TEMPLATES, completion_prefix
 from r1moe.train import common
 
 FILTERS = ("incorrect", "malformed", "language_mixing", "overlong", "repetition")
-STOP = ["</answer>"]
-"""Generation stops after the answer, as in GRPO and evaluation (their default `stop`)."""
 CHUNK = 64
 """Sequences per engine call (bounds memory; one progress tick each)."""
-SEED = 0
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _HAS_WORD = re.compile(r"\w")
@@ -101,7 +98,7 @@ def deduplicate(records: list[SFTSample]) -> tuple[list[SFTSample], int]:
     return out, len(records) - len(out)
 
 
-def mix_records(reasoning: list[SFTSample], general: list[SFTSample], reasoning_ratio: float, seed: int = SEED
+def mix_records(reasoning: list[SFTSample], general: list[SFTSample], reasoning_ratio: float, seed: int = 0
                 ) -> tuple[list[SFTSample], dict[str, float]]:
     """All reasoning records + a seeded sample of general ones so that reasoning / total = `reasoning_ratio` (or as
     many general records as exist), shuffled. Returns (records, counts with the achieved ratio)."""
@@ -182,7 +179,7 @@ def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
     with common.progress_bar("rejection sampling", -(-len(ids) // CHUNK)) as advance:
         for c, start in enumerate(range(0, len(ids), CHUNK)):
             params = SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
-                                    stop=list(STOP), seed=SEED + c)
+                                    stop=list(spec.stop), seed=spec.seed + c)
             gens = engine.generate(ids[start:start + CHUNK], params)
             for (i, j), g in zip(owners[start:start + CHUNK], gens):
                 s = prompts[i]
@@ -204,7 +201,7 @@ def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
                          f"({len(ids)} samples; rejected {rejected})")
     reasoning, duplicates = deduplicate(kept)
     general, general_duplicates = deduplicate(general)
-    mixed, mix = mix_records(reasoning, general, spec.reasoning_ratio)
+    mixed, mix = mix_records(reasoning, general, spec.reasoning_ratio, seed=spec.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = {"checkpoint": spec.checkpoint, "prompts": len(prompts), "general_prompts_skipped": skipped,

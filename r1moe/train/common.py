@@ -313,6 +313,32 @@ def finalize(run_dir: Path, model: CausalLM, tok: Tokenizer, summary: dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------- entry points
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+
+
+def run_cli(prog: str, fn: Callable[[], int]) -> int:
+    """Run an entry point: bad input (recipe, data, checkpoint) prints one line naming it and returns 2."""
+    import sys
+
+    try:
+        return fn()
+    except INPUT_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def stage_main(stage: str, run: Callable[[JobConfig, bool], Any], argv: list[str] | None) -> int:
+    """`main` of a stage module: parse RECIPE + overrides, run, map input errors to exit status 2."""
+
+    def go() -> int:
+        cfg, resume = parse_stage_args(argv, stage)
+        run(cfg, resume)
+        return 0
+
+    return run_cli(f"r1moe {stage}", go)
+
+
 def parse_stage_args(argv: list[str] | None, stage: str) -> tuple[JobConfig, bool]:
     """`r1moe STAGE RECIPE [key=value ...] [--resume]` -> (config, resume)."""
     import argparse

@@ -79,9 +79,7 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, resume = common.parse_stage_args(argv, "pretrain")
-    run(cfg, resume)
-    return 0
+    return common.stage_main("pretrain", run, argv)
 
 
 if __name__ == "__main__":

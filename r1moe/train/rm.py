@@ -319,9 +319,7 @@ def run(cfg: JobConfig, resume: bool = False, scope: Scope = DEFAULT_SCOPE) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, resume = common.parse_stage_args(argv, "rm")
-    run(cfg, resume)
-    return 0
+    return common.stage_main("rm", run, argv)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,7 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, resume = common.parse_stage_args(argv, "sft")
-    run(cfg, resume)
-    return 0
+    return common.stage_main("sft", run, argv)
 
 
 if __name__ == "__main__":
