@@ -92,10 +92,19 @@ def run_layout(name: str, ckpt_save: str | None, ckpt_load: str | None) -> dict:
     if ckpt_save:
         save_dist_checkpoint(models, opt, ckpt_save, step=1)
     if ckpt_load:
+        # "dir" loads model + optimizer; "dir@model" the model only (megatron's ChainedOptimizer has one
+        # optimizer when ep == 1 and two (dense, expert) when ep > 1, so optimizer state moves only between
+        # layouts of the same kind; model weights re-shard freely)
+        path, _, what = ckpt_load.partition("@")
         fresh = build_mcore_model(CFG, pcfg, MegatronOptions())
-        fresh_opt = build_optimizer(fresh, lr=1e-3)
-        load_dist_checkpoint(fresh, fresh_opt, ckpt_load)
+        fresh_opt = None if what == "model" else build_optimizer(fresh, lr=1e-3)
+        load_dist_checkpoint(fresh, fresh_opt, path)
         rec["loaded_loss"] = loss_of(fresh)
+        rec["loaded_optimizer"] = fresh_opt is not None
+        if fresh_opt is not None:  # the restored optimizer steps like the saved one would
+            r2 = train_step(fresh, fresh_opt, mbs, lambda lg, mb: (sft(lg, mb), {}), CFG.vocab_size)
+            rec["loaded_step_loss"] = r2.metrics["loss"]
+            rec["loaded_loss_after_step"] = loss_of(fresh)
         del fresh, fresh_opt
     rec["seconds"] = round(time.time() - t0, 1)
     del models, opt
@@ -109,10 +118,11 @@ def main() -> None:
     ap.add_argument("--layouts", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--save-ckpt", default=None, help="layout:dir, save after that layout's step")
-    ap.add_argument("--load-ckpt", default=None, help="layout:dir, load into that layout and score")
+    ap.add_argument("--load-ckpt", default=None,
+                    help="layout:dir[@model],..., load into that layout (model only with @model) and score")
     args = ap.parse_args()
     save = dict([args.save_ckpt.split(":", 1)]) if args.save_ckpt else {}
-    load = dict([args.load_ckpt.split(":", 1)]) if args.load_ckpt else {}
+    load = dict(x.split(":", 1) for x in args.load_ckpt.split(",")) if args.load_ckpt else {}
     records = []
     for name in args.layouts.split(","):
         failed = None
