@@ -38,8 +38,11 @@ class ParallelSection:
     tp: int = 1
     pp: int = 1
     ep: int = 1
-    etp: int = 1
+    etp: int | None = None
+    """Expert tensor parallel size; None = tp."""
     cp: int = 1
+    pp_layers: list[int] | None = None
+    """Explicit decoder layers per pipeline stage (e.g. DeepSeek-V3's 61 layers over pp=4: [16, 16, 16, 13])."""
     fp8: Literal["delayed", "tensorwise", "blockwise"] | None = None
     recompute: Literal["full", "selective"] | None = None
 
