@@ -20,6 +20,8 @@ from r1moe.data.tasks import iter_dataset
 from r1moe.templates import format_completion
 
 NUMERIC = re.compile(r"^-?\d+$")
+FACT = re.compile(r"(?<![\d.])(\d+) ([-+*/]) (\d+) = (-?\d+)")
+"""One arithmetic step of a worked solution, e.g. "12 * 3 = 36"."""
 
 
 def _slip(solution: str, answer: str, rng: random.Random) -> tuple[str, str]:
@@ -44,23 +46,38 @@ def problem_pool(task: str, seeds: list[int], difficulty: int = 1, limit: int = 
     return pool
 
 
+def step_facts(samples) -> list[str]:
+    """The distinct arithmetic steps ("a op b = c") of the problems' correct worked solutions."""
+    return sorted({m.group(0) for s in samples for m in FACT.finditer(worked_solution(s))})
+
+
 def make_corpus(task: str, n: int, seeds: list[int], slip_rate: float = 0.3, untagged_rate: float = 0.1,
-                difficulty: int = 1, template_rate: float = 0.3) -> list[dict[str, str]]:
+                difficulty: int = 1, template_rate: float = 0.3, drill_rate: float = 0.0,
+                facts_per_drill: int = 8) -> list[dict[str, str]]:
     """`n` records over the problems of the splits `seeds` (use splits disjoint from the RL and eval seeds).
     Problems repeat when n exceeds the pool, each time with fresh noise, as web text would.
 
     A fraction `template_rate` are {"prompt", "response"} records (the trainer renders the prompt with the R1-Zero
     template); the rest are short dialogues {"text": "User: {prompt}. Assistant:{response}"} — the template's
-    own closing shape without its preamble, so most of the compute goes to the problems, not the boilerplate."""
-    for name, rate in (("slip_rate", slip_rate), ("untagged_rate", untagged_rate), ("template_rate", template_rate)):
+    own closing shape without its preamble, so most of the compute goes to the problems, not the boilerplate.
+
+    A fraction `drill_rate` are drills: `facts_per_drill` correct arithmetic steps, one per line, drawn from the
+    steps of the pool's worked solutions (the arithmetic tables of web text). They teach the facts the solutions
+    use at a fraction of a solution's length; slips occur only in solutions."""
+    for name, rate in (("slip_rate", slip_rate), ("untagged_rate", untagged_rate), ("template_rate", template_rate),
+                       ("drill_rate", drill_rate)):
         if not 0 <= rate <= 1:
             raise ValueError(f"{name}={rate} must be in [0, 1]")
     pool = problem_pool(task, seeds, difficulty, limit=min(n, 1500))
     if not pool:
         raise ValueError(f"task {task!r}: splits {seeds} hold no problems")
     rng = random.Random(f"corpus-{task}-{seeds}")
+    facts = step_facts(pool) if drill_rate > 0 else []
     out = []
     for i in range(n):
+        if facts and rng.random() < drill_rate:
+            out.append({"text": "\n".join(rng.choice(facts) for _ in range(facts_per_drill))})
+            continue
         if i % len(pool) == 0:
             rng.shuffle(pool)
         s = pool[i % len(pool)]

@@ -1,0 +1,52 @@
+"""The tiny pretraining corpus: slips only in solutions, drills made of correct steps, splits kept apart."""
+
+import re
+
+import pytest
+
+from r1moe.data import make_dataset
+from r1moe.data.corpus import FACT, make_corpus, step_facts
+
+
+def _fact_true(line: str) -> bool:
+    a, op, b, c = FACT.fullmatch(line).groups()
+    return eval(f"{a} {op} {b}") == int(c)  # noqa: S307 - digits and one operator, matched by FACT
+
+
+def test_slip_rate_controls_wrong_final_answers():
+    clean = make_corpus("arithmetic", 300, seeds=[2], slip_rate=0.0, untagged_rate=0.0, template_rate=1.0)
+    noisy = make_corpus("arithmetic", 300, seeds=[2], slip_rate=0.5, untagged_rate=0.0, template_rate=1.0)
+
+    def wrong_fraction(records):
+        wrong = 0
+        for r in records:
+            answer = re.search(r"<answer>(.*?)</answer>", r["response"]).group(1)
+            expr = r["prompt"].removeprefix("Compute ")
+            wrong += eval(expr) != int(answer)  # noqa: S307 - generated arithmetic only
+        return wrong / len(records)
+
+    assert wrong_fraction(clean) == 0
+    assert 0.4 < wrong_fraction(noisy) < 0.6
+
+
+def test_drills_are_correct_steps_of_the_pool():
+    records = make_corpus("arithmetic", 400, seeds=[2], slip_rate=0.5, drill_rate=0.5)
+    drills = [r["text"] for r in records if "text" in r and "Assistant" not in r["text"]]
+    assert 150 < len(drills) < 250
+    lines = [line for d in drills for line in d.splitlines()]
+    assert lines and all(_fact_true(line) for line in lines)
+
+
+def test_corpus_never_contains_held_out_problems():
+    held_out = {s.prompt for s in make_dataset("arithmetic", 200, seed=1)}
+    records = make_corpus("arithmetic", 2000, seeds=[2, 3])
+    prompts = {r.get("prompt") or r["text"].split("User: ")[-1].split(". Assistant:")[0]
+               for r in records if "Assistant" in r.get("text", "Assistant")}
+    assert not prompts & held_out
+
+
+def test_step_facts_and_rate_validation():
+    facts = step_facts(make_dataset("arithmetic", 50, seed=2))
+    assert facts and all(_fact_true(f) for f in facts)
+    with pytest.raises(ValueError, match="drill_rate"):
+        make_corpus("arithmetic", 10, seeds=[2], drill_rate=1.5)
