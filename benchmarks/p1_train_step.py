@@ -65,7 +65,7 @@ def device_info() -> dict:
     try:
         info["nvidia_smi"] = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+            capture_output=True, text=True, timeout=20, check=False).stdout.strip().splitlines()
     except Exception as e:  # noqa: BLE001
         info["nvidia_smi"] = f"unavailable: {e}"
     import megatron.core

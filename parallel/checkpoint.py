@@ -13,7 +13,6 @@ import torch
 
 from .model import unwrap
 
-
 # 'fully_reshardable': optimizer state in canonical per-parameter form, so a checkpoint loads under another
 # TP/PP/EP/DP layout. megatron-core 0.19's default ('fully_sharded_model_space') is deprecated and its
 # flattened ShardedTensors are rejected at save ("ShardedTensor.flattened_range is not supported").

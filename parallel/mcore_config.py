@@ -63,13 +63,13 @@ def _rope_kwargs_mla(cfg: ModelConfig) -> dict[str, Any]:
         raise ValueError(f"rope_scaling type {kind!r}: megatron MLA supports only YaRN or none")
     if kind == "yarn":
         factor = rs.get("factor") or cfg.max_position_embeddings / rs["original_max_position_embeddings"]
-        return dict(rope_type="yarn", rotary_base=cfg.rope_theta, rotary_scaling_factor=float(factor),
-                    original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
-                    beta_fast=float(rs.get("beta_fast") or 32), beta_slow=float(rs.get("beta_slow") or 1),
-                    mscale=float(rs.get("mscale") or 1.0), mscale_all_dim=float(rs.get("mscale_all_dim") or 0.0))
-    return dict(rope_type="yarn", rotary_base=cfg.rope_theta, rotary_scaling_factor=1.0,
-                original_max_position_embeddings=cfg.max_position_embeddings, beta_fast=32.0, beta_slow=1.0,
-                mscale=1.0, mscale_all_dim=0.0)
+        return {"rope_type": "yarn", "rotary_base": cfg.rope_theta, "rotary_scaling_factor": float(factor),
+                    "original_max_position_embeddings": int(rs["original_max_position_embeddings"]),
+                    "beta_fast": float(rs.get("beta_fast") or 32), "beta_slow": float(rs.get("beta_slow") or 1),
+                    "mscale": float(rs.get("mscale") or 1.0), "mscale_all_dim": float(rs.get("mscale_all_dim") or 0.0)}
+    return {"rope_type": "yarn", "rotary_base": cfg.rope_theta, "rotary_scaling_factor": 1.0,
+                "original_max_position_embeddings": cfg.max_position_embeddings, "beta_fast": 32.0, "beta_slow": 1.0,
+                "mscale": 1.0, "mscale_all_dim": 0.0}
 
 
 def _router_groups(cfg: ModelConfig) -> tuple[int | None, int | None]:
@@ -110,22 +110,22 @@ def transformer_config_kwargs(cfg: ModelConfig, pcfg: ParallelConfig, opts: Mega
     """("MLATransformerConfig" | "TransformerConfig", kwargs). Pure: no megatron import."""
     check_supported(cfg)
     L = cfg.num_hidden_layers
-    kw: dict[str, Any] = dict(
+    kw: dict[str, Any] = {
         # parallel layout
-        tensor_model_parallel_size=pcfg.tp, pipeline_model_parallel_size=pcfg.pp,
-        expert_model_parallel_size=pcfg.ep, expert_tensor_parallel_size=pcfg.expert_tp,
-        context_parallel_size=pcfg.cp, sequence_parallel=pcfg.sequence_parallel,
-        pipeline_dtype=dtype, params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        "tensor_model_parallel_size": pcfg.tp, "pipeline_model_parallel_size": pcfg.pp,
+        "expert_model_parallel_size": pcfg.ep, "expert_tensor_parallel_size": pcfg.expert_tp,
+        "context_parallel_size": pcfg.cp, "sequence_parallel": pcfg.sequence_parallel,
+        "pipeline_dtype": dtype, "params_dtype": dtype, "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16,
         # architecture
-        num_layers=L, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-        ffn_hidden_size=cfg.intermediate_size, normalization="RMSNorm", layernorm_epsilon=cfg.rms_norm_eps,
-        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
-        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=cfg.initializer_range,
-        rotary_interleaved=False, apply_rope_fusion=opts.fused_rope,
+        "num_layers": L, "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
+        "ffn_hidden_size": cfg.intermediate_size, "normalization": "RMSNorm", "layernorm_epsilon": cfg.rms_norm_eps,
+        "gated_linear_unit": True, "activation_func": torch.nn.functional.silu, "add_bias_linear": False,
+        "hidden_dropout": 0.0, "attention_dropout": 0.0, "init_method_std": cfg.initializer_range,
+        "rotary_interleaved": False, "apply_rope_fusion": opts.fused_rope,
         # fusions (same numerics, fewer kernels)
-        bias_activation_fusion=True, masked_softmax_fusion=True, bias_dropout_fusion=True, persist_layer_norm=True,
-        gradient_accumulation_fusion=opts.grad_accum_fusion,
-    )
+        "bias_activation_fusion": True, "masked_softmax_fusion": True, "bias_dropout_fusion": True, "persist_layer_norm": True,
+        "gradient_accumulation_fusion": opts.grad_accum_fusion,
+    }
     if pcfg.pp_layers is not None:
         # megatron's layout list: one inner list per stage, 'embedding' first, 'loss' (and MTP) last
         stages = [["decoder"] * n for n in pcfg.pp_layers]
@@ -184,12 +184,12 @@ def transformer_config_kwargs(cfg: ModelConfig, pcfg: ParallelConfig, opts: Mega
 
 def gpt_model_kwargs(cfg: ModelConfig, pcfg: ParallelConfig) -> dict[str, Any]:
     """GPTModel constructor kwargs other than config/spec/pre_process/post_process. Pure."""
-    kw: dict[str, Any] = dict(
-        vocab_size=padded_vocab_size(cfg, pcfg.tp), max_sequence_length=cfg.max_position_embeddings,
-        parallel_output=True, share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-        position_embedding_type="rope",  # GPTModel skips its own RoPE for MLA (RoPE lives inside MLA)
-        rotary_percent=1.0, rotary_base=cfg.rope_theta,
-    )
+    kw: dict[str, Any] = {
+        "vocab_size": padded_vocab_size(cfg, pcfg.tp), "max_sequence_length": cfg.max_position_embeddings,
+        "parallel_output": True, "share_embeddings_and_output_weights": cfg.tie_word_embeddings,
+        "position_embedding_type": "rope",  # GPTModel skips its own RoPE for MLA (RoPE lives inside MLA)
+        "rotary_percent": 1.0, "rotary_base": cfg.rope_theta,
+    }
     if not cfg.is_moe:
         rs = cfg.rope_scaling or {}
         kind = rs.get("rope_type", rs.get("type", "default"))

@@ -71,8 +71,8 @@ def rank_coords() -> dict[str, int]:
     """This rank's (pp, tp, ep, etp) coordinates: what selects its shard in parallel/mapping.py."""
     from megatron.core import parallel_state as ps
 
-    return dict(pp_rank=ps.get_pipeline_model_parallel_rank(), tp_rank=ps.get_tensor_model_parallel_rank(),
-                ep_rank=ps.get_expert_model_parallel_rank(), etp_rank=ps.get_expert_tensor_parallel_rank())
+    return {"pp_rank": ps.get_pipeline_model_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
+                "ep_rank": ps.get_expert_model_parallel_rank(), "etp_rank": ps.get_expert_tensor_parallel_rank()}
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -69,7 +69,7 @@ def hf_weights(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.bfloa
     out = {}
     for name, t in model.state_dict().items():
         t = t.clone()
-        if name.endswith("norm.weight") or "layernorm" in name or name.endswith(("enorm.weight", "hnorm.weight")):
+        if name.endswith(("norm.weight", "enorm.weight", "hnorm.weight")) or "layernorm" in name:
             t = 1.0 + 0.2 * torch.randn(t.shape, generator=g)
         elif name.endswith(".bias"):
             t = 0.1 * torch.randn(t.shape, generator=g)

@@ -24,9 +24,9 @@ import torch
 from _gpu_common import PARITY_CONFIGS, Batch, hf_weights, lm_batches
 
 LAYOUTS = {
-    "tp1": dict(), "tp2": dict(tp=2), "ep2": dict(ep=2), "pp2": dict(pp=2), "tp2ep2": dict(tp=2, ep=2, etp=1),
-    "tp2pp2": dict(tp=2, pp=2), "ep4": dict(ep=4), "tp2ep2pp2": dict(tp=2, ep=2, etp=1, pp=2),
-    "tp4ep4": dict(tp=4, ep=4, etp=1),
+    "tp1": {}, "tp2": {"tp": 2}, "ep2": {"ep": 2}, "pp2": {"pp": 2}, "tp2ep2": {"tp": 2, "ep": 2, "etp": 1},
+    "tp2pp2": {"tp": 2, "pp": 2}, "ep4": {"ep": 4}, "tp2ep2pp2": {"tp": 2, "ep": 2, "etp": 1, "pp": 2},
+    "tp4ep4": {"tp": 4, "ep": 4, "etp": 1},
 }
 CFG = PARITY_CONFIGS["moe-grouped"]
 
@@ -85,8 +85,8 @@ def run_layout(name: str, ckpt_save: str | None, ckpt_load: str | None) -> dict:
     mismatches = 0
     for bucket in export_hf_weights(models, CFG, pcfg, bucket_bytes=1 << 20):
         mismatches += sum(not torch.equal(t.cpu(), hf[n]) for n, t in bucket)
-    rec = dict(layout=name, world=dist.get_world_size(), dp=dp, export_mismatches_vs_hf=mismatches,
-               loss_before=loss_of(models))
+    rec = {"layout": name, "world": dist.get_world_size(), "dp": dp, "export_mismatches_vs_hf": mismatches,
+               "loss_before": loss_of(models)}
     r = train_step(models, opt, mbs, lambda lg, mb: (sft(lg, mb), {}), CFG.vocab_size)
     rec.update(step_loss=r.metrics["loss"], grad_norm=r.grad_norm, loss_after=loss_of(models))
     if ckpt_save:
@@ -128,11 +128,11 @@ def main() -> None:
         failed = None
         try:
             records.append(run_layout(name, save.get(name), load.get(name)))
-        except Exception as e:  # record it; with one process keep going, with several the group is unusable
+        except Exception as e:  # noqa: BLE001 -- record it; with one process keep going, with several the group is unusable
             import traceback
 
             failed = e
-            records.append(dict(layout=name, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:]))
+            records.append({"layout": name, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]})
         if int(os.environ.get("RANK", "0")) == 0:
             with open(args.out, "w") as f:
                 json.dump(records, f, indent=1)

@@ -83,9 +83,9 @@ def test_logits_parity_and_export_round_trip(mp, name):
     exported, n_buckets = _export_dict([model], cfg, pcfg)
     mismatched = [n for n, t in hf.items() if n not in exported or not torch.equal(exported[n].cpu(), t)]
     extra = sorted(set(exported) - set(hf))
-    record("gpu_parity", {name: dict(rel_l2_megatron_vs_fp32=err_mc, rel_l2_reference_bf16_vs_fp32=err_ref,
-                                     tolerance=tol, export_tensors=len(exported), export_buckets=n_buckets,
-                                     export_mismatches=len(mismatched), seconds=round(time.time() - t0, 2))})
+    record("gpu_parity", {name: {"rel_l2_megatron_vs_fp32": err_mc, "rel_l2_reference_bf16_vs_fp32": err_ref,
+                                     "tolerance": tol, "export_tensors": len(exported), "export_buckets": n_buckets,
+                                     "export_mismatches": len(mismatched), "seconds": round(time.time() - t0, 2)}})
     assert not mismatched and not extra, (mismatched[:5], extra[:5])
     assert n_buckets > 1
     assert err_mc <= tol, f"{name}: megatron rel err {err_mc:.4f} vs reference bf16 {err_ref:.4f}"
@@ -148,7 +148,7 @@ def test_sft_step_matches_shared_loss_and_learns(mp):
     batches = lm_batches(cfg.vocab_size, num=2, batch=2, seq=64, seed=4)
     den = sum(int(b.mask.sum()) for b in batches)
     hf = hf_weights(cfg, seed=4)
-    models, opt, losses = _train(cfg, MegatronOptions(), 1, 1e-3, batches, hf)
+    _models, _opt, losses = _train(cfg, MegatronOptions(), 1, 1e-3, batches, hf)
     from r1moe.parallel import ParallelConfig, build_mcore_model
 
     (fresh,) = build_mcore_model(cfg, ParallelConfig(), MegatronOptions(), wrap_ddp=False, hf_weights=hf.__getitem__)
