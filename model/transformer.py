@@ -186,7 +186,9 @@ class CausalLM(nn.Module):
         out = ModelOutput(logits=self.lm_head(hidden), hidden=hidden, aux_loss=aux,
                           expert_counts=torch.stack(counts) if counts else None)
         if compute_mtp and cfg.num_nextn_predict_layers:
-            out.mtp_logits = self._mtp_forward(x, input_ids, cos, sin, mask, causal_no_mask, valid_BT)
+            # MTP depth 1 reads the main model's final *normed* hidden state, as megatron-core's MTP block and
+            # SGLang's DeepSeek NextN draft model do (both serve the released MTP weights).
+            out.mtp_logits = self._mtp_forward(hidden, input_ids, cos, sin, mask, causal_no_mask, valid_BT)
         return out
 
     def _mtp_forward(self, h, input_ids, cos, sin, mask, causal_no_mask, valid_BT) -> list[torch.Tensor]:
