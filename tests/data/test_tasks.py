@@ -130,7 +130,7 @@ def test_exhausted_split_raises():
 
 
 def test_unknown_task_and_bad_difficulty():
-    with pytest.raises(ValueError, match="arithmetic, countdown, linear"):
+    with pytest.raises(ValueError, match="arithmetic, countdown, digits, linear"):
         make_dataset("sudoku", 10, seed=0)
     with pytest.raises(ValueError, match="difficulty"):
         make_dataset("arithmetic", 10, seed=0, difficulty=0)
