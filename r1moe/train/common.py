@@ -69,6 +69,8 @@ def prepare_run_dir(cfg: JobConfig, resume: bool) -> Path:
     if is_complete(run_dir):
         raise FileExistsError(f"{run_dir} already holds a complete {cfg.stage} run ({DONE_FILE}); "
                               f"choose another logging.run_dir or delete it")
+    if not is_main_process():  # the other ranks of a torchrun job use what rank 0 prepares
+        return run_dir
     if run_dir.exists() and not resume:
         for stale in ("checkpoints", "final", "metrics.jsonl", "wandb"):
             p = run_dir / stale
@@ -79,6 +81,11 @@ def prepare_run_dir(cfg: JobConfig, resume: bool) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     return run_dir
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job (RANK is set before torch.distributed starts), or a plain process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def setup_torch(cfg: JobConfig) -> torch.device:
@@ -158,13 +165,7 @@ def build_policy(cfg: JobConfig, tok: Tokenizer, device: torch.device) -> Causal
     init = init_checkpoint_dir(cfg)
     if init is not None:
         model = from_pretrained(init, dtype=dtype, device=str(device))
-        for key, value in cfg.model.overrides.items():
-            if key == "aux_loss_alpha":
-                model.cfg.aux_loss_alpha = value
-                continue
-            if getattr(model.cfg, key, None) != value:
-                raise ValueError(f"model.overrides.{key}={value!r} disagrees with {init}/config.json "
-                                 f"({key}={getattr(model.cfg, key, None)!r})")
+        apply_init_overrides(model.cfg, cfg.model.overrides, init)
     else:
         mcfg = get_preset(cfg.model.preset)
         try:
@@ -175,6 +176,18 @@ def build_policy(cfg: JobConfig, tok: Tokenizer, device: torch.device) -> Causal
     check_tokenizer_fits(tok, model.cfg, f"model {init or cfg.model.preset}")
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     return model
+
+
+def apply_init_overrides(mcfg: ModelConfig, overrides: dict[str, Any], init: Path) -> None:
+    """model.overrides on top of a checkpoint's config: aux_loss_alpha (a training knob) is applied, any other
+    key must agree with config.json."""
+    for key, value in overrides.items():
+        if key == "aux_loss_alpha":
+            mcfg.aux_loss_alpha = value
+            continue
+        if getattr(mcfg, key, None) != value:
+            raise ValueError(f"model.overrides.{key}={value!r} disagrees with {init}/config.json "
+                             f"({key}={getattr(mcfg, key, None)!r})")
 
 
 def apply_expert_bias_update(model: CausalLM, counts_LE: torch.Tensor | None, rate: float) -> None:
@@ -201,6 +214,12 @@ def build_optimizer(model: torch.nn.Module, optim: OptimSection, total_steps: in
         (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(optim, total_steps))
+
+
+def lr_factor(optim: OptimSection, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier of optimizer update `step` (0-based): linear warmup, then constant / cosine / linear decay to
+    min_lr_ratio. Both backends use it (LambdaLR here, set_learning_rate on the megatron optimizer)."""
 
     def factor(step: int) -> float:
         if optim.warmup_steps and step < optim.warmup_steps:
@@ -212,7 +231,7 @@ def build_optimizer(model: torch.nn.Module, optim: OptimSection, total_steps: in
         shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1 - progress
         return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * shape
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return factor
 
 
 def clip_and_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, grad_clip: float) -> float:

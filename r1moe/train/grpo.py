@@ -5,6 +5,9 @@
     r1moe grpo recipes/tiny/r1_zero/grpo.yaml [key=value ...] [--resume]
     python -m r1moe.train.grpo recipes/tiny/r1_zero/grpo.yaml
 
+With `parallel.backend: megatron` (torchrun or one GPU) the update runs on r1moe.parallel via
+train/megatron_backend.py; rollouts still use the builtin engine, fed the trained weights after every step.
+
 Legend: Q questions per step, G group size, N = Q*G sequences, T padded sequence length.
 """
 
@@ -116,14 +119,27 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
 
         extra_rewards["reward_model"] = load_reward_fn(cfg.rewards.reward_model, cfg.data.template)
         weights["reward_model"] = cfg.rewards.reward_model_weight
+    a, ro = cfg.algo, cfg.rollout
+    megatron = cfg.parallel.backend == "megatron"
+    if megatron:
+        from .megatron_backend import MegatronPolicy, check_megatron_backend
+
+        check_megatron_backend(cfg)  # before the run directory exists
     device = common.setup_torch(cfg)
     run_dir = common.prepare_run_dir(cfg, resume)
+    # megatron: the trained policy, pi_ref and the optimizer live in r1moe.parallel; `policy` only rolls out
+    mp = MegatronPolicy(cfg, tok, cfg.train.steps * a.num_minibatches, mtp_weight=0.0, with_ref=a.beta > 0,
+                        bias_rate=cfg.train.expert_bias_rate if a.update_expert_bias else 0.0,
+                        aux_loss=False) if megatron else None
     policy = common.build_policy(cfg, tok, device).train()
-    ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.algo.beta > 0 else None
-    a, ro = cfg.algo, cfg.rollout
-    opt, sched = common.build_optimizer(policy, cfg.optim, cfg.train.steps * a.num_minibatches)
+    if mp is not None:
+        policy.eval().requires_grad_(False)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.algo.beta > 0 and mp is None else None
+    opt, sched = (None, None) if mp is not None else common.build_optimizer(policy, cfg.optim, cfg.train.steps * a.num_minibatches)
     start = 0
-    if resume and (ckpt := common.latest_checkpoint(run_dir)) is not None:
+    if mp is not None:
+        start = mp.restore(run_dir) if resume else 0
+    elif resume and (ckpt := common.latest_checkpoint(run_dir)) is not None:
         state = common.restore_checkpoint(ckpt, policy, opt, sched)
         start = state.step
         if ref is not None and "ref" in state.extra:
@@ -131,6 +147,8 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
     pad, _, eos = common.special_ids(tok)
     engine = BuiltinEngine(policy, tok, eos_ids=sorted({eos, *policy.cfg.eos_ids}), pad_id=pad,
                            micro_batch_size=ro.micro_batch_size)
+    if mp is not None:
+        mp.export_to(engine)
     prefix = completion_prefix(cfg.data.template) if cfg.data.template != "none" else ""
     params = SamplingParams(temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                             max_new_tokens=ro.max_new_tokens, stop=list(ro.stop))
@@ -141,8 +159,9 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
     sampler = QuestionSampler(train, cfg.train.seed)
     G, Q = ro.group_size, cfg.train.batch_size
     norm_const = a.norm_const or float(ro.max_new_tokens)
-    logger = MetricsLogger(run_dir, project=cfg.logging.project, run_name=cfg.name, wandb_mode=cfg.logging.wandb,
-                           config=common.config_dict(cfg))
+    logger = (mp.build_logger(cfg, run_dir) if mp is not None else
+              MetricsLogger(run_dir, project=cfg.logging.project, run_name=cfg.name, wandb_mode=cfg.logging.wandb,
+                            config=common.config_dict(cfg)))
     evals: dict[int, dict] = {}
 
     def run_eval(step: int) -> None:
@@ -160,6 +179,8 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
             prompts = [common.encode_prompt(tok, cfg.data.template, q.prompt) for q in owners]
             params.seed = cfg.train.seed * 1_000_003 + step
             gens = engine.generate(prompts, params)
+            if mp is not None:
+                gens = mp.broadcast(gens)
             t_rollout = time.perf_counter() - t0
             rewards = compute_rewards([prefix + g.text for g in gens], owners, weights, extra=extra_rewards)
             r_N = torch.tensor(rewards.total, dtype=torch.float32)
@@ -167,7 +188,11 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
             keep = filter_groups(r_N, G) if a.dynamic_sampling else torch.ones_like(r_N, dtype=torch.bool)
             kept = [i for i in range(len(gens)) if keep[i]]
             metrics: dict[str, float] = {}
-            if kept:
+            if kept and mp is not None:
+                metrics.update(mp.train_grpo(build_rl_batch([gens[i] for i in kept], pad, device),
+                                             adv_N[kept].to(device), a, norm_const))
+                mp.export_to(engine)
+            elif kept:
                 batch = build_rl_batch([gens[i] for i in kept], pad, device)
                 adv = adv_N[kept].to(device)
                 with torch.no_grad():
@@ -193,6 +218,8 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
                 metrics.update(type(stats[0]).merge(stats).to_dict("train/"))
             if ref is not None and a.ref_refresh_every and step % a.ref_refresh_every == 0:
                 ref.load_state_dict(policy.state_dict())
+            if mp is not None and a.ref_refresh_every and step % a.ref_refresh_every == 0:
+                mp.refresh_ref()
             lengths = [len(g.token_ids) for g in gens]
             metrics.update({
                 "reward/total": statistics.fmean(rewards.total),
@@ -201,22 +228,28 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
                 "rollout/response_length_std": statistics.pstdev(lengths),
                 **{f"rollout/finish_{r}": sum(g.finish_reason == r for g in gens) / len(gens)
                    for r in ("eos", "stop", "length")},
-                "rollout/groups_kept": len(kept) / G, "train/lr": sched.get_last_lr()[0],
+                "rollout/groups_kept": len(kept) / G, "train/lr": mp.lr if mp is not None else sched.get_last_lr()[0],
                 "perf/rollout_s": t_rollout, "perf/step_s": time.perf_counter() - t0,
                 "perf/rollout_tokens_per_s": sum(lengths) / max(t_rollout, 1e-9)})
             logger.log(step, metrics)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 run_eval(step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
-                extra = {"ref": ref.state_dict()} if ref is not None and a.ref_refresh_every else {}
-                common.save_checkpoint(run_dir, step, policy, tok, opt, sched, extra, cfg.checkpoint.keep)
+                if mp is not None:
+                    mp.save_checkpoint(run_dir, step)
+                else:
+                    extra = {"ref": ref.state_dict()} if ref is not None and a.ref_refresh_every else {}
+                    common.save_checkpoint(run_dir, step, policy, tok, opt, sched, extra, cfg.checkpoint.keep)
             advance(f"grpo reward {metrics['reward/total']:.2f}")
         run_eval(cfg.train.steps)
-    if cfg.logging.plots:
+    if cfg.logging.plots and common.is_main_process():
         plot_run(run_dir)
     base, final = evals.get(0), evals.get(cfg.train.steps)
     summary = {"stage": "grpo", "steps": cfg.train.steps, "eval_base": base, "eval_final": final}
-    common.finalize(run_dir, policy, tok, summary)
+    if mp is not None:
+        mp.save_final(run_dir, tok, summary, host=policy)
+    else:
+        common.finalize(run_dir, policy, tok, summary)
     return summary
 
 

@@ -1,6 +1,7 @@
 """The next-token training loop shared by `pretrain`, `sft` and distillation (SFT of a student): packed batches ->
 cross-entropy on target tokens (+ MTP, + sequence-wise balance loss) -> AdamW step -> expert-bias update -> log ->
 checkpoint. Resumable: `--resume` restores weights, optimizer, schedule, RNG and the data position.
+With `parallel.backend: megatron` the same steps run on r1moe.parallel (`_train_lm_megatron`, megatron_backend.py).
 """
 
 from __future__ import annotations
@@ -25,15 +26,21 @@ def _masked_ce(logits, targets):
     return compute_sft_loss(logits, targets.clamp(min=0), mask)
 
 
+def _num_steps(cfg: JobConfig, num_rows: int) -> int:
+    if cfg.train.epochs is not None:
+        return max(1, math.ceil(cfg.train.epochs * num_rows / cfg.train.batch_size))
+    return cfg.train.steps
+
+
 def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bool = False) -> dict:
     if not examples:
         raise ValueError(f"data.train={cfg.data.train}: empty dataset")
+    if cfg.parallel.backend == "megatron":
+        return _train_lm_megatron(cfg, examples, tok, resume)
     device = common.setup_torch(cfg)
     pad_id = common.special_ids(tok)[0]
     rows = pack_examples(examples, cfg.data.seq_len, pad_id)
-    steps = cfg.train.steps
-    if cfg.train.epochs is not None:
-        steps = max(1, math.ceil(cfg.train.epochs * len(rows) / cfg.train.batch_size))
+    steps = _num_steps(cfg, len(rows))
     run_dir = common.prepare_run_dir(cfg, resume)
     model = common.build_policy(cfg, tok, device).train()
     opt, sched = common.build_optimizer(model, cfg.optim, steps)
@@ -88,4 +95,32 @@ def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bo
         plot_run(run_dir)
     summary = {"stage": cfg.stage, "steps": steps, "final_loss": last.get("train/loss"), "rows": len(rows)}
     common.finalize(run_dir, model, tok, summary)
+    return summary
+
+
+def _train_lm_megatron(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bool) -> dict:
+    """The same loop on r1moe.parallel (train/megatron_backend.py: one example per row, MTP inside the model)."""
+    from .megatron_backend import MegatronPolicy, check_megatron_backend, unpacked_rows
+
+    check_megatron_backend(cfg)
+    common.setup_torch(cfg)
+    rows = unpacked_rows(examples, cfg.data.seq_len, common.special_ids(tok)[0])
+    steps = _num_steps(cfg, len(rows))
+    run_dir = common.prepare_run_dir(cfg, resume)
+    policy = MegatronPolicy(cfg, tok, steps, mtp_weight=cfg.train.mtp_weight, bias_rate=cfg.train.expert_bias_rate)
+    start = policy.restore(run_dir) if resume else 0
+    batches = iterate_batches(rows, cfg.train.batch_size, cfg.train.seed, start_step=start)
+    last: dict = {}
+    with policy.build_logger(cfg, run_dir) as logger, common.progress_bar(cfg.stage, steps, start) as advance:
+        for step in range(start + 1, steps + 1):
+            last = policy.train_step_lm(next(batches))
+            if step % cfg.train.log_every == 0 or step == steps:
+                logger.log(step, last)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
+                policy.save_checkpoint(run_dir, step)
+            advance(f"{cfg.stage} loss {last['train/loss']:.3f}")
+    if cfg.logging.plots and policy.rank == 0:
+        plot_run(run_dir)
+    summary = {"stage": cfg.stage, "steps": steps, "final_loss": last.get("train/loss"), "rows": len(rows)}
+    policy.save_final(run_dir, tok, summary)
     return summary

@@ -1,0 +1,394 @@
+"""The megatron-core backend of the stage loops (`parallel.backend: megatron`). `MegatronPolicy` owns the
+megatron model, its distributed optimizer, the LR schedule, the frozen GRPO reference and the checkpoints, so
+`train_lm` (pretrain, sft) and the GRPO loop never touch megatron themselves. The math is the shared
+r1moe.algorithms (compute_sft_loss, compute_grpo_loss, compute_token_logprobs, compute_loss_denominator) passed
+as the `loss_fn` of r1moe.parallel.train_step (contract: parallel/README.md).
+
+    torchrun --nproc_per_node 8 -m r1moe.train.grpo RECIPE parallel.backend=megatron parallel.ep=8
+    python -m r1moe.train.sft RECIPE parallel.backend=megatron            # plain python: a world of one GPU
+
+Where this path differs from the reference backend, and why:
+- No packing. The megatron model runs plain causal attention (no segment mask, positions 0..T-1), so LM
+  examples are not packed: one example per row, right-padded to data.seq_len (longer ones truncated). Padding
+  follows the real tokens, so causal attention gives the real tokens exactly their unpadded logits; the price is
+  compute spent on padding (packed THD batches with PackedSeqParams would win it back).
+- MTP. Megatron adds lambda/D * sum_k L_MTP^k (lambda = train.mtp_weight) inside the model, over every position
+  of a row (labels rolled from the inputs; prompt and padding are not masked as in the reference loop). It is
+  not logged. GRPO sets lambda = 0 (the reference GRPO loop does not train MTP either).
+- Expert bias. Updated in megatron's finalize_model_grads after every optimizer step (GRPO: per mini-batch when
+  algo.update_expert_bias, the reference loop: once per rollout step).
+- Data parallel. Every rank builds the same batch; each data-parallel rank trains on its contiguous 1/dp block
+  of rows (padded with empty rows to equal micro-batches, which carry no loss), and the loss denominator is the
+  step's total / dp, so the DP-averaged gradient is the full batch's.
+- GRPO rollouts run on every rank (BuiltinEngine on a reference CausalLM fed by `export_to`); rank 0's
+  generations are broadcast so that all ranks train on the same samples.
+- Random init builds the reference model once (the reference backend's init for the same seed) and loads it;
+  model.init is streamed tensor by tensor (HFReader). final/ is written by rank 0 through a host-memory reference
+  model and r1moe.model.save_pretrained, so the whole model must fit in host memory.
+
+Intermediate checkpoints: checkpoints/step_N/{trainer_state.pt, dist/ (torch_dist model + optimizer, loads under
+another TP/EP/PP layout), ref/ (GRPO with algo.ref_refresh_every)}, renamed into place when complete.
+
+Legend: B rows per micro-batch, T sequence length, V vocabulary, N sequences.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from r1moe.algorithms import compute_grpo_loss, compute_loss_denominator, compute_sft_loss, compute_token_logprobs
+from r1moe.config import AlgoSection, JobConfig
+from r1moe.model import ModelConfig
+from r1moe.tracking import MetricsLogger
+
+from . import common
+from .packing import IGNORE, Example, PackedBatch, pack_examples
+
+EXPORT_BUCKET_BYTES = 1 << 30
+
+
+def check_megatron_backend(cfg: JobConfig) -> None:
+    """ValueError naming parallel.backend and what is missing; called before any run directory exists."""
+    if cfg.train.device != "auto" and not cfg.train.device.startswith("cuda"):
+        raise ValueError(f"parallel.backend=megatron runs on GPUs: train.device={cfg.train.device!r} must be auto "
+                         f"or cuda")
+    if cfg.parallel.cp > 1:
+        raise ValueError(f"parallel.cp={cfg.parallel.cp}: the trainers do not split sequences over context-parallel "
+                         f"ranks; use parallel.cp=1 with parallel.backend=megatron")
+    missing = [] if torch.cuda.is_available() else ["CUDA (torch sees no GPU)"]
+    for module, package in (("megatron.core", "megatron-core"), ("transformer_engine.pytorch", "transformer-engine")):
+        try:
+            importlib.import_module(module)
+        except (ImportError, OSError, RuntimeError) as e:  # OSError/RuntimeError: a CUDA library fails to load
+            missing.append(f"{package} (import {module}: {str(e).splitlines()[0][:120]})")
+    if missing:
+        raise ValueError(f"parallel.backend=megatron needs {'; '.join(missing)}. Run it on a GPU machine with "
+                         f"megatron-core and Transformer Engine installed, or set parallel.backend=reference")
+
+
+def unpacked_rows(examples: list[Example], seq_len: int, pad_id: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """One example per row, in pack_examples' row format (no segment masks on this path; module docstring)."""
+    return [pack_examples([ex], seq_len, pad_id)[0] for ex in examples]
+
+
+@dataclass
+class LMMicroBatch:
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    """[B, T], IGNORE where there is no loss."""
+
+
+@dataclass
+class RLMicroBatch:
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    """[B, T] True on response tokens."""
+    adv: torch.Tensor
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+
+
+class NullLogger:
+    """The metrics logger of ranks other than 0: they compute the same numbers and write nothing."""
+
+    def __enter__(self) -> NullLogger:  # noqa: PYI034 - typing.Self needs python 3.11
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+
+def _pad(t: torch.Tensor, rows: int, cols: int, fill) -> torch.Tensor:
+    out = t.new_full((rows, cols) if t.dim() == 2 else (rows,), fill)
+    if t.dim() == 2:
+        out[:t.shape[0], :t.shape[1]] = t
+    else:
+        out[:t.shape[0]] = t
+    return out
+
+
+def _num(x: float | None) -> float:
+    return float("nan") if x is None else float(x)  # megatron reports no grad norm when it does not clip
+
+
+def _model_config_and_weights(cfg: JobConfig, tok: Tokenizer, device: torch.device
+                              ) -> tuple[ModelConfig, Callable[[str], torch.Tensor]]:
+    """The architecture and a `get(hf_name) -> tensor` for its initial weights."""
+    from r1moe.parallel import HFReader
+
+    init = common.init_checkpoint_dir(cfg)
+    if init is None:  # random init: exactly the reference backend's (same preset, overrides, seed, device)
+        host = common.build_policy(cfg, tok, device)
+        return host.cfg, host.state_dict().__getitem__
+    reader = HFReader(init)
+    mcfg = ModelConfig.from_json(init / "config.json")
+    L = mcfg.num_hidden_layers
+    if mcfg.num_nextn_predict_layers and not any(n.startswith(f"model.layers.{L}.") for n in reader.names()):
+        mcfg = mcfg.replace(num_nextn_predict_layers=0)  # saved without MTP tensors: as from_pretrained does
+    common.apply_init_overrides(mcfg, cfg.model.overrides, init)
+    common.check_tokenizer_fits(tok, mcfg, f"model {init}")
+    return mcfg, reader.__getitem__
+
+
+class MegatronPolicy:
+    """The trained policy on r1moe.parallel. Every method is collective: all ranks call it together."""
+
+    def __init__(self, cfg: JobConfig, tok: Tokenizer, total_updates: int, *, mtp_weight: float, bias_rate: float,
+                 with_ref: bool = False, aux_loss: bool = True):
+        check_megatron_backend(cfg)
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from r1moe.parallel import (
+            MegatronOptions,
+            ParallelConfig,
+            build_mcore_model,
+            build_optimizer,
+            initialize_parallel,
+        )
+
+        p, o = cfg.parallel, cfg.optim
+        self.cfg = cfg
+        self.pcfg = ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, cp=p.cp, pp_layers=p.pp_layers)
+        initialize_parallel(self.pcfg, seed=cfg.train.seed)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.pad_id = common.special_ids(tok)[0]
+        gpu = torch.device("cuda", torch.cuda.current_device())  # initialize_parallel set it from LOCAL_RANK
+        self.model_cfg, get_hf = _model_config_and_weights(cfg, tok, gpu)
+        # the reference GRPO loss has no balance term (sequence_logprobs ignores aux_loss): keep megatron's off too
+        extra = {} if aux_loss or not self.model_cfg.is_moe else {"moe_aux_loss_coeff": 0.0,
+                                                                  "moe_router_load_balancing_type": "none"}
+        opts = MegatronOptions(fp8=p.fp8, recompute=p.recompute, mtp_loss_scale=mtp_weight,
+                               bias_update_rate=bias_rate, extra=extra)
+        self.models = build_mcore_model(self.model_cfg, self.pcfg, opts, hf_weights=get_hf)
+        self.ref_models = (build_mcore_model(self.model_cfg, self.pcfg, opts, wrap_ddp=False, hf_weights=get_hf)
+                           if with_ref else None)
+        del get_hf  # frees the random-init host model
+        self.device = next(self.models[0].parameters()).device
+        self.optimizer = build_optimizer(self.models, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
+                                         clip_grad=max(o.grad_clip, 0.0))  # megatron: 0 = no clipping
+        self.lr_factor = common.lr_factor(o, total_updates)
+        self.num_updates = 0
+        dist.barrier()  # rank 0 has prepared the run directory
+
+    @property
+    def lr(self) -> float:
+        """The LR of the next update (what the reference loop logs: LambdaLR.get_last_lr after its step)."""
+        return self.cfg.optim.lr * self.lr_factor(self.num_updates)
+
+    # ------------------------------------------------------------------------------------------ batches
+    def _shard(self, columns: list[tuple[torch.Tensor, Any]], mb_rows: int) -> list[list[torch.Tensor]]:
+        """This rank's micro-batches of equal shape: rows padded with `fill` to a multiple of dp * mb_rows and
+        columns to what sequence parallelism needs; data-parallel rank r takes the r-th block of rows."""
+        n, T = columns[0][0].shape
+        per_rank = -(-n // self.dp)
+        mb_rows = min(mb_rows, per_rank) if mb_rows else per_rank
+        per_rank = -(-per_rank // mb_rows) * mb_rows
+        # multiples of 16: TE's FP8 GEMMs need the token count aligned; of tp: sequence parallelism splits T
+        div = math.lcm(16, self.pcfg.tp if self.pcfg.sequence_parallel else 1)
+        T = -(-T // div) * div
+        mine = slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
+        local = [_pad(t.to(self.device), per_rank * self.dp, T, fill)[mine] for t, fill in columns]
+        return [[t[i:i + mb_rows] for t in local] for i in range(0, per_rank, mb_rows)]
+
+    def _step(self, mbs: list, loss_fn):
+        from r1moe.parallel import set_learning_rate, train_step
+
+        set_learning_rate(self.optimizer, self.lr)
+        result = train_step(self.models, self.optimizer, mbs, loss_fn, self.model_cfg.vocab_size)
+        self.num_updates += 1
+        return result
+
+    # ------------------------------------------------------------------------------------------ pretrain / sft
+    def train_step_lm(self, batch: PackedBatch) -> dict[str, float]:
+        """One optimizer step of next-token cross-entropy on a batch of unpacked rows (`unpacked_rows`)."""
+        t0 = time.perf_counter()
+        total = max(1, batch.num_target_tokens)
+        den = total / self.dp
+        parts = self._shard([(batch.input_ids_RT, self.pad_id), (batch.targets_RT, IGNORE)],
+                            self.cfg.train.micro_batch_size)
+
+        def loss_fn(logits_BTV: torch.Tensor, mb: LMMicroBatch):
+            mask = mb.targets != IGNORE
+            return compute_sft_loss(logits_BTV, mb.targets.clamp(min=0), mask, loss_denominator=den), {}
+
+        r = self._step([LMMicroBatch(*p) for p in parts], loss_fn)
+        return {"train/loss": r.metrics["loss"], "train/grad_norm": _num(r.grad_norm), "train/lr": self.lr,
+                "train/tokens": total, "perf/step_s": time.perf_counter() - t0}
+
+    # ------------------------------------------------------------------------------------------ grpo
+    def logprobs(self, mbs: list[RLMicroBatch], ref: bool = False) -> list[torch.Tensor] | None:
+        """log pi(target) per micro-batch under the policy (or the frozen reference); None off the last PP stage."""
+        from r1moe.parallel import forward_only
+
+        models = self.ref_models if ref else self.models
+        return forward_only(models, mbs, lambda logits_BTV, mb: compute_token_logprobs(logits_BTV, mb.targets),
+                            self.model_cfg.vocab_size)
+
+    def train_step_grpo(self, mbs: list[RLMicroBatch], a: AlgoSection, norm_const: float, den: torch.Tensor):
+        """One optimizer step of the GRPO loss (R1 eq. 1) on one mini-batch; `den` is its loss denominator / dp."""
+
+        def loss_fn(logits_BTV: torch.Tensor, mb: RLMicroBatch):
+            logp = compute_token_logprobs(logits_BTV, mb.targets)
+            loss, st = compute_grpo_loss(logp, mb.old_logp, mb.adv, mb.mask, ref_logp_BT=mb.ref_logp, beta=a.beta,
+                                         eps_low=a.eps_low, eps_high=a.eps_high, agg=a.agg, norm_const=norm_const,
+                                         loss_denominator=den)
+            # pg_loss is this micro-batch's share: x len(mbs) so that megatron's mean over micro-batches is the sum
+            return loss, {"pg_loss": st.pg_loss * len(mbs), "kl": st.kl, "clip_frac": st.clip_frac,
+                          "ratio_mean": st.ratio_mean, "ratio_max": st.ratio_max}
+
+        return self._step(mbs, loss_fn)
+
+    def train_grpo(self, batch, adv_N: torch.Tensor, a: AlgoSection, norm_const: float) -> dict[str, float]:
+        """The policy update of one rollout batch (grpo.RLBatch): log pi_old (several mini-batches) and log pi_ref
+        before any update, then one optimizer step per mini-batch, as the reference loop does."""
+        N = batch.input_ids_NT.shape[0]
+        size = -(-N // a.num_minibatches)
+        minis = []
+        for i in range(0, N, size):
+            b = batch.rows(slice(i, i + size))
+            parts = self._shard([(b.input_ids_NT, self.pad_id), (b.targets_NT, self.pad_id),
+                                 (b.response_mask_NT, False), (adv_N[i:i + size], 0.0)],
+                                self.cfg.train.micro_batch_size)
+            den = compute_loss_denominator(b.response_mask_NT, a.agg).clamp(min=1) / self.dp
+            minis.append(([RLMicroBatch(*p) for p in parts], den))
+        for mbs, _ in minis:
+            if a.num_minibatches > 1:
+                for mb, lp in zip(mbs, self.logprobs(mbs) or []):
+                    mb.old_logp = lp
+            if self.ref_models is not None:
+                for mb, lp in zip(mbs, self.logprobs(mbs, ref=True) or []):
+                    mb.ref_logp = lp
+        results = [self.train_step_grpo(mbs, a, norm_const, den) for mbs, den in minis]
+
+        def mean(key: str) -> float:
+            return sum(r.metrics[key] for r in results) / len(results)
+
+        return {"train/grad_norm": _num(results[-1].grad_norm), "train/pg_loss": sum(r.metrics["pg_loss"] for r in results),
+                "train/kl": mean("kl"), "train/clip_frac": mean("clip_frac"), "train/ratio_mean": mean("ratio_mean"),
+                "train/ratio_max": max(r.metrics["ratio_max"] for r in results),
+                "train/num_tokens": int(batch.response_mask_NT.sum()), "train/num_seqs": N}
+
+    def refresh_ref(self) -> None:
+        """pi_ref <- the current policy (R1: every 400 steps)."""
+        if self.ref_models is None:
+            return
+        from r1moe.parallel import unwrap
+
+        state = {k: v for k, v in unwrap(self.models[0]).state_dict().items() if not k.endswith("_extra_state")}
+        unwrap(self.ref_models[0]).load_state_dict(state, strict=False)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's object on every rank (rollouts: all ranks must train on the same samples)."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # ------------------------------------------------------------------------------------------ weights out
+    def _export(self, sink: Callable[[list[tuple[str, torch.Tensor]]], None] | None) -> None:
+        from r1moe.parallel import export_hf_weights
+
+        for bucket in export_hf_weights(self.models, self.model_cfg, self.pcfg, bucket_bytes=EXPORT_BUCKET_BYTES):
+            if sink is not None:
+                sink(bucket)  # copies: the tensors may alias the live parameters
+
+    def export_to(self, engine) -> None:
+        """The current weights into a rollout engine (BuiltinEngine.update_weights: HF names, full tensors)."""
+        self._export(engine.update_weights if engine is not None else None)
+
+    def save_final(self, run_dir: Path, tok: Tokenizer, summary: dict[str, Any], host=None) -> None:
+        """final/ (an HF directory by r1moe.model.save_pretrained, like the reference backend's) then DONE.json,
+        written by rank 0. `host`: a reference CausalLM to write through (GRPO's rollout model), else one is
+        made in host memory."""
+        import torch.distributed as dist
+
+        from r1moe.model import build_model, load_hf_tensor
+
+        if host is None and self.rank == 0:
+            # meta + to_empty: every persistent tensor is overwritten by the export; the non-persistent ones
+            # (RoPE tables) are never saved, so nothing is initialised for nothing
+            host = build_model(self.model_cfg, device="meta", dtype=common.dtype_of(self.cfg.model.dtype))
+            host = host.to_empty(device="cpu")
+
+        def load(bucket):
+            for name, t in bucket:
+                load_hf_tensor(host, name, t)
+
+        self._export(load if host is not None else None)
+        if self.rank == 0:
+            common.finalize(run_dir, host, tok, {**summary, "backend": "megatron"})
+        dist.barrier()
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, run_dir: Path, step: int) -> Path:
+        """checkpoints/step_N: megatron dist checkpoint + trainer state, renamed into place when complete; the
+        newest checkpoint.keep are kept."""
+        import torch.distributed as dist
+
+        from r1moe.parallel import save_dist_checkpoint
+
+        root = run_dir / "checkpoints"
+        path, tmp = root / f"step_{step:07d}", root / f".step_{step:07d}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        save_dist_checkpoint(self.models, self.optimizer, tmp / "dist", step=step)
+        if self.ref_models is not None and self.cfg.algo.ref_refresh_every:
+            save_dist_checkpoint(self.ref_models, None, tmp / "ref", step=step)
+        dist.barrier()
+        if self.rank == 0:
+            torch.save({"step": step, "num_updates": self.num_updates, "rng": common._rng_state(),
+                        "backend": "megatron"}, tmp / common.TRAINER_STATE)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+            for old in sorted(root.glob("step_*"))[:-max(1, self.cfg.checkpoint.keep)]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return path
+
+    def restore(self, run_dir: Path) -> int:
+        """Load the newest complete checkpoint (model, optimizer, reference, schedule, RNG); its step, 0 if none."""
+        from r1moe.parallel import load_dist_checkpoint
+
+        ckpt = common.latest_checkpoint(run_dir)
+        if ckpt is None:
+            return 0
+        if not (ckpt / "dist").is_dir():
+            raise ValueError(f"{ckpt}: not a megatron checkpoint (written with parallel.backend=reference?); resume "
+                             f"with the backend that wrote it")
+        state = torch.load(ckpt / common.TRAINER_STATE, weights_only=False)
+        load_dist_checkpoint(self.models, self.optimizer, ckpt / "dist")
+        if self.ref_models is not None and (ckpt / "ref").is_dir():
+            load_dist_checkpoint(self.ref_models, None, ckpt / "ref")
+        self.num_updates = state["num_updates"]
+        common._set_rng_state(state["rng"])
+        if self.rank == 0:
+            common.truncate_metrics(run_dir, state["step"])
+        return state["step"]
+
+    def build_logger(self, cfg: JobConfig, run_dir: Path) -> MetricsLogger | NullLogger:
+        if self.rank != 0:
+            return NullLogger()
+        return MetricsLogger(run_dir, project=cfg.logging.project, run_name=cfg.name, wandb_mode=cfg.logging.wandb,
+                             config=common.config_dict(cfg))
