@@ -65,8 +65,11 @@ def build_rl_batch(gens: list[Generation], pad_id: int, device: torch.device) ->
     return RLBatch(ids.to(device), att.to(device), tgt.to(device), resp.to(device))
 
 
-def sequence_logprobs(model, b: RLBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    out = model(b.input_ids_NT, attention_mask=b.attention_mask_NT)
+def sequence_logprobs(model, b: RLBatch, expert_counts: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi of every target. Sequences are right-padded, so under a causal mask no real token ever sees a pad:
+    the unmasked (fast, fused) attention path gives the same values on real positions. Only the expert counts
+    need the mask, to leave pad tokens out of the load statistics."""
+    out = model(b.input_ids_NT, attention_mask=b.attention_mask_NT if expert_counts else None)
     return compute_token_logprobs(out.logits, b.targets_NT), out.expert_counts
 
 
@@ -203,7 +206,7 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
                 for i in range(0, len(kept), size):
                     sl = slice(i, i + size)
                     mb = batch.rows(sl)
-                    logp, c = sequence_logprobs(policy, mb)
+                    logp, c = sequence_logprobs(policy, mb, expert_counts=a.update_expert_bias)
                     loss, st = compute_grpo_loss(
                         logp, None if old is None else old[sl], adv[sl], mb.response_mask_NT,
                         ref_logp_BT=None if ref_lp is None else ref_lp[sl], beta=a.beta, eps_low=a.eps_low,

@@ -129,3 +129,19 @@ def test_bad_input_fails_clearly_without_complete_run_dir(case, tmp_path, tiny_d
     assert rc == 2
     assert expect in err
     assert not is_complete(run)
+
+
+def test_right_padded_logprobs_need_no_mask(tiny_base):
+    from r1moe.rollout import Generation
+    from r1moe.train.grpo import build_rl_batch, sequence_logprobs
+
+    model = from_pretrained(tiny_base)
+    gens = [Generation([1, 5, 6, 7], [8, 9], [0.0, 0.0], "", "length"),
+            Generation([1, 5], [8, 9, 10, 11, 12], [0.0] * 5, "", "length")]
+    batch = build_rl_batch(gens, 0, torch.device("cpu"))
+    with torch.no_grad():
+        fast, _ = sequence_logprobs(model, batch)
+        masked, counts = sequence_logprobs(model, batch, expert_counts=True)
+    m = batch.response_mask_NT
+    assert torch.allclose(fast[m], masked[m], atol=1e-5)
+    assert int(counts.sum()) == int(batch.attention_mask_NT.sum()) * model.cfg.num_experts_per_tok * counts.shape[0]
