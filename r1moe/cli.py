@@ -1,6 +1,6 @@
 """The `r1moe` command line.
 
-    r1moe pretrain RECIPE [key=value ...] [--resume]     next-token pretraining (reference backend)
+    r1moe pretrain RECIPE [key=value ...] [--resume]     next-token pretraining (+ MTP, expert-bias update)
     r1moe sft      RECIPE [key=value ...] [--resume]     SFT: cold start, rejection-sampled data, distillation
     r1moe grpo     RECIPE [key=value ...] [--resume]     GRPO (R1-Zero, reasoning RL, all-scenario RL)
     r1moe rm       RECIPE [key=value ...]                Bradley-Terry reward model
