@@ -31,6 +31,6 @@ def tiny_base(tmp_path_factory, tiny_data):
     run = tmp_path_factory.mktemp("pretrain")
     cfg = load_config("recipes/tiny/r1_zero/pretrain.yaml", tiny_overrides(
         run, **{"data.train": tiny_data / "corpus.jsonl", "train.steps": 3, "train.batch_size": 2,
-                "data.seq_len": 256, "optim.warmup_steps": 0, "stage": "pretrain"}))
+                "data.seq_len": 256, "optim.warmup_steps": 0, "train.mtp_weight": 0.3, "stage": "pretrain"}))
     pretrain.run(cfg)
     return run / "final"

@@ -31,7 +31,7 @@ def test_pretrain_writes_a_complete_self_contained_checkpoint(tiny_base):
     assert is_complete(tiny_base.parent)
     metrics = read_metrics(tiny_base.parent)
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    assert all("train/mtp_loss" in m for m in metrics)  # recipe has mtp_weight 0.3
+    assert all("train/mtp_loss" in m for m in metrics)  # the fixture sets mtp_weight 0.3
     model = from_pretrained(tiny_base)
     assert model.cfg.num_nextn_predict_layers == 1
 
@@ -103,7 +103,8 @@ def test_model_info_json(capsys):
                                   "config_disagrees", "missing_init"])
 def test_bad_input_fails_clearly_without_complete_run_dir(case, tmp_path, tiny_data, tiny_base, capsys):
     run = tmp_path / "run"
-    over = {"model.init": tiny_base, "data.train": tiny_data / "train.jsonl", "train.steps": 1}
+    over = {"model.init": tiny_base, "data.train": tiny_data / "train.jsonl", "data.eval": tiny_data / "eval.jsonl",
+            "train.steps": 1}
     bad = tmp_path / "bad.jsonl"
     expect = None
     if case == "malformed_jsonl":
