@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,14 +97,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, s: EvalSetting
     return evaluate(engine, tok, samples, s)
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     from r1moe.train.common import run_cli
 
@@ -133,7 +124,10 @@ def _main(argv: list[str] | None) -> int:
               **evaluate_checkpoint(a.checkpoint, a.data, s, a.max_questions, a.device)}
     print(json.dumps(result, indent=2))
     if a.out:
-        write_json_atomic(a.out, result)
+        from r1moe.train.common import write_json_atomic
+
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(a.out), result)
     return 0
 
 

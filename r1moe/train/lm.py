@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 
-import torch
 from tokenizers import Tokenizer
 
 from r1moe.algorithms import compute_sft_loss
