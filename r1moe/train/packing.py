@@ -21,7 +21,7 @@ IGNORE = -100
 @dataclass
 class Example:
     ids: list[int]
-    """[bos] + tokens + [eos]."""
+    """[bos] (when the tokenizer has one) + tokens + [eos]."""
     loss_mask: list[bool]
     """Same length as ids: True where the token is a *target* (predicted from its prefix)."""
 

@@ -51,13 +51,14 @@ def read_corpus(path: str | Path, template: str) -> list[tuple[str, str]]:
 
 
 def build_examples(docs: list[tuple[str, str]], tok: Tokenizer, loss_on_prefix: bool) -> list[Example]:
-    _, bos, eos = common.special_ids(tok)
+    eos = common.special_ids(tok)[2]
+    start = common.bos_prefix(tok)
     out = []
     for prefix, text in docs:
         p = common.encode(tok, prefix) if prefix else []
         r = common.encode(tok, text)
-        ids = [bos] + p + r + [eos]
-        mask = [False] + [loss_on_prefix] * len(p) + [True] * (len(r) + 1)
+        ids = start + p + r + [eos]
+        mask = [False] * len(start) + [loss_on_prefix] * len(p) + [True] * (len(r) + 1)
         out.append(Example(ids, mask))
     return out
 

@@ -104,9 +104,8 @@ def scored_reply(reply: str, scope: Scope) -> str:
 
 def encode_scored(tok: Tokenizer, template: str, prompt: str, reply: str, scope: Scope, seq_len: int) -> list[int]:
     """[bos] + rendered prompt + scored reply + [eos], keeping the last `seq_len` tokens (the score reads the end)."""
-    _, bos, eos = common.special_ids(tok)
-    ids = ([] if bos is None else [bos]) + common.encode(tok, common.render_prompt(template, prompt))
-    ids += common.encode(tok, scored_reply(reply, scope)) + [eos]
+    ids = common.encode_prompt(tok, template, prompt)
+    ids += common.encode(tok, scored_reply(reply, scope)) + [common.special_ids(tok)[2]]
     return ids[-seq_len:]
 
 

@@ -146,3 +146,19 @@ def test_right_padded_logprobs_need_no_mask(tiny_base):
     m = batch.response_mask_NT
     assert torch.allclose(fast[m], masked[m], atol=1e-5)
     assert int(counts.sum()) == int(batch.attention_mask_NT.sum()) * model.cfg.num_experts_per_tok * counts.shape[0]
+
+
+def test_sequences_without_a_bos_token_start_with_the_prompt():
+    """Tokenizers without BOS (Qwen2): neither training examples nor prompts get a None/placeholder first token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from r1moe.train.common import encode_prompt
+    from r1moe.train.pretrain import build_examples
+
+    vocab = {"<pad>": 0, "<|endoftext|>": 1, "Compute": 2, "2": 3, "+": 4, "3": 5, "5": 6}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    assert encode_prompt(tok, "none", "Compute 2 + 3") == [2, 3, 4, 5]
+    (ex,) = build_examples([("Compute 2 + 3", "5")], tok, loss_on_prefix=False)
+    assert ex.ids == [2, 3, 4, 5, 6, 1]
+    assert ex.loss_mask == [False] * 4 + [True, True]
