@@ -57,21 +57,13 @@ def evaluate(engine: RolloutEngine, tok: Tokenizer, samples: list[PromptSample],
                             stop=list(s.stop), seed=s.seed)
     graded: list[SampleResult] = []
     chunks = range(0, len(prompts), s.chunk)
-    with progress_bar("eval", len(chunks)) if show_progress else _null() as advance:
+    with progress_bar("eval", len(chunks), enabled=show_progress) as advance:
         for i in chunks:
             gens = engine.generate(prompts[i:i + s.chunk], params)
             graded += [grade(g.text, q, s.template, len(g.token_ids)) for g, q in zip(gens, owners[i:i + s.chunk])]
             advance(f"eval {min(i + s.chunk, len(prompts))}/{len(prompts)} samples")
     per_question = [graded[i:i + s.samples] for i in range(0, len(graded), s.samples)]
     return summarize_eval(per_question)
-
-
-class _null:
-    def __enter__(self):
-        return lambda _: None
-
-    def __exit__(self, *a):
-        return False
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, s: EvalSettings, max_questions: int = 0,

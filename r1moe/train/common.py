@@ -100,9 +100,13 @@ def config_dict(cfg: JobConfig) -> dict[str, Any]:
 
 
 @contextmanager
-def progress_bar(desc: str, total: int, done: int = 0) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar; yields `advance(description)`."""
+def progress_bar(desc: str, total: int, done: int = 0, enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """A rich progress bar; yields `advance(description)` (a no-op when not enabled, e.g. inside another bar)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if not enabled:
+        yield lambda description: None
+        return
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         transient=True)

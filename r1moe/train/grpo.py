@@ -215,7 +215,8 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
                     loss.backward()
                     metrics["train/grad_norm"] = common.clip_and_step(policy, opt, sched, cfg.optim.grad_clip)
                     stats.append(st)
-                    counts = c if counts is None else counts + c if c is not None else counts
+                    if c is not None:
+                        counts = c if counts is None else counts + c
                 if a.update_expert_bias:
                     common.apply_expert_bias_update(policy, counts, cfg.train.expert_bias_rate)
                 metrics.update(type(stats[0]).merge(stats).to_dict("train/"))
