@@ -98,12 +98,8 @@ def test_mix_records_rejects_bad_ratio():
 
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one intra-op thread is ~10x faster than two contending."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread):
+    """Every test of this module runs on one intra-op thread (tests/conftest.py: one_thread)."""
 
 
 @pytest.fixture(scope="module")
