@@ -51,6 +51,8 @@ class DataSpec:
     template_rate: float = 0.3
     drill_rate: float = 0.0
     """corpus: fraction of drill records (correct arithmetic steps, one per line; see r1moe/data/corpus.py)."""
+    direct_rate: float = 0.0
+    """corpus: fraction of solutions that state the answer without working (see r1moe/data/corpus.py)."""
     general_fraction: float = 0.0
     """prompts: this fraction of the n prompts are general (non-reasoning) ones, for all-scenario RL."""
     template: str = "chat"
@@ -184,7 +186,8 @@ def make_data(spec: DataSpec, out_dir: Path) -> str:
             random.Random(spec.seed).shuffle(records)
     elif spec.what == "corpus":
         records = make_corpus(spec.task, spec.n, spec.seeds, spec.slip_rate, spec.untagged_rate, spec.difficulty,
-                              spec.template_rate, spec.drill_rate)
+                              spec.template_rate, spec.drill_rate,
+                              direct_rate=spec.direct_rate)
     elif spec.what == "cold_start":
         records = make_cold_start(make_dataset(spec.task, spec.n, seed=spec.seed, difficulty=spec.difficulty),
                                   template=spec.template)

@@ -4,8 +4,11 @@ A base model pretrained on web text has seen many worked solutions, not all corr
 `<think>`/`<answer>` shape. This corpus reproduces that in miniature so R1-Zero has something to incentivise:
 a fraction `slip_rate` of solutions carry an arithmetic slip in their last step (the final answer is off by a small
 amount, in the reasoning and in the answer alike), and a fraction `untagged_rate` state the answer without tags.
-The base model then "sometimes solves the task", as DeepSeek-V3-Base does for AIME; GRPO with the accuracy and
-format rewards pushes both rates down.
+A fraction `direct_rate` answer at once, without working ("The answer is 12."), as much web text does: the answer
+in those records is correct, but a small model cannot compute a multi-step expression in one step, so when it
+answers directly it is mostly wrong. The base model then "sometimes solves the task", as DeepSeek-V3-Base does for
+AIME, and mostly in the short way; GRPO with the accuracy and format rewards has something to incentivise: working
+the problem out (longer responses, the paper's Figure 3), fewer slips, tags.
 
     (pipeline data spec)  {what: corpus, task: arithmetic, n: 20000, seeds: [2, 3, 4, 5, 6, 7], slip_rate: 0.35}
 """
@@ -51,9 +54,14 @@ def step_facts(samples) -> list[str]:
     return sorted({m.group(0) for s in samples for m in FACT.finditer(worked_solution(s))})
 
 
+def direct_answer(answer: str) -> str:
+    """The reasoning of a record that answers without working."""
+    return f"The answer is {answer}."
+
+
 def make_corpus(task: str, n: int, seeds: list[int], slip_rate: float = 0.3, untagged_rate: float = 0.1,
                 difficulty: int = 1, template_rate: float = 0.3, drill_rate: float = 0.0,
-                facts_per_drill: int = 8) -> list[dict[str, str]]:
+                facts_per_drill: int = 8, direct_rate: float = 0.0) -> list[dict[str, str]]:
     """`n` records over the problems of the splits `seeds` (use splits disjoint from the RL and eval seeds).
     Problems repeat when n exceeds the pool, each time with fresh noise, as web text would.
 
@@ -63,9 +71,12 @@ def make_corpus(task: str, n: int, seeds: list[int], slip_rate: float = 0.3, unt
 
     A fraction `drill_rate` are drills: `facts_per_drill` correct arithmetic steps, one per line, drawn from the
     steps of the pool's worked solutions (the arithmetic tables of web text). They teach the facts the solutions
-    use at a fraction of a solution's length; slips occur only in solutions."""
+    use at a fraction of a solution's length; slips occur only in solutions.
+
+    A fraction `direct_rate` of the solutions are replaced by `direct_answer` (a slipped one keeps its wrong
+    answer)."""
     for name, rate in (("slip_rate", slip_rate), ("untagged_rate", untagged_rate), ("template_rate", template_rate),
-                       ("drill_rate", drill_rate)):
+                       ("drill_rate", drill_rate), ("direct_rate", direct_rate)):
         if not 0 <= rate <= 1:
             raise ValueError(f"{name}={rate} must be in [0, 1]")
     pool = problem_pool(task, seeds, difficulty, limit=min(n, 1500))
@@ -84,6 +95,8 @@ def make_corpus(task: str, n: int, seeds: list[int], slip_rate: float = 0.3, unt
         sol, ans = worked_solution(s), s.answer
         if NUMERIC.match(ans) and rng.random() < slip_rate:
             sol, ans = _slip(sol, ans, rng)
+        if rng.random() < direct_rate:
+            sol = direct_answer(ans)
         response = sol if rng.random() < untagged_rate else format_completion(sol, ans)
         if rng.random() < template_rate:
             out.append({"prompt": s.prompt, "response": response})

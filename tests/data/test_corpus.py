@@ -5,7 +5,7 @@ import re
 import pytest
 
 from r1moe.data import make_dataset
-from r1moe.data.corpus import FACT, make_corpus, step_facts
+from r1moe.data.corpus import FACT, direct_answer, make_corpus, step_facts
 
 
 def _fact_true(line: str) -> bool:
@@ -50,3 +50,16 @@ def test_step_facts_and_rate_validation():
     assert facts and all(_fact_true(f) for f in facts)
     with pytest.raises(ValueError, match="drill_rate"):
         make_corpus("arithmetic", 10, seeds=[2], drill_rate=1.5)
+
+
+def test_direct_rate_answers_without_working_and_keeps_answers_correct():
+    records = make_corpus("arithmetic", 400, seeds=[2], slip_rate=0.0, untagged_rate=0.0, template_rate=1.0,
+                          direct_rate=0.5)
+    direct = [r for r in records if "First," not in r["response"]]
+    assert 150 < len(direct) < 250
+    for r in direct:
+        answer = re.search(r"<answer>(.*?)</answer>", r["response"]).group(1)
+        assert r["response"] == f"<think>\n{direct_answer(answer)}\n</think>\n<answer>{answer}</answer>"
+        assert eval(r["prompt"].removeprefix("Compute ")) == int(answer)  # noqa: S307 - generated arithmetic
+    with pytest.raises(ValueError, match="direct_rate"):
+        make_corpus("arithmetic", 10, seeds=[2], direct_rate=-0.1)
