@@ -1,16 +1,17 @@
-"""A pretraining corpus for tiny base models: task problems with worked solutions, some of them wrong.
+"""A pretraining corpus for tiny base models: task problems with worked solutions, in the template's shape or not.
 
 A base model pretrained on web text has seen many worked solutions, not all correct, and only sometimes in the
 `<think>`/`<answer>` shape. This corpus reproduces that in miniature so R1-Zero has something to incentivise:
-a fraction `slip_rate` of solutions carry an arithmetic slip in their last step (the final answer is off by a small
-amount, in the reasoning and in the answer alike), and a fraction `untagged_rate` state the answer without tags.
-A fraction `direct_rate` answer at once, without working ("The answer is 12."), as much web text does: the answer
-in those records is correct, but a small model cannot compute a multi-step expression in one step, so when it
-answers directly it is mostly wrong. The base model then "sometimes solves the task", as DeepSeek-V3-Base does for
-AIME, and mostly in the short way; GRPO with the accuracy and format rewards has something to incentivise: working
-the problem out (longer responses, the paper's Figure 3), fewer slips, tags.
+- `untagged_rate`: solutions with no tags. The base model then follows the template's reply format only part of the
+  time, and the accuracy reward counts an answer only inside `<answer>` — the lever the tiny R1-Zero recipe uses.
+- `slip_rate`: solutions with an arithmetic slip in their last step (the final answer off by a small amount, in the
+  reasoning and the answer alike). Measured on `digits`: 35% slips cap what the base model learns of each fact and
+  leave GRPO nothing it can raise in a 10-minute run, so the tiny recipes use 0.
+- `direct_rate`: answers stated without working ("The answer is 12."), correct, as much web text has.
+- `drill_rate`: records of bare arithmetic facts, one per line.
+The base model then "sometimes solves the task" in the expected format, as DeepSeek-V3-Base does for AIME.
 
-    (pipeline data spec)  {what: corpus, task: arithmetic, n: 20000, seeds: [2, 3, 4, 5, 6, 7], slip_rate: 0.35}
+    (pipeline data spec)  {what: corpus, task: digits, n: 40000, seeds: [2, 3, 4, 5, 6, 7], untagged_rate: 0.6}
 """
 
 from __future__ import annotations

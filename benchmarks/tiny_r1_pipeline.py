@@ -1,0 +1,66 @@
+"""CPU benchmark: the whole tiny DeepSeek-R1 pipeline (`make run` == `r1moe pipeline recipes/tiny/r1.yaml`), timed.
+
+Runs every stage from scratch (forced) and writes benchmarks/results/tiny_r1_pipeline_cpu.json (wall clock, seconds
+per stage, the eval stage's numbers per checkpoint) and copies the pipeline's report (claims checked against the
+numbers) to benchmarks/results/tiny_r1_pipeline_cpu_report.md. Goal (issue): <= 15 minutes on 2 CPU cores. Not a test.
+
+    python benchmarks/tiny_r1_pipeline.py [--recipe recipes/tiny/r1.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from cpu_rollout_grpo import cpu_name  # noqa: E402
+
+GOAL_S = 900
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main() -> int:
+    from r1moe.pipeline import load_pipeline
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default="recipes/tiny/r1.yaml")
+    p.add_argument("--out", default="benchmarks/results/tiny_r1_pipeline_cpu.json")
+    a = p.parse_args()
+    pipe = load_pipeline(a.recipe)
+    forced = [arg for s in pipe.stages for arg in ("--force", s.name)]
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "r1moe.cli", "pipeline", a.recipe, *forced], check=True)
+    wall = time.perf_counter() - t0
+    root = Path(pipe.root)
+    evals = [s.name for s in pipe.stages if s.kind == "eval"]
+    reports = [s.name for s in pipe.stages if s.kind == "report"]
+    result = {
+        "benchmark": "tiny DeepSeek-R1 pipeline (make run)",
+        "device": f"{cpu_name()}, 2 cores (no GPU)",
+        "command": f"make run  ==  r1moe pipeline {a.recipe}",
+        "wall_clock_s": round(wall, 1),
+        "goal_s": GOAL_S,
+        "goal_met": wall <= GOAL_S,
+        "stage_seconds": json.loads((root / "pipeline_timings.json").read_text()),
+        "eval": json.loads((root / evals[-1] / "results.json").read_text()) if evals else {},
+    }
+    out = Path(a.out)
+    _write(out, json.dumps(result, indent=1) + "\n")
+    if reports:
+        _write(out.with_name(out.stem + "_report.md"), (root / reports[-1] / "report.md").read_text())
+    print(json.dumps({k: result[k] for k in ("wall_clock_s", "goal_met")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
