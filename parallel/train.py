@@ -29,6 +29,10 @@ class MicroBatch(Protocol):
     input_ids: torch.Tensor
     """[B, T] token ids; every micro-batch of a step has the same [B, T] (pipeline buffers are fixed-size)."""
 
+    # Optional: `mtp_loss_mask` [B, T], 1 on the input positions whose token is a prediction target (0 on prompt
+    # and padding). megatron computes the MTP loss inside the model with labels rolled from input_ids; the mask
+    # keeps it to those tokens, as the reference loop's loss (absent or None: every position).
+
 
 LossFn = Callable[[torch.Tensor, Any], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -89,8 +93,10 @@ def _run_schedule(models, microbatches: Sequence[Any], vocab_size: int, loss_fun
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         tokens = mb.input_ids.to(device, non_blocking=True)
+        mask = getattr(mb, "mtp_loss_mask", None)
         out = model(tokens, position_ids, None, output_processor=_logits_processor,
-                    output_processor_context=vocab_size)
+                    output_processor_context=vocab_size,
+                    loss_mask=None if mask is None else mask.to(device, torch.float32, non_blocking=True))
         return out, loss_func_for(mb)
 
     return get_forward_backward_func()(

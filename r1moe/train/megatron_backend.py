@@ -12,9 +12,10 @@ Where this path differs from the reference backend, and why:
   examples are not packed: one example per row, right-padded to data.seq_len (longer ones truncated). Padding
   follows the real tokens, so causal attention gives the real tokens exactly their unpadded logits; the price is
   compute spent on padding (packed THD batches with PackedSeqParams would win it back).
-- MTP. Megatron adds lambda/D * sum_k L_MTP^k (lambda = train.mtp_weight) inside the model, over every position
-  of a row (labels rolled from the inputs; prompt and padding are not masked as in the reference loop). It is
-  not logged. GRPO sets lambda = 0 (the reference GRPO loop does not train MTP either).
+- MTP. Megatron adds lambda/D * sum_k L_MTP^k (lambda = train.mtp_weight) inside the model (labels rolled from
+  the inputs), over the same target tokens as the reference loop (`mtp_loss_mask`: prompt and padding masked),
+  and logs it as train/mtp_loss (sum over depths of the per-token cross-entropy, as the reference loop does).
+  GRPO sets lambda = 0 (the reference GRPO loop does not train MTP either).
 - Expert bias. Updated in megatron's finalize_model_grads after every optimizer step (GRPO: per mini-batch when
   algo.update_expert_bias, the reference loop: once per rollout step).
 - Data parallel. Every rank builds the same batch; each data-parallel rank trains on its contiguous 1/dp block
@@ -87,6 +88,25 @@ class LMMicroBatch:
     input_ids: torch.Tensor
     targets: torch.Tensor
     """[B, T], IGNORE where there is no loss."""
+
+    @property
+    def mtp_loss_mask(self) -> torch.Tensor:
+        """1 on input positions whose token is a target (targets[t] is input_ids[t + 1]); see parallel.train."""
+        mask = torch.zeros_like(self.targets, dtype=torch.float32)
+        mask[:, 1:] = (self.targets[:, :-1] != IGNORE).float()
+        return mask
+
+
+def _take_mtp_loss(clear_only: bool = False) -> dict[str, torch.Tensor]:
+    """The MTP loss megatron recorded since the last call (sum over depths), then cleared; {} without MTP.
+    megatron's tracker is process-global and accumulates every training forward (other models' included), so the
+    step clears it before its first forward (`clear_only`)."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    values = MTPLossLoggingHelper.tracker.get("loss_values")
+    out = {} if values is None or clear_only else {"mtp_loss": values.sum().detach().clone()}
+    MTPLossLoggingHelper.clean_metrics_in_tracker()
+    return out
 
 
 @dataclass
@@ -174,6 +194,7 @@ class MegatronPolicy:
         # the reference GRPO loss has no balance term (sequence_logprobs ignores aux_loss): keep megatron's off too
         extra = {} if aux_loss or not self.model_cfg.is_moe else {"moe_aux_loss_coeff": 0.0,
                                                                   "moe_router_load_balancing_type": "none"}
+        self.mtp_on = mtp_weight > 0 and self.model_cfg.num_nextn_predict_layers > 0
         opts = MegatronOptions(fp8=p.fp8, recompute=p.recompute, mtp_loss_scale=mtp_weight,
                                bias_update_rate=bias_rate, extra=extra)
         self.models = build_mcore_model(self.model_cfg, self.pcfg, opts, hf_weights=get_hf)
@@ -226,11 +247,18 @@ class MegatronPolicy:
 
         def loss_fn(logits_BTV: torch.Tensor, mb: LMMicroBatch):
             mask = mb.targets != IGNORE
-            return compute_sft_loss(logits_BTV, mb.targets.clamp(min=0), mask, loss_denominator=den), {}
+            # the model's MTP loss of this micro-batch was recorded in its forward, just before this call
+            return (compute_sft_loss(logits_BTV, mb.targets.clamp(min=0), mask, loss_denominator=den),
+                    _take_mtp_loss() if self.mtp_on else {})
 
+        if self.mtp_on:
+            _take_mtp_loss(clear_only=True)
         r = self._step([LMMicroBatch(*p) for p in parts], loss_fn)
-        return {"train/loss": r.metrics["loss"], "train/grad_norm": _num(r.grad_norm), "train/lr": self.lr,
-                "train/tokens": total, "perf/step_s": time.perf_counter() - t0}
+        out = {"train/loss": r.metrics["loss"], "train/grad_norm": _num(r.grad_norm), "train/lr": self.lr,
+               "train/tokens": total, "perf/step_s": time.perf_counter() - t0}
+        if "mtp_loss" in r.metrics:
+            out["train/mtp_loss"] = r.metrics["mtp_loss"]
+        return out
 
     # ------------------------------------------------------------------------------------------ grpo
     def logprobs(self, mbs: list[RLMicroBatch], ref: bool = False) -> list[torch.Tensor] | None:

@@ -143,6 +143,42 @@ def test_first_step_loss_matches_the_reference_backend(data, tmp_path):
     assert result["rel_diff"] <= 0.01, result
 
 
+def test_sft_mtp_loss_matches_the_reference_backend(data, tmp_path):
+    """SFT with MTP (lambda 0.3): megatron computes the MTP loss inside the model; with `mtp_loss_mask` it covers the
+    same target tokens (response only) as the reference loop, so the first-step MTP losses agree. Rows hold one
+    truncated example each (raw prompts, seq_len 48), so the reference backend's packed rows equal megatron's."""
+    from r1moe.config import load_config
+    from r1moe.data import read_sft
+    from r1moe.data.tokenizer import load_tokenizer
+    from r1moe.train import pretrain, sft
+    from r1moe.train.common import special_ids
+    from r1moe.train.megatron_backend import unpacked_rows
+    from r1moe.train.packing import pack_examples
+
+    base = data / "base" / "final"
+    tok = load_tokenizer(base)
+    docs = [(r.prompt, r.response) for r in read_sft(data / "sft.jsonl")]  # template "none": the raw prompt
+    examples = pretrain.build_examples(docs, tok, loss_on_prefix=False)
+    assert pack_examples(examples, 48, special_ids(tok)[0]) == unpacked_rows(examples, 48, special_ids(tok)[0])
+    result = {}
+    for backend in ("reference", "megatron"):
+        cfg = load_config(None, _overrides(tmp_path / backend, **{
+            "stage": "sft", "model.init": base, "data.train": data / "sft.jsonl", "data.template": "none",
+            "data.seq_len": 48, "train.steps": 1, "train.batch_size": 8, "train.mtp_weight": 0.3,
+            "optim.warmup_steps": 0, "train.device": "cuda", "model.dtype": "float32", "parallel.backend": backend}))
+        sft.run(cfg)
+        from r1moe.tracking import read_metrics
+
+        m = read_metrics(cfg.run_dir)[0]
+        result[backend] = {"loss": m["train/loss"], "mtp_loss": m.get("train/mtp_loss")}
+    ref, meg = result["reference"]["mtp_loss"], result["megatron"]["mtp_loss"]
+    assert ref is not None and meg is not None, result
+    result["mtp_rel_diff"] = abs(ref - meg) / abs(ref)
+    result["loss_rel_diff"] = abs(result["reference"]["loss"] - result["megatron"]["loss"]) / result["reference"]["loss"]
+    record("megatron_trainers", {"sft_mtp_parity": result})
+    assert result["loss_rel_diff"] <= 0.01 and result["mtp_rel_diff"] <= 0.01, result
+
+
 def test_sft_runs_to_a_complete_checkpoint(data, tmp_path):
     from r1moe.model import from_pretrained
 
@@ -172,7 +208,9 @@ def test_grpo_through_torchrun_updates_the_policy(data, tmp_path):
         "model.init": data / "base" / "final", "data.train": data / "train.jsonl", "data.eval": data / "eval.jsonl",
         "train.steps": 2, "train.batch_size": 8, "rollout.group_size": 4, "rollout.max_new_tokens": 64,
         "algo.num_minibatches": 2, "algo.beta": 0.001, "algo.ref_refresh_every": 1, "eval.samples": 2,
-        "train.eval_every": 0, "checkpoint.every": 1, "parallel.backend": "megatron"})
+        "train.eval_every": 0, "checkpoint.every": 1, "parallel.backend": "megatron",
+        # the recipe rewards accuracy only; this 200-step base rarely answers right, its format varies
+        "rewards.weights": "{accuracy: 1.0, format: 1.0}"})
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1",
                PYTHONUNBUFFERED="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
