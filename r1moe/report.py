@@ -3,8 +3,8 @@
 Writes `report.md` in the report stage's directory: one row per evaluated checkpoint (pass@1, cons@K, format rate,
 language consistency, mean response length — R1 Tables 2-5 style), the Table-6 experiment (the same student
 trained by GRPO for equal compute vs distilled), the paper's qualitative claims checked against the numbers
-(stage-2 pass@1 > stage-1; cons@K >= pass@1; distilled student > RL student), each PASS or FAIL as measured,
-and the per-stage curves (PNG) copied next to it.
+(stage-2 pass@1 > stage-1; cons@K >= pass@1; distilled student > RL student), each PASS, FAIL or WITHIN NOISE as
+measured, and the per-stage curves (PNG) copied next to it.
 
 Pipeline `report:` keys: `eval_stage` (name of the eval stage), and the labels of its checkpoints that play
 `stage1`, `stage2`, `distilled`, `student_rl` in the claims (any of them may be absent).
@@ -42,29 +42,60 @@ def results_table(results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def check_claims(results: dict[str, dict[str, Any]], roles: dict[str, str]) -> list[tuple[str, bool | None, str]]:
-    """(claim, holds?, evidence); holds is None when the checkpoints it needs were not evaluated."""
-    claims: list[tuple[str, bool | None, str]] = []
+def _se(m: dict[str, Any], key: str = "pass@1") -> float:
+    """An upper bound on the standard error of a mean accuracy over N questions: sqrt(p(1-p)/N) (each question's
+    K-sample mean varies at most as a Bernoulli of the same mean); 0 when N is unknown."""
+    n, p = m.get("num_questions", 0), m[key]
+    return (p * (1 - p) / n) ** 0.5 if n else 0.0
+
+
+def _compare(a: float, b: float, se: float) -> str:
+    """"yes" when a - b > 2 se, "no" when a - b < -2 se (or a <= b without a noise estimate), else "noise"."""
+    if se == 0:
+        return "yes" if a > b else "no"
+    return "yes" if a - b > 2 * se else ("no" if a - b < -2 * se else "noise")
+
+
+Verdict = str
+"""PASS, FAIL, WITHIN NOISE (the difference is under two standard errors, either way) or NOT MEASURED."""
+
+
+def check_claims(results: dict[str, dict[str, Any]], roles: dict[str, str]) -> list[tuple[str, Verdict, str]]:
+    """(claim, verdict, evidence). A claim PASSes or FAILs only when the difference behind it exceeds two standard
+    errors (`_se`); closer calls are WITHIN NOISE: 100 questions cannot tell 15.1% from 14.9%."""
+    claims: list[tuple[str, Verdict, str]] = []
+    word = {"yes": "PASS", "no": "FAIL", "noise": "WITHIN NOISE"}
 
     def get(role: str) -> dict[str, Any] | None:
         label = roles.get(role)
         return results.get(label) if label else None
 
+    def pair(claim: str, a: dict[str, Any], b: dict[str, Any], names: tuple[str, str]) -> None:
+        se = (_se(a) ** 2 + _se(b) ** 2) ** 0.5
+        evidence = f"{names[0]} {_fmt(a['pass@1'])} vs {names[1]} {_fmt(b['pass@1'])}"
+        if se:
+            evidence += f"; difference {100 * (a['pass@1'] - b['pass@1']):+.1f}, 2 SE = {200 * se:.1f}"
+        claims.append((claim, word[_compare(a["pass@1"], b["pass@1"], se)], evidence))
+
     s1, s2 = get("stage1"), get("stage2")
     if s1 and s2:
-        claims.append(("reasoning RL improves on the cold start: stage-2 pass@1 > stage-1 pass@1",
-                       s2["pass@1"] > s1["pass@1"], f"{_fmt(s2['pass@1'])} vs {_fmt(s1['pass@1'])}"))
+        pair("reasoning RL improves on the cold start: stage-2 pass@1 > stage-1 pass@1", s2, s1,
+             ("stage 2", "stage 1"))
     else:
-        claims.append(("stage-2 pass@1 > stage-1 pass@1", None, "stage 1 or 2 not evaluated"))
-    bad = [label for label, m in results.items() if (ck := _cons_key(m)) and m[ck] < m["pass@1"]]
-    claims.append(("majority vote helps: cons@K >= pass@1 for every checkpoint", not bad,
-                   "all checkpoints" if not bad else f"fails for {', '.join(bad)}"))
+        claims.append(("stage-2 pass@1 > stage-1 pass@1", "NOT MEASURED", "stage 1 or 2 not evaluated"))
+    votes = {label: _compare(m[ck], m["pass@1"], (2 ** 0.5) * _se(m)) if m[ck] < m["pass@1"] else "yes"
+             for label, m in results.items() if (ck := _cons_key(m))}
+    bad = [label for label, v in votes.items() if v == "no"]
+    close = [label for label, v in votes.items() if v == "noise"]
+    claims.append(("majority vote helps: cons@K >= pass@1 for every checkpoint",
+                   "FAIL" if bad else ("WITHIN NOISE" if close else "PASS"),
+                   f"cons@K below pass@1 beyond noise for {', '.join(bad)}" if bad else
+                   (f"cons@K below pass@1 within noise for {', '.join(close)}" if close else "all checkpoints")))
     d, r = get("distilled"), get("student_rl")
     if d and r:
-        claims.append(("distillation beats RL on the small student at equal steps (Table 6)",
-                       d["pass@1"] > r["pass@1"], f"distilled {_fmt(d['pass@1'])} vs RL {_fmt(r['pass@1'])}"))
+        pair("distillation beats RL on the small student at equal steps (Table 6)", d, r, ("distilled", "RL"))
     else:
-        claims.append(("distilled student > GRPO student", None, "student runs not evaluated"))
+        claims.append(("distilled student > GRPO student", "NOT MEASURED", "student runs not evaluated"))
     return claims
 
 
@@ -115,12 +146,13 @@ def write_report(p: "PipelineConfig", out: Path) -> dict[str, Any]:
     claims = check_claims(results, p.report)
     timings_path = Path(p.root) / "pipeline_timings.json"
     lines = [f"# {p.name}: results", "",
-             "Every number below was measured by this pipeline run (r1moe eval: K samples per question, "
-             "T=0.6, top-p 0.95; pass@1 = mean accuracy over the K samples; numbers in %).", "",
+             ("Every number below was measured by this pipeline run (r1moe eval: K samples per question, "
+              "T=0.6, top-p 0.95; pass@1 = mean accuracy over the K samples; numbers in %)."), "",
              *results_table(results), "", "## The paper's claims, as measured", ""]
-    for claim, holds, evidence in claims:
-        verdict = "not measured" if holds is None else ("PASS" if holds else "FAIL")
+    for claim, verdict, evidence in claims:
         lines.append(f"- **{verdict}** — {claim} ({evidence})")
+    lines += ["", ("A claim passes or fails only when its difference exceeds two standard errors "
+                   "(at most sqrt(p(1-p)/N) per pass@1 over N questions); closer calls are reported as within noise.")]
     lines += ["", "## Curves", "", *_curves(p, out)]
     if timings_path.is_file():
         lines += ["", "## Stage timings (seconds, this run)", "", "```", timings_path.read_text().strip(), "```"]
@@ -129,4 +161,4 @@ def write_report(p: "PipelineConfig", out: Path) -> dict[str, Any]:
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(out / "report.md")
     return {"report": str(out / "report.md"),
-            "claims": {c: (None if h is None else bool(h)) for c, h, _ in claims}}
+            "claims": {c: v for c, v, _ in claims}}

@@ -82,8 +82,26 @@ def test_unknown_pipeline_key_and_force_name(tmp_path, capsys):
 def test_claims_are_measured_not_assumed():
     results = {"s1": {"pass@1": 0.5, "cons@4": 0.6}, "s2": {"pass@1": 0.4, "cons@4": 0.3},
                "d": {"pass@1": 0.3, "cons@4": 0.3}, "r": {"pass@1": 0.35, "cons@4": 0.4}}
-    claims = {c.split(":")[0]: h for c, h, _ in check_claims(
+    claims = {c.split(":")[0]: v for c, v, _ in check_claims(
         results, {"stage1": "s1", "stage2": "s2", "distilled": "d", "student_rl": "r"})}
-    assert claims["reasoning RL improves on the cold start"] is False
-    assert claims["majority vote helps"] is False  # s2 has cons < pass@1
-    assert claims["distillation beats RL on the small student at equal steps (Table 6)"] is False
+    assert claims["reasoning RL improves on the cold start"] == "FAIL"
+    assert claims["majority vote helps"] == "FAIL"  # s2 has cons < pass@1
+    assert claims["distillation beats RL on the small student at equal steps (Table 6)"] == "FAIL"
+
+
+def test_claims_within_two_standard_errors_are_reported_as_noise():
+    """100 questions: SE(pass@1 = 0.15) <= sqrt(0.15 * 0.85 / 100) = 3.6 points, so 15.1 vs 14.9 decides nothing,
+    while 40 vs 15 does."""
+    def m(p, cons):
+        return {"pass@1": p, "cons@8": cons, "num_questions": 100}
+
+    roles = {"stage1": "s1", "stage2": "s2", "distilled": "d", "student_rl": "r"}
+    close = {c.split(":")[0]: (v, e) for c, v, e in check_claims(
+        {"s1": m(0.149, 0.18), "s2": m(0.151, 0.14), "d": m(0.08, 0.08), "r": m(0.091, 0.13)}, roles)}
+    assert close["reasoning RL improves on the cold start"][0] == "WITHIN NOISE"
+    assert "2 SE = 10.1" in close["reasoning RL improves on the cold start"][1]  # 2 * sqrt(2 * 0.15*0.85/100)
+    assert close["majority vote helps"] == ("WITHIN NOISE", "cons@K below pass@1 within noise for s2")
+    assert close["distillation beats RL on the small student at equal steps (Table 6)"][0] == "WITHIN NOISE"
+    clear = {c.split(":")[0]: v for c, v, _ in check_claims(
+        {"s1": m(0.15, 0.2), "s2": m(0.40, 0.45), "d": m(0.30, 0.35), "r": m(0.10, 0.12)}, roles)}
+    assert set(clear.values()) == {"PASS"}
