@@ -79,6 +79,7 @@ def main() -> int:
     p.add_argument("--root", default="runs/tiny-r1-zero", help="the recipe's root (where the run lands)")
     p.add_argument("--summarize-only", action="store_true", help="summarise an existing run (no wall clock)")
     p.add_argument("--out", default="benchmarks/results/tiny_r1_zero_cpu.json")
+    p.add_argument("--label", help="what the summarised run was, when not the recipe as committed")
     a = p.parse_args()
     wall = None
     if not a.summarize_only:
@@ -90,6 +91,8 @@ def main() -> int:
         wall = time.perf_counter() - t0
     root = Path(a.root)
     result = summarize(root, wall)
+    if a.label:
+        result["run"] = a.label
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
