@@ -32,6 +32,17 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _device() -> str:
+    """Where the run's stages ran: the first CUDA device when there is one (train.device: auto picks it)."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (train.device auto -> cuda), host {os.cpu_count()} CPU cores"
+    return f"{cpu_name()}, {os.cpu_count()} cores (no GPU)"
+
+
 def summarize(root: Path, wall_s: float | None) -> dict:
     grpo = root / "grpo"
     rows = _rows(grpo / "metrics.jsonl")
@@ -52,7 +63,7 @@ def summarize(root: Path, wall_s: float | None) -> dict:
     timings = json.loads((root / "pipeline_timings.json").read_text())
     return {
         "benchmark": "tiny R1-Zero pipeline (r1moe pipeline recipes/tiny/r1_zero.yaml)",
-        "device": f"{cpu_name()}, 2 cores (no GPU)",
+        "device": _device(),
         "wall_clock_s": None if wall_s is None else round(wall_s, 1),
         "goal_s": GOAL_S,
         "time_goal_met": None if wall_s is None else wall_s <= GOAL_S,

@@ -64,6 +64,8 @@ class MetricsLogger:
         self._start = time.time()
         self._console = Console() if console else None
         self._wandb_run = None
+        if os.environ.get("WANDB_MODE") == "disabled":  # wandb's own switch turns it off for a whole pipeline
+            wandb_mode = "disabled"
         if wandb_mode != "disabled":
             import wandb  # lazily: slow to import, and not needed for "disabled"
 

@@ -53,6 +53,17 @@ def test_metrics_logger_disabled_appends_and_validates(tmp_path):
     assert not (tmp_path / "wandb").exists()
 
 
+def test_wandb_mode_disabled_in_the_environment_wins(tmp_path, wandb_env, monkeypatch):
+    """WANDB_MODE=disabled (wandb's own switch) turns wandb off for every stage of a pipeline, whose recipes say
+    offline."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    with MetricsLogger(tmp_path, project="p", run_name="r", wandb_mode="offline", console=False) as logger:
+        assert logger.wandb_dir is None
+        logger.log(0, {"a": 1.0})
+    assert [r["a"] for r in read_metrics(tmp_path)] == [1.0]
+    assert not (tmp_path / "wandb").exists()
+
+
 def test_read_metrics_skips_only_a_truncated_last_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0, "x": 1}\n\n{"step": 1, "x": 2}\n{"step": 2, "x"')
