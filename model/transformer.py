@@ -235,14 +235,16 @@ def _init_weights(model: CausalLM) -> None:
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 seed: int | None = None) -> CausalLM:
     """A new randomly initialised model. device="meta" allocates nothing (then stream weights in with
-    `load_hf_tensor` after `model.to_empty(device=...)`)."""
+    `load_hf_tensor` after `model.to_empty(device=...)`). Weights are drawn on the CPU and then moved, so one seed
+    gives the same model on every device (CUDA's generator draws other numbers)."""
     if seed is not None:
         torch.manual_seed(seed)
-    with torch.device(device):
+    meta = str(device) == "meta"
+    with torch.device("meta" if meta else "cpu"):
         model = CausalLM(cfg)
-    if str(device) != "meta":
+    if not meta:
         _init_weights(model)
-    model.to(dtype=dtype)
+    model.to(device=device, dtype=dtype)
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             b.data = b.data.float()
