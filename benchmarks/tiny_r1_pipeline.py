@@ -16,17 +16,13 @@ import sys
 import time
 from pathlib import Path
 
+from r1moe.train.common import write_json_atomic, write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from cpu_rollout_grpo import cpu_name  # noqa: E402
+from cpu_rollout_grpo import cpu_name
 
 GOAL_S = 900
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def main() -> int:
@@ -55,9 +51,9 @@ def main() -> int:
         "eval": json.loads((root / evals[-1] / "results.json").read_text()) if evals else {},
     }
     out = Path(a.out)
-    _write(out, json.dumps(result, indent=1) + "\n")
+    write_json_atomic(out, result)
     if reports:
-        _write(out.with_name(out.stem + "_report.md"), (root / reports[-1] / "report.md").read_text())
+        write_text_atomic(out.with_name(out.stem + "_report.md"), (root / reports[-1] / "report.md").read_text())
     print(json.dumps({k: result[k] for k in ("wall_clock_s", "goal_met")}))
     return 0
 

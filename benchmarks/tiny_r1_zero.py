@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -20,22 +21,19 @@ import sys
 import time
 from pathlib import Path
 
+from r1moe.tracking import read_metrics
+from r1moe.train.common import write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from cpu_rollout_grpo import cpu_name  # noqa: E402
+from cpu_rollout_grpo import cpu_name
 
 GOAL_S = 600
 GOAL_POINTS = 15.0
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _device() -> str:
     """Where the run's stages ran: the first CUDA device when there is one (train.device: auto picks it)."""
-    import os
-
     import torch
 
     if torch.cuda.is_available():
@@ -45,7 +43,7 @@ def _device() -> str:
 
 def summarize(root: Path, wall_s: float | None) -> dict:
     grpo = root / "grpo"
-    rows = _rows(grpo / "metrics.jsonl")
+    rows = read_metrics(grpo)
     evals = [{k: v for k, v in r.items() if k == "step" or k.startswith("eval/")} for r in rows
              if "eval/pass@1" in r]
     if len(evals) < 2:
@@ -106,9 +104,7 @@ def main() -> int:
         result["run"] = a.label
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_json_atomic(out, result)
     pictures = out.parent / out.stem.removesuffix("_cpu")
     pictures.mkdir(exist_ok=True)
     for png in sorted((root / "grpo").glob("*.png")) + sorted((root / "pretrain").glob("*.png")):

@@ -64,12 +64,12 @@ def _rope_kwargs_mla(cfg: ModelConfig) -> dict[str, Any]:
     if kind == "yarn":
         factor = rs.get("factor") or cfg.max_position_embeddings / rs["original_max_position_embeddings"]
         return {"rope_type": "yarn", "rotary_base": cfg.rope_theta, "rotary_scaling_factor": float(factor),
-                    "original_max_position_embeddings": int(rs["original_max_position_embeddings"]),
-                    "beta_fast": float(rs.get("beta_fast") or 32), "beta_slow": float(rs.get("beta_slow") or 1),
-                    "mscale": float(rs.get("mscale") or 1.0), "mscale_all_dim": float(rs.get("mscale_all_dim") or 0.0)}
+                "original_max_position_embeddings": int(rs["original_max_position_embeddings"]),
+                "beta_fast": float(rs.get("beta_fast") or 32), "beta_slow": float(rs.get("beta_slow") or 1),
+                "mscale": float(rs.get("mscale") or 1.0), "mscale_all_dim": float(rs.get("mscale_all_dim") or 0.0)}
     return {"rope_type": "yarn", "rotary_base": cfg.rope_theta, "rotary_scaling_factor": 1.0,
-                "original_max_position_embeddings": cfg.max_position_embeddings, "beta_fast": 32.0, "beta_slow": 1.0,
-                "mscale": 1.0, "mscale_all_dim": 0.0}
+            "original_max_position_embeddings": cfg.max_position_embeddings, "beta_fast": 32.0, "beta_slow": 1.0,
+            "mscale": 1.0, "mscale_all_dim": 0.0}
 
 
 def _router_groups(cfg: ModelConfig) -> tuple[int | None, int | None]:

@@ -72,7 +72,7 @@ def rank_coords() -> dict[str, int]:
     from megatron.core import parallel_state as ps
 
     return {"pp_rank": ps.get_pipeline_model_parallel_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
-                "ep_rank": ps.get_expert_model_parallel_rank(), "etp_rank": ps.get_expert_tensor_parallel_rank()}
+            "ep_rank": ps.get_expert_model_parallel_rank(), "etp_rank": ps.get_expert_tensor_parallel_rank()}
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

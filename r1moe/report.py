@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from r1moe.tracking import read_metrics
+from r1moe.train.common import write_text_atomic
 
 if TYPE_CHECKING:
     from r1moe.pipeline import PipelineConfig
@@ -157,8 +158,6 @@ def write_report(p: "PipelineConfig", out: Path) -> dict[str, Any]:
     if timings_path.is_file():
         lines += ["", "## Stage timings (seconds, this run)", "", "```", timings_path.read_text().strip(), "```"]
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out / "report.md")
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     return {"report": str(out / "report.md"),
             "claims": {c: v for c, v, _ in claims}}

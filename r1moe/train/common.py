@@ -56,10 +56,15 @@ def read_done(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / DONE_FILE).read_text())
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write next to `path`, then rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def prepare_run_dir(cfg: JobConfig, resume: bool) -> Path:

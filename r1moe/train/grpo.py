@@ -220,10 +220,11 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
                 if a.update_expert_bias:
                     common.apply_expert_bias_update(policy, counts, cfg.train.expert_bias_rate)
                 metrics.update(type(stats[0]).merge(stats).to_dict("train/"))
-            if ref is not None and a.ref_refresh_every and step % a.ref_refresh_every == 0:
-                ref.load_state_dict(policy.state_dict())
-            if mp is not None and a.ref_refresh_every and step % a.ref_refresh_every == 0:
-                mp.refresh_ref()
+            if a.ref_refresh_every and step % a.ref_refresh_every == 0:
+                if mp is not None:
+                    mp.refresh_ref()
+                elif ref is not None:
+                    ref.load_state_dict(policy.state_dict())
             lengths = [len(g.token_ids) for g in gens]
             metrics.update({
                 "reward/total": statistics.fmean(rewards.total),

@@ -97,15 +97,22 @@ class LMMicroBatch:
         return mask
 
 
-def _take_mtp_loss(clear_only: bool = False) -> dict[str, torch.Tensor]:
-    """The MTP loss megatron recorded since the last call (sum over depths), then cleared; {} without MTP.
-    megatron's tracker is process-global and accumulates every training forward (other models' included), so the
-    step clears it before its first forward (`clear_only`)."""
+def _clear_mtp_tracker() -> None:
+    """megatron's MTP loss tracker is process-global and accumulates every training forward (other models'
+    included): a step clears it before its first forward."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    MTPLossLoggingHelper.clean_metrics_in_tracker()
+
+
+def _take_mtp_loss() -> dict[str, torch.Tensor]:
+    """The MTP loss megatron recorded since the tracker was last cleared (sum over depths), then cleared; {} when
+    nothing was recorded."""
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     values = MTPLossLoggingHelper.tracker.get("loss_values")
-    out = {} if values is None or clear_only else {"mtp_loss": values.sum().detach().clone()}
-    MTPLossLoggingHelper.clean_metrics_in_tracker()
+    out = {} if values is None else {"mtp_loss": values.sum().detach().clone()}
+    _clear_mtp_tracker()
     return out
 
 
@@ -252,7 +259,7 @@ class MegatronPolicy:
                     _take_mtp_loss() if self.mtp_on else {})
 
         if self.mtp_on:
-            _take_mtp_loss(clear_only=True)
+            _clear_mtp_tracker()
         r = self._step([LMMicroBatch(*p) for p in parts], loss_fn)
         out = {"train/loss": r.metrics["loss"], "train/grad_norm": _num(r.grad_norm), "train/lr": self.lr,
                "train/tokens": total, "perf/step_s": time.perf_counter() - t0}
