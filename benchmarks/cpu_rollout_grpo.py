@@ -30,7 +30,7 @@ from r1moe.data.tokenizer import build_tiny_tokenizer, default_corpus
 from r1moe.model import build_model, get_preset
 from r1moe.rollout import BuiltinEngine, SamplingParams
 from r1moe.templates import render
-from r1moe.train.grpo import build_rl_batch
+from r1moe.train.policy import build_rl_batch
 
 
 def cpu_name() -> str:

@@ -101,8 +101,52 @@ class OptimSection:
 
 
 @dataclass
+class SGLangSection:
+    """The SGLang rollout engine (`rollout.engine: sglang`; r1moe/rollout/sglang_engine.py). One `sglang.Engine`
+    runs in the main process of rank 0 on this node's GPUs 0 .. tp*dp-1, next to the training ranks."""
+
+    tp: int = 1
+    """SGLang tensor-parallel size (GPUs per model replica)."""
+    dp: int = 1
+    """SGLang data-parallel replicas; tp * dp GPUs in all, on the node of rank 0."""
+    ep: int = 1
+    """SGLang expert-parallel size (MoE); must divide tp (SGLang places experts inside its TP group)."""
+    mem_fraction_static: float = 0.5
+    """Fraction of GPU memory SGLang takes for weights + KV cache. Colocated with training: what the trainer
+    leaves free (SGLang's memory is released while the policy trains, `colocate`)."""
+    colocate: bool = True
+    """Release SGLang's weights and KV cache while the policy trains, take them back for rollouts."""
+    attention_backend: str = "triton"
+    """SGLang attention backend (triton | flashinfer | fa3 | ...); triton serves MLA on every Hopper build."""
+    sampling_backend: Literal["pytorch", "flashinfer"] = "pytorch"
+    cuda_graph_max_bs: int = 256
+    """Largest decode batch captured as a CUDA graph; 0 disables CUDA graphs (faster start, slower decode)."""
+    context_length: int = 0
+    """Longest prompt + completion SGLang serves; 0 = max_prompt_tokens + max_new_tokens of the stage."""
+    max_running_requests: int = 0
+    """Requests decoded at once; 0 = SGLang's default from its memory budget."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """SGLang's weights and activations; the trainer's weights are cast on sync."""
+    log_level: str = "error"
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "dp", "ep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.sglang.{name}={getattr(self, name)} must be >= 1")
+        if self.tp % self.ep:
+            raise ValueError(f"rollout.sglang.ep={self.ep} must divide rollout.sglang.tp={self.tp}")
+        if not 0 < self.mem_fraction_static < 1:
+            raise ValueError(f"rollout.sglang.mem_fraction_static={self.mem_fraction_static} must be in (0, 1)")
+        for name in ("cuda_graph_max_bs", "context_length", "max_running_requests"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"rollout.sglang.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclass
 class RolloutSection:
     engine: Literal["builtin", "sglang"] = "builtin"
+    """builtin = the reference model's batched sampler (CPU or one GPU); sglang = SGLang (GPUs, `rollout.sglang`)."""
+    sglang: SGLangSection = field(default_factory=SGLangSection)
     group_size: int = 16
     """G outputs per question (R1: 16)."""
     temperature: float = 1.0
@@ -208,6 +252,11 @@ class JobConfig:
         if self.algo.num_minibatches < 1 or self.train.batch_size % self.algo.num_minibatches:
             raise ValueError(f"algo.num_minibatches={self.algo.num_minibatches} must divide "
                              f"train.batch_size={self.train.batch_size}")
+        if self.rollout.engine != "sglang" and self.rollout.sglang != SGLangSection():
+            changed = [f"rollout.sglang.{f.name}" for f in dataclasses.fields(SGLangSection)
+                       if getattr(self.rollout.sglang, f.name) != getattr(SGLangSection(), f.name)]
+            raise ValueError(f"{', '.join(changed)} set but rollout.engine={self.rollout.engine!r}: the SGLang "
+                             f"settings only apply with rollout.engine=sglang")
         if self.algo.beta < 0:
             raise ValueError(f"algo.beta={self.algo.beta} must be >= 0")
         for name, w in self.rewards.weights.items():

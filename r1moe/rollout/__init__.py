@@ -1,4 +1,5 @@
-"""Rollout engines: the RolloutEngine protocol and the built-in engine over the reference model."""
+"""Rollout engines: the RolloutEngine protocol, the built-in engine over the reference model, and SGLang
+(r1moe.rollout.sglang_engine, imported on demand: it needs CUDA and the sglang package)."""
 
 from .base import FinishReason, Generation, RolloutEngine, SamplingParams
 from .builtin import BuiltinEngine

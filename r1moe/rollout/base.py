@@ -1,7 +1,8 @@
 """The rollout-engine contract: generate completions for token prompts, take new weights as HF-named tensors.
 
-The built-in engine (r1moe/rollout/builtin.py) runs the reference model on CPU or CUDA; an SGLang engine
-implements the same protocol (weights arrive through the same HF-named iterator the megatron backend exports).
+The built-in engine (r1moe/rollout/builtin.py) runs the reference model on CPU or CUDA; the SGLang engine
+(r1moe/rollout/sglang_engine.py) implements the same protocol on GPUs (weights arrive through the same HF-named
+iterator the megatron backend exports).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class Generation:
     token_ids: list[int]
     """Completion tokens, the EOS token included when finish_reason == "eos"."""
     logprobs: list[float]
-    """log pi(token) under the model's unmodified distribution (temperature 1, no top-p/k): the policy's logprob."""
+    """log pi_T(token) = log softmax(logits / T)[token] at the sampling temperature T (T = 0, greedy: T = 1), before
+    top-p / top-k truncation: the distribution the trainers' importance ratio uses (train/policy.py)."""
     text: str
     finish_reason: FinishReason
 
@@ -46,4 +48,12 @@ class RolloutEngine(Protocol):
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors (full, unsharded) into the engine's model."""
+        ...
+
+    def sleep(self) -> None:
+        """Give GPU memory back to the trainer until the next generate/update_weights (colocated engines)."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes; the engine is unusable afterwards."""
         ...

@@ -2,7 +2,8 @@
 
 Prompts are left-padded into one batch, prefilled in one forward, then decoded one token per step for all rows;
 rows that finished keep stepping (their tokens are discarded) so the batch stays rectangular. Sampling: temperature,
-top-k, then top-p (nucleus) on the temperature-scaled distribution; the logprob returned is the unmodified policy's.
+top-k, then top-p (nucleus) on the temperature-scaled distribution; the logprob returned is of the temperature-scaled
+policy before top-k/top-p, log softmax(logits / T) (T = 0: T = 1), as SGLang returns it (rollout/base.py).
 Stops at EOS, at a stop string, or at max_new_tokens.
 
 Legend: B rows, V vocab, P padded prompt length.
@@ -59,6 +60,12 @@ class BuiltinEngine:
         for name, tensor in named_tensors:
             load_hf_tensor(self.model, name, tensor)
 
+    def sleep(self) -> None:
+        pass  # shares the device with the trainer by design: nothing to hand back
+
+    def shutdown(self) -> None:
+        pass
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         if not prompts:
             return []
@@ -108,7 +115,7 @@ class BuiltinEngine:
         ones = torch.ones(B, 1, dtype=torch.long, device=device)
         for _ in range(params.max_new_tokens):
             nxt = sample_next(logits, params, gen)
-            lp = F.log_softmax(logits.float(), -1).gather(-1, nxt[:, None]).squeeze(-1)
+            lp = F.log_softmax(logits.float() / (params.temperature or 1.0), -1).gather(-1, nxt[:, None]).squeeze(-1)
             nxt_l, lp_l = nxt.tolist(), lp.tolist()
             is_eos = torch.isin(nxt, eos).tolist()
             for r in range(B):

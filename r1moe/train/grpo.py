@@ -1,76 +1,35 @@
 """GRPO (DeepSeek-R1 §2.2, eq. 1 and 3): the flat RL loop of R1-Zero, reasoning RL (stage 2) and all-scenario RL
 (stage 4). rollout (G outputs per question) -> rule rewards (+ reward model) -> group advantages -> policy updates
-(mini-batches) -> expert bias -> log -> periodic held-out eval -> checkpoint (HF dir + trainer state, atomic).
+(mini-batches) -> weights to the rollout engine -> log -> periodic held-out eval -> checkpoint.
 
     r1moe grpo recipes/tiny/r1_zero/grpo.yaml [key=value ...] [--resume]
-    python -m r1moe.train.grpo recipes/tiny/r1_zero/grpo.yaml
+    torchrun --nproc_per_node 8 -m r1moe.train.grpo RECIPE parallel.backend=megatron rollout.engine=sglang
 
-With `parallel.backend: megatron` (torchrun or one GPU) the update runs on r1moe.parallel via
-train/megatron_backend.py; rollouts still use the builtin engine, fed the trained weights after every step.
+The loop knows two things only: a Policy (train/policy.py: `ReferencePolicy`, or `MegatronPolicy` with
+`parallel.backend: megatron`) and a RolloutEngine (r1moe.rollout: `BuiltinEngine`, or `SGLangEngine` with
+`rollout.engine: sglang`). `build_engine` pairs them; nothing below it branches on either.
 
 Legend: Q questions per step, G group size, N = Q*G sequences, T padded sequence length.
 """
 
 from __future__ import annotations
 
-import copy
 import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
-from r1moe.algorithms import (compute_advantages, compute_grpo_loss, compute_loss_denominator, compute_token_logprobs,
-                              filter_groups)
+from r1moe.algorithms import compute_advantages, filter_groups
 from r1moe.config import JobConfig
 from r1moe.data import PromptSample, read_prompts
 from r1moe.evaluate import EvalSettings, evaluate
 from r1moe.plots import plot_run
-from r1moe.rollout import BuiltinEngine, Generation, SamplingParams
-from r1moe.tracking import MetricsLogger
+from r1moe.rollout import BuiltinEngine, RolloutEngine, SamplingParams
 
 from . import common
-
-
-@dataclass
-class RLBatch:
-    input_ids_NT: torch.Tensor
-    attention_mask_NT: torch.Tensor
-    targets_NT: torch.Tensor
-    response_mask_NT: torch.Tensor
-    """True where the target is a generated token (the policy's action)."""
-
-    def rows(self, idx: slice) -> "RLBatch":
-        return RLBatch(self.input_ids_NT[idx], self.attention_mask_NT[idx], self.targets_NT[idx],
-                       self.response_mask_NT[idx])
-
-
-def build_rl_batch(gens: list[Generation], pad_id: int, device: torch.device) -> RLBatch:
-    """prompt + completion, right-padded; inputs are seq[:-1], targets seq[1:]; loss only on completion tokens."""
-    T = max(len(g.prompt_ids) + len(g.token_ids) for g in gens) - 1
-    N = len(gens)
-    ids = torch.full((N, T), pad_id, dtype=torch.long)
-    tgt = torch.full((N, T), pad_id, dtype=torch.long)
-    att = torch.zeros((N, T), dtype=torch.long)
-    resp = torch.zeros((N, T), dtype=torch.bool)
-    for n, g in enumerate(gens):
-        seq = g.prompt_ids + g.token_ids
-        L = len(seq) - 1
-        ids[n, :L] = torch.tensor(seq[:-1])
-        tgt[n, :L] = torch.tensor(seq[1:])
-        att[n, :L] = 1
-        resp[n, len(g.prompt_ids) - 1:L] = True
-    return RLBatch(ids.to(device), att.to(device), tgt.to(device), resp.to(device))
-
-
-def sequence_logprobs(model, b: RLBatch, expert_counts: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi of every target. Sequences are right-padded, so under a causal mask no real token ever sees a pad:
-    the unmasked (fast, fused) attention path gives the same values on real positions. Only the expert counts
-    need the mask, to leave pad tokens out of the load statistics."""
-    out = model(b.input_ids_NT, attention_mask=b.attention_mask_NT if expert_counts else None)
-    return compute_token_logprobs(out.logits, b.targets_NT), out.expert_counts
+from .policy import Policy, ReferencePolicy, build_rl_batch
 
 
 class QuestionSampler:
@@ -111,6 +70,49 @@ def _load(cfg: JobConfig):
     return train, held_out, tok
 
 
+def check_backends(cfg: JobConfig) -> None:
+    """Everything the chosen backend and engine need, before a run directory exists (clear errors, exit 2)."""
+    if cfg.parallel.backend == "megatron":
+        from .megatron_backend import check_megatron_backend
+
+        check_megatron_backend(cfg)
+    if cfg.rollout.engine == "sglang":
+        from r1moe.rollout.sglang_engine import check_sglang
+
+        if cfg.train.device != "auto" and not cfg.train.device.startswith("cuda"):
+            raise ValueError(f"rollout.engine=sglang runs on GPUs: train.device={cfg.train.device!r} must be auto "
+                             f"or cuda (or use rollout.engine=builtin)")
+        check_sglang(num_gpus=cfg.rollout.sglang.tp * cfg.rollout.sglang.dp)
+
+
+def build_policy(cfg: JobConfig, tok, device: torch.device) -> Policy:
+    updates = cfg.train.steps * cfg.algo.num_minibatches
+    if cfg.parallel.backend == "megatron":
+        from .megatron_backend import MegatronPolicy
+
+        return MegatronPolicy(cfg, tok, updates, mtp_weight=0.0, with_ref=cfg.algo.beta > 0, aux_loss=False,
+                              bias_rate=cfg.train.expert_bias_rate if cfg.algo.update_expert_bias else 0.0)
+    return ReferencePolicy(cfg, tok, device, updates)
+
+
+def build_engine(cfg: JobConfig, policy: Policy, tok, run_dir) -> RolloutEngine | None:
+    """The rollout engine of rank 0 (None on other ranks with SGLang: they receive rank 0's rollouts)."""
+    pad, _, eos = common.special_ids(tok)
+    eos_ids = sorted({eos, *policy.model_cfg.eos_ids})
+    if cfg.rollout.engine == "builtin":
+        return BuiltinEngine(policy.rollout_model(), tok, eos_ids=eos_ids, pad_id=pad,
+                             micro_batch_size=cfg.rollout.micro_batch_size)
+    if not policy.is_main:
+        return None
+    from r1moe.rollout.sglang_engine import SGLangEngine, write_engine_dir
+
+    init = common.init_checkpoint_dir(cfg)
+    path = init if init is not None else write_engine_dir(policy.model_cfg, run_dir / "rollout_engine")
+    ctx = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+    return SGLangEngine(path, tok, eos_ids, cfg.rollout.sglang, context_length=ctx, seed=cfg.train.seed,
+                        dummy_weights=init is None)
+
+
 def run(cfg: JobConfig, resume: bool = False) -> dict:
     from r1moe.rewards import compute_rewards
     from r1moe.templates import completion_prefix
@@ -123,35 +125,14 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
         extra_rewards["reward_model"] = load_reward_fn(cfg.rewards.reward_model, cfg.data.template)
         weights["reward_model"] = cfg.rewards.reward_model_weight
     a, ro = cfg.algo, cfg.rollout
-    megatron = cfg.parallel.backend == "megatron"
-    if megatron:
-        from .megatron_backend import MegatronPolicy, check_megatron_backend
-
-        check_megatron_backend(cfg)  # before the run directory exists
+    check_backends(cfg)  # before the run directory exists
     device = common.setup_torch(cfg)
     run_dir = common.prepare_run_dir(cfg, resume)
-    # megatron: the trained policy, pi_ref and the optimizer live in r1moe.parallel; `policy` only rolls out
-    mp = MegatronPolicy(cfg, tok, cfg.train.steps * a.num_minibatches, mtp_weight=0.0, with_ref=a.beta > 0,
-                        bias_rate=cfg.train.expert_bias_rate if a.update_expert_bias else 0.0,
-                        aux_loss=False) if megatron else None
-    policy = common.build_policy(cfg, tok, device).train()
-    if mp is not None:
-        policy.eval().requires_grad_(False)
-    ref = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.algo.beta > 0 and mp is None else None
-    opt, sched = (None, None) if mp is not None else common.build_optimizer(policy, cfg.optim, cfg.train.steps * a.num_minibatches)
-    start = 0
-    if mp is not None:
-        start = mp.restore(run_dir) if resume else 0
-    elif resume and (ckpt := common.latest_checkpoint(run_dir)) is not None:
-        state = common.restore_checkpoint(ckpt, policy, opt, sched)
-        start = state.step
-        if ref is not None and "ref" in state.extra:
-            ref.load_state_dict(state.extra["ref"])
-    pad, _, eos = common.special_ids(tok)
-    engine = BuiltinEngine(policy, tok, eos_ids=sorted({eos, *policy.cfg.eos_ids}), pad_id=pad,
-                           micro_batch_size=ro.micro_batch_size)
-    if mp is not None:
-        mp.export_to(engine)
+    policy = build_policy(cfg, tok, device)
+    start = policy.restore(run_dir) if resume else 0
+    engine = build_engine(cfg, policy, tok, run_dir)
+    policy.export_to(engine)  # the engine starts from the policy's weights (resumed ones included)
+    pad = common.special_ids(tok)[0]
     prefix = completion_prefix(cfg.data.template) if cfg.data.template != "none" else ""
     params = SamplingParams(temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                             max_new_tokens=ro.max_new_tokens, stop=list(ro.stop))
@@ -162,14 +143,13 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
     sampler = QuestionSampler(train, cfg.train.seed)
     G, Q = ro.group_size, cfg.train.batch_size
     norm_const = a.norm_const or float(ro.max_new_tokens)
-    logger = (mp.build_logger(cfg, run_dir) if mp is not None else
-              MetricsLogger(run_dir, project=cfg.logging.project, run_name=cfg.name, wandb_mode=cfg.logging.wandb,
-                            config=common.config_dict(cfg)))
+    logger = policy.build_logger(cfg, run_dir)
     evals: dict[int, dict] = {}
 
     def run_eval(step: int) -> None:
         if eval_set:
-            evals[step] = evaluate(engine, tok, eval_set, ev, show_progress=False)
+            result = evaluate(engine, tok, eval_set, ev, show_progress=False) if engine is not None else None
+            evals[step] = policy.broadcast(result)
             logger.log(step, {f"eval/{k}": v for k, v in evals[step].items()})
 
     with logger, common.progress_bar("grpo", cfg.train.steps, start) as advance:
@@ -181,9 +161,9 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
             owners = [q for q in questions for _ in range(G)]
             prompts = [common.encode_prompt(tok, cfg.data.template, q.prompt) for q in owners]
             params.seed = cfg.train.seed * 1_000_003 + step
-            gens = engine.generate(prompts, params)
-            if mp is not None:
-                gens = mp.broadcast(gens)
+            gens = policy.broadcast(engine.generate(prompts, params) if engine is not None else None)
+            if engine is not None:
+                engine.sleep()  # colocated engines hand their GPU memory to the trainer
             t_rollout = time.perf_counter() - t0
             rewards = compute_rewards([prefix + g.text for g in gens], owners, weights, extra=extra_rewards)
             r_N = torch.tensor(rewards.total, dtype=torch.float32)
@@ -191,40 +171,16 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
             keep = filter_groups(r_N, G) if a.dynamic_sampling else torch.ones_like(r_N, dtype=torch.bool)
             kept = [i for i in range(len(gens)) if keep[i]]
             metrics: dict[str, float] = {}
-            if kept and mp is not None:
-                metrics.update(mp.train_grpo(build_rl_batch([gens[i] for i in kept], pad, device),
-                                             adv_N[kept].to(device), a, norm_const))
-                mp.export_to(engine)
-            elif kept:
+            t1 = time.perf_counter()
+            if kept:
                 batch = build_rl_batch([gens[i] for i in kept], pad, device)
-                adv = adv_N[kept].to(device)
-                with torch.no_grad():
-                    old = sequence_logprobs(policy, batch)[0] if a.num_minibatches > 1 else None
-                    ref_lp = sequence_logprobs(ref, batch)[0] if ref is not None else None
-                size = -(-len(kept) // a.num_minibatches)
-                stats, counts = [], None
-                for i in range(0, len(kept), size):
-                    sl = slice(i, i + size)
-                    mb = batch.rows(sl)
-                    logp, c = sequence_logprobs(policy, mb, expert_counts=a.update_expert_bias)
-                    loss, st = compute_grpo_loss(
-                        logp, None if old is None else old[sl], adv[sl], mb.response_mask_NT,
-                        ref_logp_BT=None if ref_lp is None else ref_lp[sl], beta=a.beta, eps_low=a.eps_low,
-                        eps_high=a.eps_high, agg=a.agg, norm_const=norm_const,
-                        loss_denominator=compute_loss_denominator(mb.response_mask_NT, a.agg).clamp(min=1))
-                    loss.backward()
-                    metrics["train/grad_norm"] = common.clip_and_step(policy, opt, sched, cfg.optim.grad_clip)
-                    stats.append(st)
-                    if c is not None:
-                        counts = c if counts is None else counts + c
-                if a.update_expert_bias:
-                    common.apply_expert_bias_update(policy, counts, cfg.train.expert_bias_rate)
-                metrics.update(type(stats[0]).merge(stats).to_dict("train/"))
+                metrics.update(policy.train_grpo(batch, adv_N[kept].to(device), a, norm_const, ro.temperature))
+            t2 = time.perf_counter()
+            if kept:
+                policy.export_to(engine)
+            t3 = time.perf_counter()
             if a.ref_refresh_every and step % a.ref_refresh_every == 0:
-                if mp is not None:
-                    mp.refresh_ref()
-                elif ref is not None:
-                    ref.load_state_dict(policy.state_dict())
+                policy.refresh_ref()
             lengths = [len(g.token_ids) for g in gens]
             metrics.update({
                 "reward/total": statistics.fmean(rewards.total),
@@ -233,28 +189,26 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
                 "rollout/response_length_std": statistics.pstdev(lengths),
                 **{f"rollout/finish_{r}": sum(g.finish_reason == r for g in gens) / len(gens)
                    for r in ("eos", "stop", "length")},
-                "rollout/groups_kept": len(kept) / G, "train/lr": mp.lr if mp is not None else sched.get_last_lr()[0],
-                "perf/rollout_s": t_rollout, "perf/step_s": time.perf_counter() - t0,
+                "rollout/groups_kept": len(kept) / G, "train/lr": policy.lr,
+                "perf/rollout_s": t_rollout, "perf/train_s": t2 - t1, "perf/sync_s": t3 - t2,
+                "perf/step_s": time.perf_counter() - t0,
                 "perf/rollout_tokens_per_s": sum(lengths) / max(t_rollout, 1e-9)})
             logger.log(step, metrics)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 run_eval(step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
-                if mp is not None:
-                    mp.save_checkpoint(run_dir, step)
-                else:
-                    extra = {"ref": ref.state_dict()} if ref is not None and a.ref_refresh_every else {}
-                    common.save_checkpoint(run_dir, step, policy, tok, opt, sched, extra, cfg.checkpoint.keep)
+                policy.save_checkpoint(run_dir, step)
             advance(f"grpo reward {metrics['reward/total']:.2f}")
         run_eval(cfg.train.steps)
-    if cfg.logging.plots and common.is_main_process():
+    if engine is not None:
+        engine.sleep()
+    if cfg.logging.plots and policy.is_main:
         plot_run(run_dir)
     base, final = evals.get(0), evals.get(cfg.train.steps)
     summary = {"stage": "grpo", "steps": cfg.train.steps, "eval_base": base, "eval_final": final}
-    if mp is not None:
-        mp.save_final(run_dir, tok, summary, host=policy)
-    else:
-        common.finalize(run_dir, policy, tok, summary)
+    policy.save_final(run_dir, tok, summary)
+    if engine is not None:
+        engine.shutdown()
     return summary
 
 

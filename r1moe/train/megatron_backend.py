@@ -173,7 +173,8 @@ def _model_config_and_weights(cfg: JobConfig, tok: Tokenizer, device: torch.devi
 
 
 class MegatronPolicy:
-    """The trained policy on r1moe.parallel. Every method is collective: all ranks call it together."""
+    """The trained policy on r1moe.parallel (the train/policy.py Policy protocol, and the LM stages' trainer).
+    Every method is collective: all ranks call it together."""
 
     def __init__(self, cfg: JobConfig, tok: Tokenizer, total_updates: int, *, mtp_weight: float, bias_rate: float,
                  with_ref: bool = False, aux_loss: bool = True):
@@ -194,6 +195,8 @@ class MegatronPolicy:
         self.pcfg = ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, cp=p.cp, pp_layers=p.pp_layers)
         initialize_parallel(self.pcfg, seed=cfg.train.seed)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self._host = None  # the reference CausalLM a built-in engine samples from (rollout_model)
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.pad_id = common.special_ids(tok)[0]
         gpu = torch.device("cuda", torch.cuda.current_device())  # initialize_parallel set it from LOCAL_RANK
@@ -268,19 +271,22 @@ class MegatronPolicy:
         return out
 
     # ------------------------------------------------------------------------------------------ grpo
-    def logprobs(self, mbs: list[RLMicroBatch], ref: bool = False) -> list[torch.Tensor] | None:
-        """log pi(target) per micro-batch under the policy (or the frozen reference); None off the last PP stage."""
+    def logprobs(self, mbs: list[RLMicroBatch], ref: bool = False, temperature: float = 1.0
+                 ) -> list[torch.Tensor] | None:
+        """log pi_T(target) per micro-batch under the policy (or the frozen reference); None off the last PP stage."""
         from r1moe.parallel import forward_only
 
         models = self.ref_models if ref else self.models
-        return forward_only(models, mbs, lambda logits_BTV, mb: compute_token_logprobs(logits_BTV, mb.targets),
+        return forward_only(models, mbs, lambda logits_BTV, mb: compute_token_logprobs(logits_BTV, mb.targets,
+                                                                                        temperature=temperature),
                             self.model_cfg.vocab_size)
 
-    def train_step_grpo(self, mbs: list[RLMicroBatch], a: AlgoSection, norm_const: float, den: torch.Tensor):
+    def train_step_grpo(self, mbs: list[RLMicroBatch], a: AlgoSection, norm_const: float, den: torch.Tensor,
+                        temperature: float = 1.0):
         """One optimizer step of the GRPO loss (R1 eq. 1) on one mini-batch; `den` is its loss denominator / dp."""
 
         def loss_fn(logits_BTV: torch.Tensor, mb: RLMicroBatch):
-            logp = compute_token_logprobs(logits_BTV, mb.targets)
+            logp = compute_token_logprobs(logits_BTV, mb.targets, temperature=temperature)
             loss, st = compute_grpo_loss(logp, mb.old_logp, mb.adv, mb.mask, ref_logp_BT=mb.ref_logp, beta=a.beta,
                                          eps_low=a.eps_low, eps_high=a.eps_high, agg=a.agg, norm_const=norm_const,
                                          loss_denominator=den)
@@ -290,9 +296,12 @@ class MegatronPolicy:
 
         return self._step(mbs, loss_fn)
 
-    def train_grpo(self, batch, adv_N: torch.Tensor, a: AlgoSection, norm_const: float) -> dict[str, float]:
-        """The policy update of one rollout batch (grpo.RLBatch): log pi_old (several mini-batches) and log pi_ref
-        before any update, then one optimizer step per mini-batch, as the reference loop does."""
+    def train_grpo(self, batch, adv_N: torch.Tensor, a: AlgoSection, norm_const: float, temperature: float
+                   ) -> dict[str, float]:
+        """The policy update of one rollout batch (policy.RLBatch): log pi_old (several mini-batches) and log pi_ref
+        before any update, then one optimizer step per mini-batch, as the reference loop does. Log-probs at the
+        rollout temperature (T = 0 counts as 1), as in train/policy.py."""
+        temperature = temperature or 1.0
         N = batch.input_ids_NT.shape[0]
         size = -(-N // a.num_minibatches)
         minis = []
@@ -305,12 +314,12 @@ class MegatronPolicy:
             minis.append(([RLMicroBatch(*p) for p in parts], den))
         for mbs, _ in minis:
             if a.num_minibatches > 1:
-                for mb, lp in zip(mbs, self.logprobs(mbs) or []):
+                for mb, lp in zip(mbs, self.logprobs(mbs, temperature=temperature) or []):
                     mb.old_logp = lp
             if self.ref_models is not None:
-                for mb, lp in zip(mbs, self.logprobs(mbs, ref=True) or []):
+                for mb, lp in zip(mbs, self.logprobs(mbs, ref=True, temperature=temperature) or []):
                     mb.ref_logp = lp
-        results = [self.train_step_grpo(mbs, a, norm_const, den) for mbs, den in minis]
+        results = [self.train_step_grpo(mbs, a, norm_const, den, temperature) for mbs, den in minis]
 
         def mean(key: str) -> float:
             return sum(r.metrics[key] for r in results) / len(results)
@@ -348,16 +357,29 @@ class MegatronPolicy:
                 sink(bucket)  # copies: the tensors may alias the live parameters
 
     def export_to(self, engine) -> None:
-        """The current weights into a rollout engine (BuiltinEngine.update_weights: HF names, full tensors)."""
+        """The current weights into a rollout engine (`update_weights`: HF names, full tensors). Collective: ranks
+        without an engine (None) take part in the gathers and drop the tensors."""
         self._export(engine.update_weights if engine is not None else None)
 
-    def save_final(self, run_dir: Path, tok: Tokenizer, summary: dict[str, Any], host=None) -> None:
+    def rollout_model(self):
+        """A reference CausalLM on this rank's GPU for the built-in engine, fed by `export_to` (every rank builds
+        one: use rollout.engine=sglang for models that do not fit one GPU)."""
+        if self._host is None:
+            from r1moe.model import build_model
+
+            # a real init, not meta + to_empty: the non-persistent RoPE tables are never exported
+            self._host = build_model(self.model_cfg, device=self.device, dtype=common.dtype_of(self.cfg.model.dtype))
+            self._host.eval().requires_grad_(False)
+        return self._host
+
+    def save_final(self, run_dir: Path, tok: Tokenizer, summary: dict[str, Any]) -> None:
         """final/ (an HF directory by r1moe.model.save_pretrained, like the reference backend's) then DONE.json,
-        written by rank 0. `host`: a reference CausalLM to write through (GRPO's rollout model), else one is
-        made in host memory."""
+        written by rank 0, through the built-in engine's model when there is one, else a host-memory copy."""
         import torch.distributed as dist
 
         from r1moe.model import build_model, load_hf_tensor
+
+        host = self._host if self.rank == 0 else None
 
         if host is None and self.rank == 0:
             # meta + to_empty: every persistent tensor is overwritten by the export; the non-persistent ones

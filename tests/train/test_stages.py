@@ -134,7 +134,7 @@ def test_bad_input_fails_clearly_without_complete_run_dir(case, tmp_path, tiny_d
 
 def test_right_padded_logprobs_need_no_mask(tiny_base):
     from r1moe.rollout import Generation
-    from r1moe.train.grpo import build_rl_batch, sequence_logprobs
+    from r1moe.train.policy import build_rl_batch, sequence_logprobs
 
     model = from_pretrained(tiny_base)
     gens = [Generation([1, 5, 6, 7], [8, 9], [0.0, 0.0], "", "length"),

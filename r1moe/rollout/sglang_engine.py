@@ -1,0 +1,207 @@
+"""The SGLang rollout engine: `sglang.Engine` in this process, token ids in and out, weights synced from the trainer.
+
+    engine = SGLangEngine(model_path, tokenizer, eos_ids, settings=cfg.rollout.sglang, context_length=4096)
+    gens = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=1024, stop=["</answer>"]))
+    engine.sleep()                               # colocated: SGLang's weights and KV cache leave the GPU
+    engine.update_weights(policy_named_tensors)  # wakes the weights, loads the new ones (HF names, full tensors)
+
+Placement. One engine, created by rank 0's process, drives SGLang's own scheduler processes on this node's GPUs
+0 .. tp*dp-1, the same GPUs the training ranks use (colocated). The other ranks receive rank 0's generations by
+broadcast. SGLang takes the GPU memory `mem_fraction_static` of what is there when it starts; with `colocate`, its
+weights and KV cache are released while the policy trains (`release_memory_occupation`, needs SGLang's
+`enable_memory_saver`) and taken back for the next rollout.
+
+What SGLang returns and what we make of it (SGLang 0.5.17, sglang/srt/layers/sampler.py):
+- per-token logprobs are `log softmax(logits / T)` of the token sampled, before top-p / top-k truncation (with
+  T = 0, greedy, the logprob is at T = 1). That is exactly `Generation.logprobs` (rollout/base.py) and what the
+  trainers compute with `compute_token_logprobs(temperature=T)`.
+- `output_token_logprobs` carries (logprob, token id) for every generated token, the matched EOS / stop token
+  included; it is the source of both `token_ids` and `logprobs` here, so the two always line up.
+- Stop strings: a stop string that is one token of the vocabulary (the R1 tags are added tokens) becomes a stop
+  token id, and SGLang stops there. A stop string of several tokens is applied to the returned tokens: the
+  completion is cut after the first token whose text completes the string. The tokens before it are what an
+  engine stopping there would have produced (sampling is left to right); only the compute after it is wasted.
+- `seed`: SGLang's per-request `sampling_seed` is derived from it (seed + request index), so a step's rollouts
+  are reproducible for the same engine layout.
+
+The constructor fails with a clear message (no fallback) where SGLang cannot run: `check_sglang`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from .base import Generation, SamplingParams
+
+WEIGHT_BUCKET_BYTES = 1 << 30
+"""Tensors handed to SGLang per `update_weights_from_tensor` call: bounds the extra memory of a sync."""
+
+
+def check_sglang(where: str = "rollout.engine=sglang", num_gpus: int = 1) -> None:
+    """ValueError naming what is missing for SGLang rollouts (CUDA, enough GPUs, the package)."""
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("CUDA (torch sees no GPU)")
+    elif torch.cuda.device_count() < num_gpus:
+        missing.append(f"{num_gpus} GPUs on this node (torch sees {torch.cuda.device_count()})")
+    try:
+        importlib.import_module("sglang")
+    except (ImportError, OSError, RuntimeError) as e:
+        missing.append(f"the sglang package (import sglang: {str(e).splitlines()[0][:120]}); "
+                       f"pip install 'r1moe[sglang]'")
+    if missing:
+        raise ValueError(f"{where} needs {'; '.join(missing)}. Run on a GPU machine with SGLang installed, or use "
+                         f"the built-in engine (rollout.engine=builtin)")
+
+
+def sampling_dict(params: SamplingParams, stop_token_ids: list[int]) -> dict:
+    """Our SamplingParams as SGLang's sampling_params dict (0 = no top-k is SGLang's -1)."""
+    return {"temperature": params.temperature, "top_p": params.top_p,
+            "top_k": params.top_k if params.top_k > 0 else -1, "max_new_tokens": params.max_new_tokens,
+            "stop_token_ids": list(stop_token_ids), "skip_special_tokens": False, "no_stop_trim": True}
+
+
+def cut_at_stop(tokens: list[int], logprobs: list[float], tokenizer: Tokenizer, stops: list[str]
+                ) -> tuple[list[int], list[float], bool]:
+    """Tokens up to and including the first one whose text completes a stop string; (tokens, logprobs, cut)."""
+    if not stops:
+        return tokens, logprobs, False
+    longest = max(len(s) for s in stops)
+    for i in range(len(tokens)):
+        tail = tokenizer.decode(tokens[max(0, i - longest - 8):i + 1], skip_special_tokens=False)
+        if any(s in tail for s in stops):
+            return tokens[:i + 1], logprobs[:i + 1], True
+    return tokens, logprobs, False
+
+
+class SGLangEngine:
+    """RolloutEngine over `sglang.Engine` (module docstring). `model_path` holds config.json and, unless
+    `dummy_weights`, the weights to start from; `update_weights` replaces them before they matter."""
+
+    def __init__(self, model_path: str | Path, tokenizer: Tokenizer, eos_ids: list[int], settings,
+                 context_length: int, seed: int = 0, dummy_weights: bool = False):
+        check_sglang(num_gpus=settings.tp * settings.dp)
+        import sglang
+
+        self.tokenizer = tokenizer
+        self.eos_ids = sorted(set(eos_ids))
+        self.settings = settings
+        self.colocate = settings.colocate
+        kwargs = dict(model_path=str(model_path), tp_size=settings.tp, dp_size=settings.dp, ep_size=settings.ep,
+                      mem_fraction_static=settings.mem_fraction_static, attention_backend=settings.attention_backend,
+                      sampling_backend=settings.sampling_backend, grammar_backend="none", skip_tokenizer_init=True,
+                      dtype=settings.dtype, random_seed=seed, log_level=settings.log_level,
+                      context_length=settings.context_length or context_length,
+                      enable_memory_saver=settings.colocate, load_format="dummy" if dummy_weights else "auto")
+        if settings.cuda_graph_max_bs:
+            kwargs["cuda_graph_max_bs_decode"] = settings.cuda_graph_max_bs
+        else:
+            kwargs["disable_cuda_graph"] = True
+        if settings.max_running_requests:
+            kwargs["max_running_requests"] = settings.max_running_requests
+        t0 = time.perf_counter()
+        self.engine = sglang.Engine(**kwargs)
+        self.start_s = time.perf_counter() - t0
+        self.asleep: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------ memory
+    def _wake(self, tags: list[str]) -> None:
+        todo = [t for t in tags if t in self.asleep]
+        if todo:
+            self.engine.resume_memory_occupation(tags=todo)
+            self.asleep.difference_update(todo)
+
+    def sleep(self) -> None:
+        """Colocated: give SGLang's weights, KV cache and CUDA graphs back to the trainer until the next call."""
+        if self.colocate and not self.asleep:
+            self.engine.flush_cache()
+            self.engine.release_memory_occupation()
+            self.asleep = {"weights", "kv_cache", "cuda_graph"}
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------------------------------ weights
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Full HF-named tensors (any device; CUDA tensors travel by IPC handle, no copy) in ~1 GB buckets."""
+        self._wake(["weights"])
+        bucket, size = [], 0
+        for name, t in named_tensors:
+            bucket.append((name, t.detach()))
+            size += t.numel() * t.element_size()
+            if size >= WEIGHT_BUCKET_BYTES:
+                self._send(bucket, flush=False)
+                bucket, size = [], 0
+        self._send(bucket, flush=True)
+
+    def _send(self, bucket: list[tuple[str, torch.Tensor]], flush: bool) -> None:
+        if not bucket and not flush:
+            return
+        result = self.engine.update_weights_from_tensor(bucket, flush_cache=flush)
+        ok = result[0] if isinstance(result, tuple) else getattr(result, "success", True)
+        if not ok:
+            raise RuntimeError(f"SGLang refused the weight update ({bucket[0][0] if bucket else 'flush'}): {result}")
+        if flush:
+            torch.cuda.synchronize()
+
+    # ------------------------------------------------------------------------------------------ generation
+    def _stop_split(self, stops: list[str]) -> tuple[list[int], list[str]]:
+        ids, text = [], []
+        for s in stops:
+            tid = self.tokenizer.token_to_id(s)
+            (ids.append(tid) if tid is not None else text.append(s))
+        return ids, text
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: every prompt needs at least one token")
+        self._wake(["weights", "kv_cache", "cuda_graph"])
+        stop_ids, text_stops = self._stop_split(params.stop)
+        sp = sampling_dict(params, [*self.eos_ids, *stop_ids])
+        if params.seed is not None:
+            sps = [{**sp, "sampling_seed": (params.seed + i) % (1 << 62)} for i in range(len(prompts))]
+        else:
+            sps = [sp] * len(prompts)
+        outs = self.engine.generate(input_ids=[list(p) for p in prompts], sampling_params=sps, return_logprob=True)
+        return [self._generation(p, o, stop_ids, text_stops) for p, o in zip(prompts, outs)]
+
+    def _generation(self, prompt: list[int], out: dict, stop_ids: list[int], text_stops: list[str]) -> Generation:
+        entries = out["meta_info"]["output_token_logprobs"]
+        tokens = [int(e[1]) for e in entries]
+        logps = [float(e[0]) for e in entries]
+        tokens, logps, cut = cut_at_stop(tokens, logps, self.tokenizer, text_stops)
+        last = tokens[-1] if tokens else None
+        if cut:
+            reason = "stop"
+        elif last in self.eos_ids:
+            reason = "eos"
+        elif last in stop_ids:
+            reason = "stop"
+        else:
+            reason = "length"
+        text_ids = [t for t in tokens if t not in self.eos_ids]
+        return Generation(prompt_ids=list(prompt), token_ids=tokens, logprobs=logps,
+                          text=self.tokenizer.decode(text_ids, skip_special_tokens=False), finish_reason=reason)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def write_engine_dir(model_cfg, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A directory SGLang can start from with dummy weights (`load_format=dummy`): config.json and
+    generation_config.json as save_pretrained writes them, no weights (they come by `update_weights`)."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model_cfg.to_hf_dict()
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    gen = {"bos_token_id": model_cfg.bos_token_id, "eos_token_id": model_cfg.eos_token_id}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return out_dir
