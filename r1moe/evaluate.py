@@ -4,6 +4,7 @@ format rate, language consistency and mean response length.
 
     r1moe eval --checkpoint runs/tiny-r1-zero/grpo/final --data data/arith_eval.jsonl --samples 8 \
         --temperature 0.6 --top-p 0.95 [--template r1_zero] [--out results.json]
+    r1moe eval ... --engine sglang --tp 8 --dp 1      # SGLang on this node's GPUs (data parallel with --dp)
 """
 
 from __future__ import annotations
@@ -67,12 +68,11 @@ def evaluate(engine: RolloutEngine, tok: Tokenizer, samples: list[PromptSample],
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, s: EvalSettings, max_questions: int = 0,
-                        device: str = "auto") -> dict[str, float]:
+                        device: str = "auto", engine: str = "builtin", sglang=None) -> dict[str, float]:
+    """Evaluate a saved checkpoint through the built-in engine (one device) or SGLang (`sglang`: a
+    config.SGLangSection; tp x dp GPUs of this node)."""
     from r1moe.data import read_prompts
-    from r1moe.data.tokenizer import load_tokenizer, special_ids
-    from r1moe.model import from_pretrained
-    from r1moe.rollout import BuiltinEngine
-    from r1moe.train.common import resolve_device
+    from r1moe.rollout.loader import load_checkpoint_engine
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():
@@ -80,13 +80,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, s: EvalSetting
     samples = read_prompts(data)
     if max_questions:
         samples = samples[:max_questions]
-    tok = load_tokenizer(checkpoint)
-    dev = resolve_device(device)
-    model = from_pretrained(checkpoint, device=str(dev)).eval()
-    pad, _, eos = special_ids(tok)
-    engine = BuiltinEngine(model, tok, eos_ids=sorted({eos, *model.cfg.eos_ids}), pad_id=pad)
+    rollout, tok = load_checkpoint_engine(checkpoint, engine, sglang, device, seed=s.seed)
     torch.manual_seed(s.seed)
-    return evaluate(engine, tok, samples, s)
+    try:
+        return evaluate(rollout, tok, samples, s)
+    finally:
+        rollout.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,13 +106,24 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--max-questions", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--engine", default="builtin", choices=["builtin", "sglang"],
+                   help="builtin: one device; sglang: SGLang over --tp x --dp GPUs of this node")
+    p.add_argument("--tp", type=int, default=None, help="SGLang tensor-parallel size (--engine sglang)")
+    p.add_argument("--dp", type=int, default=None, help="SGLang data-parallel replicas (--engine sglang)")
     p.add_argument("--out", help="write the metrics JSON here too")
     a = p.parse_args(argv)
+    sglang = None
+    if a.engine == "sglang":
+        from r1moe.config import SGLangSection
+
+        sglang = SGLangSection(tp=a.tp or 1, dp=a.dp or 1, colocate=False)
+    elif a.tp is not None or a.dp is not None:
+        p.error("--tp/--dp apply only with --engine sglang")
     s = EvalSettings(samples=a.samples, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
                      template=a.template, seed=a.seed)
     result = {"checkpoint": str(a.checkpoint), "data": str(a.data), "samples": a.samples,
               "temperature": a.temperature, "top_p": a.top_p,
-              **evaluate_checkpoint(a.checkpoint, a.data, s, a.max_questions, a.device)}
+              **evaluate_checkpoint(a.checkpoint, a.data, s, a.max_questions, a.device, a.engine, sglang)}
     print(json.dumps(result, indent=2))
     if a.out:
         from r1moe.train.common import write_json_atomic

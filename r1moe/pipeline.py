@@ -30,6 +30,7 @@ from typing import Literal
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from r1moe.config import SGLangSection
 from r1moe.train.common import DONE_FILE, is_complete, write_json_atomic
 
 StageKind = Literal["data", "pretrain", "sft", "grpo", "rm", "rejection", "eval", "report"]
@@ -83,6 +84,10 @@ class RejectionSpec:
     min_language_consistency: float = 0.99
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
     seed: int = 0
+    engine: Literal["builtin", "sglang"] = "builtin"
+    """builtin: one device; sglang: SGLang over `sglang.tp` x `sglang.dp` GPUs of this node."""
+    sglang: SGLangSection = field(default_factory=SGLangSection)
+    """Only with engine: sglang (set colocate: false: nothing trains next to it)."""
 
 
 @dataclass
@@ -97,6 +102,10 @@ class EvalSpec:
     template: str = "r1_zero"
     templates: dict[str, str] = field(default_factory=dict)
     """Per-label template overrides (e.g. R1-Zero checkpoints use r1_zero, R1 stages use chat)."""
+    engine: Literal["builtin", "sglang"] = "builtin"
+    """builtin: one device; sglang: SGLang over `sglang.tp` x `sglang.dp` GPUs of this node."""
+    sglang: SGLangSection = field(default_factory=SGLangSection)
+    """Only with engine: sglang (set colocate: false: nothing trains next to it)."""
 
 
 @dataclass
@@ -227,7 +236,7 @@ def run_eval_stage(s: StageSpec, out: Path) -> dict:
     for label, ckpt in e.checkpoints.items():
         settings = EvalSettings(samples=e.samples, temperature=e.temperature, top_p=e.top_p,
                                 max_new_tokens=e.max_new_tokens, template=e.templates.get(label, e.template))
-        results[label] = evaluate_checkpoint(ckpt, e.data, settings)
+        results[label] = evaluate_checkpoint(ckpt, e.data, settings, engine=e.engine, sglang=e.sglang)
         print(f"  eval {label}: pass@1={results[label]['pass@1']:.3f}", flush=True)
     write_json_atomic(out / "results.json", results)
     return {"results": str(out / "results.json")}

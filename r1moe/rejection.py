@@ -35,7 +35,8 @@ from r1moe.data import PromptSample, SFTSample, read_prompts, read_sft, write_js
 from r1moe.pipeline import RejectionSpec
 from r1moe.rewards import accuracy_reward, format_reward, language_consistency_reward
 from r1moe.rewards.rule import LANGUAGE_SCRIPTS
-from r1moe.rollout import BuiltinEngine, SamplingParams
+from r1moe.rollout import SamplingParams
+from r1moe.rollout.loader import load_checkpoint_engine
 from r1moe.templates import REASONING_TAGS, TEMPLATES, completion_prefix
 from r1moe.train import common
 
@@ -150,14 +151,6 @@ def check_spec(spec: RejectionSpec) -> None:
                                 f"incomplete checkpoint; did the reasoning-RL stage finish?)")
 
 
-def load_engine(checkpoint: str) -> BuiltinEngine:
-    from r1moe.data.tokenizer import load_tokenizer, special_ids
-    from r1moe.model import from_pretrained
-
-    tok = load_tokenizer(checkpoint)
-    model = from_pretrained(checkpoint, device=str(common.resolve_device("auto"))).eval()
-    pad, _, eos = special_ids(tok, checkpoint)
-    return BuiltinEngine(model, tok, eos_ids=sorted({eos, *model.cfg.eos_ids}), pad_id=pad)
 
 
 def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
@@ -170,10 +163,10 @@ def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
     if not prompts:
         raise ValueError(f"rejection.prompts={spec.prompts}: no reasoning prompts (all {skipped} are kind general)")
     general = read_general(spec.general, spec.template) if spec.general else []
-    engine = load_engine(spec.checkpoint)
+    engine, tok = load_checkpoint_engine(spec.checkpoint, spec.engine, spec.sglang, seed=spec.seed)
     N = spec.samples_per_prompt
     owners = [(i, j) for i in range(len(prompts)) for j in range(N)]
-    ids = [common.encode_prompt(engine.tokenizer, spec.template, prompts[i].prompt) for i, _ in owners]
+    ids = [common.encode_prompt(tok, spec.template, prompts[i].prompt) for i, _ in owners]
     rejected = dict.fromkeys(FILTERS, 0)
     kept: list[SFTSample] = []
     with common.progress_bar("rejection sampling", -(-len(ids) // CHUNK)) as advance:
@@ -209,6 +202,7 @@ def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
              "passed_filters": len(kept), "duplicates": duplicates, "kept": len(reasoning),
              "general_duplicates": general_duplicates, **mix, "reasoning_ratio": spec.reasoning_ratio,
              "sft": str(out_dir / "sft.jsonl")}
+    engine.shutdown()
     write_jsonl(out_dir / "sft.jsonl", mixed)
     common.write_json_atomic(out_dir / "stats.json", stats)
     return stats

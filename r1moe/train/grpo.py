@@ -113,10 +113,14 @@ def build_engine(cfg: JobConfig, policy: Policy, tok, run_dir) -> RolloutEngine 
                         dummy_weights=init is None)
 
 
-def run(cfg: JobConfig, resume: bool = False) -> dict:
+def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_factory=None) -> dict:
+    """The GRPO stage. `policy_factory(cfg, tok, device)` / `engine_factory(cfg, policy, tok, run_dir)` replace
+    build_policy / build_engine (tests drive the loop with small fakes through them)."""
     from r1moe.rewards import compute_rewards
     from r1moe.templates import completion_prefix
 
+    if policy_factory is None:
+        check_backends(cfg)  # before anything is read or written
     train, held_out, tok = _load(cfg)
     extra_rewards, weights = {}, dict(cfg.rewards.weights)
     if cfg.rewards.reward_model:  # general prompts: R = R_rule + (R_RM + R_format) + R_language (v2 eq. 8-10)
@@ -125,12 +129,11 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
         extra_rewards["reward_model"] = load_reward_fn(cfg.rewards.reward_model, cfg.data.template)
         weights["reward_model"] = cfg.rewards.reward_model_weight
     a, ro = cfg.algo, cfg.rollout
-    check_backends(cfg)  # before the run directory exists
     device = common.setup_torch(cfg)
     run_dir = common.prepare_run_dir(cfg, resume)
-    policy = build_policy(cfg, tok, device)
+    policy = (policy_factory or build_policy)(cfg, tok, device)
     start = policy.restore(run_dir) if resume else 0
-    engine = build_engine(cfg, policy, tok, run_dir)
+    engine = (engine_factory or build_engine)(cfg, policy, tok, run_dir)
     policy.export_to(engine)  # the engine starts from the policy's weights (resumed ones included)
     pad = common.special_ids(tok)[0]
     prefix = completion_prefix(cfg.data.template) if cfg.data.template != "none" else ""

@@ -1,0 +1,52 @@
+"""A rollout engine over a saved HF checkpoint, for evaluation and rejection sampling: the built-in engine on one
+device, or SGLang over this node's GPUs (tensor parallel x data parallel).
+
+    engine, tok = load_checkpoint_engine("runs/x/final", engine="sglang", sglang=SGLangSection(dp=8))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from r1moe.config import SGLangSection
+
+from .base import RolloutEngine
+
+
+def load_checkpoint_engine(checkpoint: str | Path, engine: str = "builtin", sglang: SGLangSection | None = None,
+                           device: str = "auto", context_length: int = 0, seed: int = 0
+                           ) -> tuple[RolloutEngine, Tokenizer]:
+    """(engine, tokenizer) for `checkpoint`. `context_length`: longest prompt + completion (SGLang sizes its KV
+    cache by it; 0 = the model's max_position_embeddings). SGLang settings with the built-in engine are an error."""
+    from r1moe.data.tokenizer import load_tokenizer, special_ids
+    from r1moe.model import ModelConfig
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint}: not a checkpoint directory (no config.json)")
+    if engine not in ("builtin", "sglang"):
+        raise ValueError(f"engine={engine!r}: expected builtin or sglang")
+    if engine == "builtin" and sglang is not None and sglang != SGLangSection():
+        raise ValueError("SGLang settings given with engine=builtin: they only apply with engine=sglang")
+    tok = load_tokenizer(checkpoint)
+    pad, _, eos = special_ids(tok, checkpoint)
+    mcfg = ModelConfig.from_json(checkpoint / "config.json")
+    eos_ids = sorted({eos, *mcfg.eos_ids})
+    if engine == "sglang":
+        from .sglang_engine import SGLangEngine, check_sglang
+
+        settings = sglang or SGLangSection(colocate=False)
+        if device != "auto" and not device.startswith("cuda"):
+            raise ValueError(f"engine=sglang runs on GPUs: device={device!r} must be auto or cuda")
+        check_sglang("engine=sglang", num_gpus=settings.tp * settings.dp)
+        return SGLangEngine(checkpoint, tok, eos_ids, settings, context_length=context_length or
+                            min(mcfg.max_position_embeddings, 32768), seed=seed), tok
+    from r1moe.model import from_pretrained
+    from r1moe.train.common import resolve_device
+
+    from .builtin import BuiltinEngine
+
+    model = from_pretrained(checkpoint, device=str(resolve_device(device))).eval()
+    return BuiltinEngine(model, tok, eos_ids=eos_ids, pad_id=pad), tok
