@@ -30,6 +30,7 @@ The constructor fails with a clear message (no fallback) where SGLang cannot run
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,6 +40,8 @@ from tokenizers import Tokenizer
 
 from .base import Generation, SamplingParams
 
+_LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 WEIGHT_BUCKET_BYTES = 1 << 30
 """Tensors handed to SGLang per `update_weights_from_tensor` call: bounds the extra memory of a sync."""
 
@@ -106,7 +109,13 @@ class SGLangEngine:
         if settings.max_running_requests:
             kwargs["max_running_requests"] = settings.max_running_requests
         t0 = time.perf_counter()
-        self.engine = sglang.Engine(**kwargs)
+        # SGLang's scheduler processes inherit this environment: torchrun's rendezvous variables would describe
+        # the trainer's world, not SGLang's own (it sets up its process groups from its own arguments)
+        saved = {k: os.environ.pop(k) for k in list(os.environ) if k in _LAUNCHER_VARS or k.startswith("TORCHELASTIC")}
+        try:
+            self.engine = sglang.Engine(**kwargs)
+        finally:
+            os.environ.update(saved)
         self.start_s = time.perf_counter() - t0
         self.asleep: set[str] = set()
 

@@ -123,6 +123,8 @@ class RLMicroBatch:
     mask: torch.Tensor
     """[B, T] True on response tokens."""
     adv: torch.Tensor
+    rollout_logp: torch.Tensor | None = None
+    """[B, T] the rollout engine's logprobs (0 off the response): the engine/trainer mismatch metric."""
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
 
@@ -307,8 +309,10 @@ class MegatronPolicy:
         minis = []
         for i in range(0, N, size):
             b = batch.rows(slice(i, i + size))
+            rollout_lp = (b.rollout_logp_NT if b.rollout_logp_NT is not None
+                          else torch.zeros_like(b.response_mask_NT, dtype=torch.float32))
             parts = self._shard([(b.input_ids_NT, self.pad_id), (b.targets_NT, self.pad_id),
-                                 (b.response_mask_NT, False), (adv_N[i:i + size], 0.0)],
+                                 (b.response_mask_NT, False), (adv_N[i:i + size], 0.0), (rollout_lp, 0.0)],
                                 self.cfg.train.micro_batch_size)
             den = compute_loss_denominator(b.response_mask_NT, a.agg).clamp(min=1) / self.dp
             minis.append(([RLMicroBatch(*p) for p in parts], den))
@@ -319,6 +323,7 @@ class MegatronPolicy:
             if self.ref_models is not None:
                 for mb, lp in zip(mbs, self.logprobs(mbs, ref=True, temperature=temperature) or []):
                     mb.ref_logp = lp
+        mismatch = self._logprob_mismatch(minis[0][0]) if a.num_minibatches > 1 else {}
         results = [self.train_step_grpo(mbs, a, norm_const, den, temperature) for mbs, den in minis]
 
         def mean(key: str) -> float:
@@ -327,7 +332,28 @@ class MegatronPolicy:
         return {"train/grad_norm": _num(results[-1].grad_norm), "train/pg_loss": sum(r.metrics["pg_loss"] for r in results),
                 "train/kl": mean("kl"), "train/clip_frac": mean("clip_frac"), "train/ratio_mean": mean("ratio_mean"),
                 "train/ratio_max": max(r.metrics["ratio_max"] for r in results),
-                "train/num_tokens": int(batch.response_mask_NT.sum()), "train/num_seqs": N}
+                "train/num_tokens": int(batch.response_mask_NT.sum()), "train/num_seqs": N, **mismatch}
+
+    def _logprob_mismatch(self, mbs: list[RLMicroBatch]) -> dict[str, float]:
+        """|log pi_old (trainer) - rollout logprob| over the first mini-batch's response tokens, reduced over all
+        ranks (only the last pipeline stage has log-probs; data-parallel ranks hold different rows)."""
+        import torch.distributed as dist
+
+        acc = torch.zeros(3, device=self.device)  # sum, count, max
+        for mb in mbs:
+            if mb.old_logp is None:
+                continue
+            d = (mb.old_logp.float() - mb.rollout_logp.float()).abs()[mb.mask]
+            if d.numel():
+                acc[0] += d.sum()
+                acc[1] += d.numel()
+                acc[2] = torch.maximum(acc[2], d.max())
+        total, peak = acc[:2].clone(), acc[2:].clone()
+        dist.all_reduce(total)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        if total[1] == 0:
+            return {}
+        return {"rollout/logprob_abs_diff": float(total[0] / total[1]), "rollout/logprob_abs_diff_max": float(peak[0])}
 
     def refresh_ref(self) -> None:
         """pi_ref <- the current policy (R1: every 400 steps)."""

@@ -1,0 +1,192 @@
+"""Rollout engines on one GPU, same DeepSeek-V3-architecture MoE weights (MLA, 32 experts top-4, ~1.7B params):
+generated tokens/s of raw `sglang.Engine`, `SGLangEngine`, `BuiltinEngine` and `transformers` generate at batch
+64 and 256 (prompt 32 tokens, 256 new); weight sync into SGLang (GB/s) from the reference model and from the
+megatron export; one GRPO step split into rollout / train / sync with the built-in engine and with SGLang.
+
+    PYTHONPATH=/root/sgl/site python benchmarks/rollout_engines.py --out benchmarks/results/rollout_engines_h200.json
+
+Goals (the SGLang issue): SGLangEngine >= 0.9x raw SGLang and >= 5x BuiltinEngine at batch 256; a GRPO step
+>= 3x faster with SGLang than with the built-in engine; weight sync >= 20 GB/s colocated on one GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from r1moe.model import build_model, get_preset, save_pretrained  # noqa: E402
+from r1moe.model.config import count_params  # noqa: E402
+
+BENCH_CFG = get_preset("tiny-moe").replace(
+    vocab_size=32768, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=704, num_hidden_layers=24,
+    num_attention_heads=16, num_key_value_heads=16, n_routed_experts=32, num_experts_per_tok=4, n_group=4,
+    topk_group=2, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+    max_position_embeddings=4096, num_nextn_predict_layers=0)
+PROMPT, NEW = 32, 256
+
+
+def _sync():
+    torch.cuda.synchronize()
+
+
+def _prompts(batch: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 500, (batch, PROMPT), generator=g).tolist()
+
+
+def _timed(fn, repeat: int = 2) -> tuple[float, object]:
+    fn()  # warm-up
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        _sync()
+        t0 = time.perf_counter()
+        out = fn()
+        _sync()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def bench_engines(ckpt: Path, tok, results: dict) -> None:
+    from r1moe.config import SGLangSection
+    from r1moe.model import from_pretrained
+    from r1moe.rollout import BuiltinEngine, SamplingParams
+    from r1moe.rollout.sglang_engine import SGLangEngine
+
+    params = SamplingParams(temperature=1.0, max_new_tokens=NEW, seed=0)
+    eng = SGLangEngine(ckpt, tok, eos_ids=[], settings=SGLangSection(mem_fraction_static=0.5, colocate=False),
+                       context_length=PROMPT + NEW + 8)
+    results["sglang_engine_start_s"] = round(eng.start_s, 1)
+    for batch in (64, 256):
+        prompts = _prompts(batch)
+        sp = {"temperature": 1.0, "max_new_tokens": NEW, "ignore_eos": True}
+        t_raw, outs = _timed(lambda: eng.engine.generate(input_ids=prompts, sampling_params=sp, return_logprob=True))
+        n_raw = sum(o["meta_info"]["completion_tokens"] for o in outs)
+        t_ours, gens = _timed(lambda: eng.generate(prompts, params))
+        n_ours = sum(len(g.token_ids) for g in gens)
+        results[f"batch{batch}"] = {"sglang_raw_tok_s": round(n_raw / t_raw), "sglang_engine_tok_s": round(n_ours / t_ours),
+                                    "sglang_engine_over_raw": round((n_ours / t_ours) / (n_raw / t_raw), 3)}
+    # weight sync from the reference model's bf16 state dict (CUDA IPC, colocated on this GPU)
+    model = from_pretrained(ckpt, device="cuda", dtype=torch.bfloat16).eval()
+    sd = model.state_dict()
+    gb = sum(t.numel() * t.element_size() for t in sd.values()) / 1e9
+    t_sync, _ = _timed(lambda: eng.update_weights(sd.items()), repeat=3)
+    results["weight_sync_reference"] = {"gb": round(gb, 3), "seconds": round(t_sync, 4), "gb_per_s": round(gb / t_sync, 1)}
+    try:
+        results["weight_sync_megatron_export"] = _megatron_sync(model, eng)
+    except ImportError as e:
+        results["weight_sync_megatron_export"] = f"not measured: {e}"
+    eng.shutdown()
+    del eng
+    torch.cuda.empty_cache()
+    builtin = BuiltinEngine(model, tok, eos_ids=[])
+    for batch in (64, 256):
+        prompts = _prompts(batch)
+        t_b, gens = _timed(lambda: builtin.generate(prompts, params), repeat=1)
+        r = results[f"batch{batch}"]
+        r["builtin_bf16_tok_s"] = round(sum(len(g.token_ids) for g in gens) / t_b)
+        r["sglang_engine_over_builtin"] = round(r["sglang_engine_tok_s"] / r["builtin_bf16_tok_s"], 2)
+    del builtin, model
+    torch.cuda.empty_cache()
+    results["batch64"]["transformers_generate_tok_s"] = _transformers(ckpt)
+
+
+def _megatron_sync(model, eng) -> dict:
+    from r1moe.parallel import MegatronOptions, ParallelConfig, build_mcore_model, export_hf_weights, initialize_parallel
+
+    pcfg = ParallelConfig()
+    initialize_parallel(pcfg, seed=0)
+    sd = model.state_dict()
+    models = build_mcore_model(model.cfg, pcfg, MegatronOptions(), hf_weights=sd.__getitem__)
+
+    def sync():
+        eng.update_weights(itertools.chain.from_iterable(export_hf_weights(models, model.cfg, pcfg)))
+
+    t, _ = _timed(sync, repeat=3)
+    gb = sum(t_.numel() * t_.element_size() for t_ in sd.values()) / 1e9
+    return {"gb": round(gb, 3), "seconds": round(t, 4), "gb_per_s": round(gb / t, 1)}
+
+
+def _transformers(ckpt: Path) -> float | str:
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        return f"not measured: {e}"
+    m = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.bfloat16).cuda().eval()
+    ids = torch.tensor(_prompts(64), device="cuda")
+    new = 64  # fewer new tokens: transformers' generate is ~50x slower here
+
+    def go():
+        with torch.no_grad():
+            return m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                              do_sample=True, temperature=1.0, top_k=0, pad_token_id=0)
+
+    t, out = _timed(go, repeat=1)
+    return round((out.shape[1] - PROMPT) * 64 / t)
+
+
+def bench_grpo(ckpt: Path, root: Path, results: dict) -> None:
+    """3 GRPO steps of 32 questions x 8 (256 sequences, up to 256 new tokens) per engine, reference backend bf16."""
+    from r1moe.data import make_dataset, write_jsonl
+
+    write_jsonl(root / "train.jsonl", make_dataset("arithmetic", 256, seed=0))
+    for engine in ("builtin", "sglang"):
+        run = root / f"grpo_{engine}"
+        over = {"model.init": ckpt, "model.dtype": "bfloat16", "data.train": root / "train.jsonl",
+                "data.eval": "null", "train.steps": 3, "train.batch_size": 32, "rollout.group_size": 8,
+                "rollout.max_new_tokens": NEW, "rollout.stop": "[]", "algo.num_minibatches": 2,
+                "train.micro_batch_size": 0, "checkpoint.every": 0, "logging.run_dir": run, "logging.wandb": "disabled",
+                "logging.plots": "false", "rollout.engine": engine}
+        if engine == "sglang":
+            over["rollout.sglang.mem_fraction_static"] = 0.4
+        cmd = [sys.executable, "-m", "r1moe.train.grpo", "recipes/tiny/r1_zero/grpo.yaml",
+               *[f"{k}={v}" for k, v in over.items()]]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=False)
+        if p.returncode:
+            results[f"grpo_{engine}"] = {"error": p.stderr[-2000:]}
+            continue
+        from r1moe.tracking import read_metrics
+
+        steps = [m for m in read_metrics(run) if "perf/step_s" in m][1:]  # step 1 includes warm-up
+        keys = ("perf/rollout_s", "perf/train_s", "perf/sync_s", "perf/step_s", "rollout/response_length")
+        results[f"grpo_{engine}"] = {k: round(sum(m[k] for m in steps) / len(steps), 3) for k in keys}
+    if "perf/step_s" in results.get("grpo_builtin", {}) and "perf/step_s" in results.get("grpo_sglang", {}):
+        results["grpo_step_speedup_sglang_over_builtin"] = round(
+            results["grpo_builtin"]["perf/step_s"] / results["grpo_sglang"]["perf/step_s"], 2)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--skip-grpo", action="store_true")
+    a = ap.parse_args()
+    from r1moe.data.tokenizer import build_tiny_tokenizer, default_corpus
+
+    results: dict = {"device": torch.cuda.get_device_name(0), "model": count_params(BENCH_CFG),
+                     "prompt_tokens": PROMPT, "new_tokens": NEW}
+    root = Path(tempfile.mkdtemp())
+    tok = build_tiny_tokenizer(default_corpus(100), 512)
+    ckpt = save_pretrained(build_model(BENCH_CFG.replace(eos_token_id=2), device="cuda", dtype=torch.bfloat16, seed=0),
+                           root / "ckpt", tokenizer=tok)
+    for name, fn in (("engines", lambda: bench_engines(ckpt, tok, results)),
+                     ("grpo", lambda: None if a.skip_grpo else bench_grpo(ckpt, root, results))):
+        try:
+            fn()
+        except Exception as e:  # record what broke and keep the other measurements
+            results[f"{name}_error"] = f"{type(e).__name__}: {e}"[:2000]
+        Path(a.out).write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
