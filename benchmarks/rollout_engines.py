@@ -30,7 +30,7 @@ from r1moe.model.config import count_params  # noqa: E402
 BENCH_CFG = get_preset("tiny-moe").replace(
     vocab_size=32768, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=704, num_hidden_layers=24,
     num_attention_heads=16, num_key_value_heads=16, n_routed_experts=32, num_experts_per_tok=4, n_group=4,
-    topk_group=2, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+    topk_group=2, q_lora_rank=384, kv_lora_rank=512, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
     max_position_embeddings=4096, num_nextn_predict_layers=0)
 PROMPT, NEW = 32, 256
 
@@ -83,8 +83,8 @@ def bench_engines(ckpt: Path, tok, results: dict) -> None:
     results["weight_sync_reference"] = {"gb": round(gb, 3), "seconds": round(t_sync, 4), "gb_per_s": round(gb / t_sync, 1)}
     try:
         results["weight_sync_megatron_export"] = _megatron_sync(model, eng)
-    except ImportError as e:
-        results["weight_sync_megatron_export"] = f"not measured: {e}"
+    except (ImportError, OSError, RuntimeError) as e:
+        results["weight_sync_megatron_export"] = f"not measured: {type(e).__name__}: {str(e)[:300]}"
     eng.shutdown()
     del eng
     torch.cuda.empty_cache()
@@ -144,7 +144,7 @@ def bench_grpo(ckpt: Path, root: Path, results: dict) -> None:
         over = {"model.init": ckpt, "model.dtype": "bfloat16", "data.train": root / "train.jsonl",
                 "data.eval": "null", "train.steps": 3, "train.batch_size": 32, "rollout.group_size": 8,
                 "rollout.max_new_tokens": NEW, "rollout.stop": "[]", "algo.num_minibatches": 2,
-                "train.micro_batch_size": 0, "checkpoint.every": 0, "logging.run_dir": run, "logging.wandb": "disabled",
+                "train.micro_batch_size": 16, "checkpoint.every": 0, "logging.run_dir": run, "logging.wandb": "disabled",
                 "logging.plots": "false", "rollout.engine": engine}
         if engine == "sglang":
             over["rollout.sglang.mem_fraction_static"] = 0.4

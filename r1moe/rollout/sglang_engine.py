@@ -118,6 +118,7 @@ class SGLangEngine:
             os.environ.update(saved)
         self.start_s = time.perf_counter() - t0
         self.asleep: set[str] = set()
+        self.weights_loaded = True  # from model_path (or dummy ones, replaced before the first rollout)
 
     # ------------------------------------------------------------------------------------------ memory
     def _wake(self, tags: list[str]) -> None:
@@ -127,11 +128,14 @@ class SGLangEngine:
             self.asleep.difference_update(todo)
 
     def sleep(self) -> None:
-        """Colocated: give SGLang's weights, KV cache and CUDA graphs back to the trainer until the next call."""
+        """Colocated: give SGLang's weights, KV cache and CUDA graphs back to the trainer until the next call.
+        Released weights are gone (measured: greedy output all token 0 after a plain resume), so the next
+        `generate` needs an `update_weights` first; it refuses to run without one."""
         if self.colocate and not self.asleep:
             self.engine.flush_cache()
             self.engine.release_memory_occupation()
             self.asleep = {"weights", "kv_cache", "cuda_graph"}
+            self.weights_loaded = False
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------------------------------ weights
@@ -146,6 +150,7 @@ class SGLangEngine:
                 self._send(bucket, flush=False)
                 bucket, size = [], 0
         self._send(bucket, flush=True)
+        self.weights_loaded = True
 
     def _send(self, bucket: list[tuple[str, torch.Tensor]], flush: bool) -> None:
         if not bucket and not flush:
@@ -170,6 +175,9 @@ class SGLangEngine:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: every prompt needs at least one token")
+        if not self.weights_loaded:
+            raise RuntimeError("SGLangEngine.generate after sleep() without update_weights(): SGLang released the "
+                               "weights; load the policy's weights first")
         self._wake(["weights", "kv_cache", "cuda_graph"])
         stop_ids, text_stops = self._stop_split(params.stop)
         sp = sampling_dict(params, [*self.eos_ids, *stop_ids])

@@ -179,8 +179,7 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
                 batch = build_rl_batch([gens[i] for i in kept], pad, device)
                 metrics.update(policy.train_grpo(batch, adv_N[kept].to(device), a, norm_const, ro.temperature))
             t2 = time.perf_counter()
-            if kept:
-                policy.export_to(engine)
+            policy.export_to(engine)  # also when nothing trained: a colocated engine released its weights
             t3 = time.perf_counter()
             if a.ref_refresh_every and step % a.ref_refresh_every == 0:
                 policy.refresh_ref()
