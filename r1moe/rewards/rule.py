@@ -16,6 +16,7 @@ milliseconds per call (sympy), a code sample one Python start-up in the sandbox 
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -80,25 +81,64 @@ def extract_code(completion: str) -> str | None:
 # ---------------------------------------------------------------- accuracy
 
 
-def _math_verify_equal(pred: str, gold: str) -> bool:
-    from math_verify import parse, verify
+# Delimiters math-verify's LaTeX extraction anchors on; an answer without any is wrapped in \\boxed{} (its README:
+# "wrap bare answers in $...$ or \\boxed{}"), so it is read as one expression, never as its leading number.
+_DELIMITED = re.compile(r"\\boxed|\\fbox|\$|\\\(|\\\[")
 
+
+def _braces_balanced(text: str) -> bool:
+    depth = 0
+    for brace in re.findall(r"(?<!\\)[{}]", text):  # \\{ and \\} are set braces, not groups
+        depth += 1 if brace == "{" else -1
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _math_verify_timeout() -> int | None:
     # math-verify times out with signal.alarm, which only works in the main thread; elsewhere it runs unbounded,
     # which the MAX_ANSWER_CHARS cap keeps cheap.
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    return 5 if threading.current_thread() is threading.main_thread() else None
 
-    def parse_any(text: str) -> list:
-        for candidate in (text, f"${text}$"):
-            parsed = parse(candidate, parsing_timeout=timeout)
-            if parsed:
-                return parsed
-        return []
 
-    gold_parsed = parse_any(gold)
+@functools.lru_cache(maxsize=8192)
+def parse_math_answer(text: str) -> tuple:
+    """math-verify's reading of a final answer (the content of <answer> or of the last \\boxed{}): a tuple of sympy
+    objects (empty: unreadable). Used on both sides, gold and prediction, so the two are read alike.
+
+    - With its own delimiters (`$...$`, `\\(...\\)`, `\\boxed{}`) the text is parsed as written: prose around
+      them is ignored ("the answer is $5$"), several of them are one set ("$5$ or $6$" is {5, 6}).
+    - Otherwise the whole text is one expression, wrapped in `\\boxed{}`: `5\\sqrt{3}` is 5*sqrt(3), never 5;
+      `-1, 4` and `5 or 6` are the sets {-1, 4} and {5, 6}; prose ("the answer is 5") reads as a product of
+      letters and matches no number.
+    - Before parsing: `**` becomes `^` (Python powers), an escaped dollar `\\$` (currency) and a final full stop
+      are dropped. Units (`10 \\text{ cm}`), degrees (`30^\\circ`) and `\\%` are math-verify's: units and
+      degree signs are dropped, `50\\%` matches both 50 and 0.5.
+    """
+    text = text.strip().replace("**", "^").replace("\\$", "")
+    text = text[:-1].rstrip() if text.endswith(".") else text
+    if not text:
+        return ()
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    if not _braces_balanced(text):  # "5} 6" would close the wrapping box early and read as 5
+        return ()
+    candidate = text if _DELIMITED.search(text) else f"\\boxed{{{text}}}"
+    return tuple(parse(candidate, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+                       fallback_mode="no_fallback", parsing_timeout=_math_verify_timeout()))
+
+
+def math_answers_equal(pred: str, gold: str) -> bool:
+    """The math equivalence of the accuracy reward: math-verify's `verify(gold, pred)` on both parsed with
+    `parse_math_answer`; a gold that does not parse is compared as a string (whitespace, quotes, final full stop
+    normalised), and so is a pair that parses to nothing on the gold side."""
+    from math_verify import verify
+
+    gold_parsed = parse_math_answer(gold)
     if not gold_parsed:
         return _normalise(pred) == _normalise(gold)
-    pred_parsed = parse_any(pred)
-    return bool(pred_parsed) and verify(gold_parsed, pred_parsed, timeout_seconds=timeout)
+    pred_parsed = parse_math_answer(pred)
+    return bool(pred_parsed) and verify(list(gold_parsed), list(pred_parsed), timeout_seconds=_math_verify_timeout())
 
 
 def _normalise(text: str) -> str:
@@ -129,7 +169,7 @@ def accuracy_reward(completion: str, sample: PromptSample) -> float:
     if sample.task in TASKS:
         return float(TASKS[sample.task].verify(answer, sample))
     if sample.kind == "math":
-        return float(_math_verify_equal(answer, sample.answer))
+        return float(math_answers_equal(answer, sample.answer))
     return float(_normalise(answer) == _normalise(sample.answer))
 
 
