@@ -173,6 +173,18 @@ def accuracy_reward(completion: str, sample: PromptSample) -> float:
     return float(_normalise(answer) == _normalise(sample.answer))
 
 
+def same_answer(a: str, b: str, sample: PromptSample) -> bool:
+    """Whether two final answers to `sample` are the same answer under the accuracy reward's equivalence (cons@k votes
+    over these classes): math -> `math_answers_equal` (b is read as the gold), and for a procedural task the task's
+    verifier must also give both the same verdict, so a class never mixes right and wrong answers (countdown: 22 and
+    7 + 3 * 5 have one value, but only the expression is a solution); other kinds -> normalised text."""
+    if sample.kind != "math":
+        return _normalise(a) == _normalise(b)
+    if sample.task in TASKS and TASKS[sample.task].verify(a, sample) != TASKS[sample.task].verify(b, sample):
+        return False
+    return math_answers_equal(a, b)
+
+
 # ---------------------------------------------------------------- format
 
 _FREE = r"(?:(?!</?think>|</?answer>).)*"
