@@ -8,7 +8,10 @@ forces a prefix (chat: "<think>\\n") prepend `r1moe.templates.completion_prefix(
   math-verify on the answer; code -> the sandbox runs the code with `sample.tests`; general -> exact match after
   whitespace normalisation (open-ended general prompts get the reward model in a later stage, passed as `extra`).
 - format: exactly `<think>...</think>` then `<answer>...</answer>`, only whitespace around (empty content allowed).
-- language (v2 §3.2.1 eq. 7): Num(words in the target language) / Num(words) in the chain of thought.
+- language (v2 §3.2.1 eq. 7): Num(words in the target language) / Num(words) in the chain of thought. A word's
+  language: CJK ideographs by script (exact); Latin-script words by wordfreq's word frequencies in 27 Latin-script
+  languages (a French chain of thought under target "en" scores ~0, not 1); words of no known language (variables,
+  LaTeX commands, names) are not counted (`word_language_vote`).
 
 `compute_rewards` scores a batch with weights, keeping each component for logging. Costs: math-verify takes a few
 milliseconds per call (sympy), a code sample one Python start-up in the sandbox (~50 ms).
@@ -202,8 +205,18 @@ _CJK_RANGES = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"
 # A CJK ideograph is one word; any other run of letters is one word. Digits, "_" and symbols are no words.
 _WORD = re.compile(rf"[{_CJK_RANGES}]|[^\W\d_{_CJK_RANGES}]+")
 _CJK = re.compile(rf"[{_CJK_RANGES}]")
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")  # \frac, \sqrt, \cdot: markup, not words of any language
 LANGUAGE_SCRIPTS = {"en": "latin", "fr": "latin", "de": "latin", "es": "latin", "it": "latin", "pt": "latin",
                     "nl": "latin", "zh": "cjk"}
+"""Target languages the reward supports, with their script."""
+LATIN_WORDLISTS = ("en", "fr", "de", "es", "it", "pt", "nl", "ca", "ro", "pl", "cs", "sk", "sl", "sh", "hu", "fi",
+                   "sv", "da", "nb", "is", "lt", "lv", "tr", "id", "ms", "fil", "vi")
+"""The Latin-script languages wordfreq has word lists for: a Latin-script word is weighed against all of them, so a
+Polish or Turkish chain of thought is caught under target "en" as well as a French one."""
+SHARED_WORD_MARGIN = 1.0
+"""A word counts for the target language when its Zipf frequency there is within this of its highest frequency in
+any Latin-script language (1.0 = a factor of 10): words shared by two languages ("question", "table" in English and
+French; "also" in English and German) count for both."""
 
 
 def _script(word: str) -> str:
@@ -211,6 +224,39 @@ def _script(word: str) -> str:
         return "cjk"
     # Basic Latin, Latin-1 Supplement, Latin Extended-A/B (accented letters of Latin-script languages).
     return "latin" if all(ord(c) < 0x250 for c in word) else "other"
+
+
+@functools.lru_cache(maxsize=65536)
+def _latin_frequencies(word: str) -> dict[str, float]:
+    from wordfreq import zipf_frequency
+
+    # The "small" lists (words down to Zipf ~3) load in ~0.5 s for all languages, and carry less cross-language
+    # noise than the large ones ("nous" is in the large English list).
+    return {lang: zipf_frequency(word, lang, wordlist="small") for lang in LATIN_WORDLISTS}
+
+
+def word_language_vote(word: str, language: str) -> bool | None:
+    """Whether `word` is a word of `language` (True/False), or None when it carries no language signal.
+
+    - CJK ideograph: exact by script (a word of "zh" and of no Latin-script language).
+    - Latin-script word of two letters or more: wordfreq's frequency in `language` is > 0 and within
+      SHARED_WORD_MARGIN of its frequency in the Latin-script language where it is most frequent. A word no Latin
+      list knows (a variable name, a LaTeX command, a proper name, a typo) and a single letter (x, y, a) are None.
+    - Any other script (Cyrillic, Arabic, kana, ...): a word of none of the supported languages.
+    """
+    script = _script(word)
+    target = LANGUAGE_SCRIPTS[language]
+    if script == "cjk" or script == "other":
+        return script == target
+    if len(word) < 2:
+        return None
+    freqs = _latin_frequencies(word.lower())
+    best = max(freqs.values())
+    if best == 0.0:
+        return None
+    if target != "latin":
+        return False
+    return freqs[language] > 0.0 and freqs[language] >= best - SHARED_WORD_MARGIN
 
 
 def chain_of_thought(completion: str) -> str:
@@ -228,15 +274,21 @@ def chain_of_thought(completion: str) -> str:
 
 
 def language_consistency_reward(completion: str, sample: PromptSample) -> float:
-    """Share of the chain of thought's words in `sample.language` (R1 v2 eq. 7); 1.0 when it has no words."""
+    """Share of the chain of thought's words that are words of `sample.language` (R1 v2 eq. 7), over the words that
+    carry a language signal (`word_language_vote`); 1.0 when none does. LaTeX commands are markup, not words, and a
+    non-CJK word the prompt itself contains is the question's material, not a choice of language (a pseudo-word to
+    reverse, a quoted foreign term): neither is counted."""
     if sample.language not in LANGUAGE_SCRIPTS:
         raise ValueError(f"language_consistency_reward: unsupported language {sample.language!r}; "
                          f"supported: {', '.join(sorted(LANGUAGE_SCRIPTS))}")
-    words = _WORD.findall(chain_of_thought(completion))
-    if not words:
+    # CJK ideographs are single characters, too common to mark a quotation: they always count.
+    quoted = {w.lower() for w in _WORD.findall(sample.prompt) if not _CJK.fullmatch(w)}
+    cot = _LATEX_COMMAND.sub(" ", chain_of_thought(completion))
+    votes = [word_language_vote(w, sample.language) for w in _WORD.findall(cot) if w.lower() not in quoted]
+    votes = [v for v in votes if v is not None]
+    if not votes:
         return 1.0
-    target = LANGUAGE_SCRIPTS[sample.language]
-    return sum(_script(w) == target for w in words) / len(words)
+    return sum(votes) / len(votes)
 
 
 # ---------------------------------------------------------------- registry and batch scoring
