@@ -203,7 +203,7 @@ def format_reward(completion: str, sample: PromptSample) -> float:
 
 _CJK_RANGES = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"
 # A CJK ideograph is one word; any other run of letters is one word. Digits, "_" and symbols are no words.
-_WORD = re.compile(rf"[{_CJK_RANGES}]|[^\W\d_{_CJK_RANGES}]+")
+WORD = re.compile(rf"[{_CJK_RANGES}]|[^\W\d_{_CJK_RANGES}]+")
 _CJK = re.compile(rf"[{_CJK_RANGES}]")
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")  # \frac, \sqrt, \cdot: markup, not words of any language
 LANGUAGE_SCRIPTS = {"en": "latin", "fr": "latin", "de": "latin", "es": "latin", "it": "latin", "pt": "latin",
@@ -282,9 +282,9 @@ def language_consistency_reward(completion: str, sample: PromptSample) -> float:
         raise ValueError(f"language_consistency_reward: unsupported language {sample.language!r}; "
                          f"supported: {', '.join(sorted(LANGUAGE_SCRIPTS))}")
     # CJK ideographs are single characters, too common to mark a quotation: they always count.
-    quoted = {w.lower() for w in _WORD.findall(sample.prompt) if not _CJK.fullmatch(w)}
+    quoted = {w.lower() for w in WORD.findall(sample.prompt) if not _CJK.fullmatch(w)}
     cot = _LATEX_COMMAND.sub(" ", chain_of_thought(completion))
-    votes = [word_language_vote(w, sample.language) for w in _WORD.findall(cot) if w.lower() not in quoted]
+    votes = [word_language_vote(w, sample.language) for w in WORD.findall(cot) if w.lower() not in quoted]
     votes = [v for v in votes if v is not None]
     if not votes:
         return 1.0
