@@ -151,6 +151,8 @@ def read_general(path: str, template: str) -> list[SFTSample]:
 
 # ---------------------------------------------------------------------------------------------- the stage
 def check_spec(spec: RejectionSpec) -> None:
+    """The spec's own checks (ValueError naming the key); reads no file, so a recipe can be checked before its
+    inputs exist."""
     if not spec.checkpoint or not spec.prompts:
         raise ValueError("rejection: `checkpoint` and `prompts` are required")
     if spec.template not in (*TEMPLATES, "none"):
@@ -169,9 +171,6 @@ def check_spec(spec: RejectionSpec) -> None:
     if not 0 <= spec.min_language_consistency <= 1 or spec.max_tokens < 0:
         raise ValueError(f"rejection: min_language_consistency={spec.min_language_consistency} must be in [0, 1] "
                          f"and max_tokens={spec.max_tokens} >= 0")
-    if not (Path(spec.checkpoint) / "config.json").is_file():
-        raise FileNotFoundError(f"rejection.checkpoint={spec.checkpoint}: no config.json there (missing or "
-                                f"incomplete checkpoint; did the reasoning-RL stage finish?)")
 
 
 
@@ -179,6 +178,9 @@ def check_spec(spec: RejectionSpec) -> None:
 def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
     """Sample, filter, deduplicate, mix; write out_dir/sft.jsonl and out_dir/stats.json; return the stats."""
     check_spec(spec)
+    if not (Path(spec.checkpoint) / "config.json").is_file():
+        raise FileNotFoundError(f"rejection.checkpoint={spec.checkpoint}: no config.json there (missing or "
+                                f"incomplete checkpoint; did the reasoning-RL stage finish?)")
     prompts = read_prompts(spec.prompts)
     # Reasoning prompts only (v1 §2.3.3); non-reasoning data come from `spec.general`, not from this policy.
     skipped = sum(s.kind == "general" for s in prompts)

@@ -40,8 +40,9 @@ FORMS = [
     ("explicit plus", "+5", "5", 1.0),
     # --- percentages
     ("percent vs the number", r"50\%", "50", 1.0),
-    ("decided: percent vs the fraction (math-verify reads % both ways; the question's wording decides which the gold "
-     "uses, and only these two readings match)", r"50\%", "0.5", 1.0),
+    # decided: math-verify reads % both ways; the question's wording decides which one the gold uses, and only these
+    # two readings match
+    ("decided: percent vs the fraction", r"50\%", "0.5", 1.0),
     ("percent vs a different number", r"50\%", "5", 0.0),
     # --- radicals
     ("equivalent radicals", r"2\sqrt{2}", r"\sqrt{8}", 1.0),
@@ -95,8 +96,9 @@ FORMS = [
     ("dollar-delimited", "$12$", "12", 1.0),
     ("prose around a delimited answer", "The answer is $5$", "5", 1.0),
     ("prose around a boxed answer", r"The answer is \boxed{5}", "5", 1.0),
-    ("decided: bare prose is not an answer (wrap the answer in $...$ or \\boxed{}); a number found inside prose is "
-     "how the leading-number exploit worked", "The answer is 5", "5", 0.0),
+    # decided: bare prose is not an answer (the answer goes in $...$ or \boxed{}): reading a number out of prose is
+    # how the leading-number exploit worked
+    ("decided: bare prose around the answer", "The answer is 5", "5", 0.0),
     ("decided: two boxes in one answer are two answers (a set)", r"\boxed{3} \boxed{5}", "5", 0.0),
     ("unclosed box inside the answer", r"\boxed{5", "5", 0.0),
     ("empty box", r"\boxed{}", "5", 0.0),
