@@ -1,6 +1,7 @@
 """Rejection sampling (R1 §2.3.3): the filters table-driven, dedup and ratio mixing as pure functions, and the stage
 end to end on a real tiny checkpoint that memorised replies (greedy decoding makes it deterministic)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -178,9 +179,11 @@ def _tiny_cfg():
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory, tok):
     """A tiny MoE checkpoint that replies to prompt A with a clean worked solution and to prompt B with a correct
-    answer whose reasoning mixes languages; prompt C it never saw."""
+    answer whose reasoning mixes languages. C is A's prompt with a wrong gold answer, so the memorised reply to it is
+    graded incorrect whatever the model makes of unseen prompts."""
     torch.manual_seed(0)
-    a, b, c = make_dataset("arithmetic", 3, seed=0)
+    a, b = make_dataset("arithmetic", 2, seed=0)
+    c = dataclasses.replace(a, answer=a.answer + "1", id=f"{a.id}-wrong-gold")
     assert len({a.answer, b.answer, c.answer}) == 3
     reply_a = make_cold_start([a], "chat")[0].response
     reply_b = make_cold_start([b], "chat")[0].response.replace("We need to compute", "我们需要计算")

@@ -13,6 +13,7 @@ from r1moe.rewards.rule import (
     format_reward,
     language_consistency_reward,
     last_boxed,
+    length_reward,
     math_answers_equal,
     same_answer,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "format_reward",
     "language_consistency_reward",
     "last_boxed",
+    "length_reward",
     "math_answers_equal",
     "run_python",
     "same_answer",

@@ -8,6 +8,7 @@ forces a prefix (chat: "<think>\\n") prepend `r1moe.templates.completion_prefix(
   math-verify on the answer; code -> the sandbox runs the code with `sample.tests`; general -> exact match after
   whitespace normalisation (open-ended general prompts get the reward model in a later stage, passed as `extra`).
 - format: exactly `<think>...</think>` then `<answer>...</answer>`, only whitespace around (empty content allowed).
+- length (not R1's; a shaping term): the completion's length in thousands of characters.
 - language (v2 §3.2.1 eq. 7): Num(words in the target language) / Num(words) in the chain of thought. A word's
   language: CJK ideographs by script (exact); Latin-script words by wordfreq's word frequencies in 27 Latin-script
   languages (a French chain of thought under target "en" scores ~0, not 1); words of no known language (variables,
@@ -199,6 +200,19 @@ def format_reward(completion: str, sample: PromptSample) -> float:
     return float(_FORMAT.match(completion) is not None)
 
 
+# ---------------------------------------------------------------- length
+
+LENGTH_UNIT_CHARS = 1000
+
+
+def length_reward(completion: str, sample: PromptSample) -> float:
+    """The completion's length in thousands of characters. Not one of R1's rewards: a shaping term. A negative weight
+    is a per-sample length penalty (the simplest form of Kimi k1.5's, §2.3.3), a positive one pays for longer
+    replies. Any two completions of different lengths score differently, so a group of them always has a nonzero
+    advantage: the reward a smoke run can rely on to move the policy."""
+    return len(completion) / LENGTH_UNIT_CHARS
+
+
 # ---------------------------------------------------------------- language consistency
 
 _CJK_RANGES = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"
@@ -297,6 +311,7 @@ REWARD_FUNCS: dict[str, RewardFunc] = {
     "accuracy": accuracy_reward,
     "format": format_reward,
     "language": language_consistency_reward,
+    "length": length_reward,
 }
 
 

@@ -170,6 +170,11 @@ def test_accuracy_dispatch(sample, completion, expected):
     assert accuracy_reward(completion, sample) == expected
 
 
+@pytest.mark.parametrize("completion, expected", [("", 0.0), ("x" * 250, 0.25), ("<think>ab</think>", 0.017)])
+def test_length_reward(completion, expected):
+    assert REWARD_FUNCS["length"](completion, HALF) == pytest.approx(expected)
+
+
 def test_compute_rewards_weights_components_and_extra():
     samples = [HALF, HALF]
     completions = ["<think>r</think><answer>0.5</answer>", "<answer>1/3</answer>"]
@@ -184,7 +189,7 @@ def test_compute_rewards_weights_components_and_extra():
 
 
 def test_compute_rewards_errors():
-    with pytest.raises(ValueError, match="unknown reward 'acc'.*accuracy, format, language"):
+    with pytest.raises(ValueError, match="unknown reward 'acc'.*accuracy, format, language, length"):
         compute_rewards(["x"], [HALF], {"acc": 1.0})
     with pytest.raises(ValueError, match="1 completions but 2 samples"):
         compute_rewards(["x"], [HALF, HALF], {"format": 1.0})
