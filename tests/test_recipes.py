@@ -91,13 +91,24 @@ def test_the_recipe_check_catches_a_recipe_its_stage_refuses(tmp_path, edit, err
         validate(load_config(bad))
 
 
-def test_the_stages_run_the_same_checks(tmp_path):
-    """`r1moe rm` refuses, before creating its run directory, what the recipe check refuses."""
-    from r1moe.train import rm
+@pytest.mark.parametrize("recipe, override, error", [
+    ("deepseek-v3/r1/rm.yaml", "parallel.backend=megatron", "the rm stage runs on the reference backend only"),
+    ("tiny/r1/rm.yaml", "parallel.ep=2", r"parallel\.ep=2: no effect with parallel\.backend=reference"),
+    ("tiny/r1/stage1_cold_start.yaml", "data.train=null", "data.train is required for sft"),
+    ("tiny/r1/stage1_cold_start.yaml", "model.init=null", "sft needs a tokenizer"),
+    ("tiny/r1_zero/pretrain.yaml", "data.train=null", "data.train is required for pretrain"),
+    ("tiny/r1_zero/grpo.yaml", "data.train=null", "data.train is required for grpo"),
+    ("tiny/r1_zero/grpo.yaml", "rewards.weights.lenght=1.0", "unknown reward 'lenght'"),
+])
+def test_the_stages_refuse_what_the_check_refuses(tmp_path, recipe, override, error):
+    """Each stage refuses, before creating its run directory, what the recipe check refuses, with the same error."""
+    import importlib
 
-    cfg = load_config(V3 / "r1/rm.yaml", ["parallel.backend=megatron", f"logging.run_dir={tmp_path / 'run'}"])
-    with pytest.raises(ValueError, match="parallel.backend=megatron: the rm stage runs on the reference backend"):
-        rm.run(cfg)
+    cfg = load_config(ROOT / "recipes" / recipe, [override, f"logging.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=error):
+        validate(cfg)
+    with pytest.raises(ValueError, match=error):
+        importlib.import_module(f"r1moe.train.{cfg.stage}").run(cfg)
     assert not (tmp_path / "run").exists()
 
 
