@@ -34,6 +34,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from r1moe.config import SGLangSection
 from r1moe.data import PromptSample, SFTSample, read_prompts, read_sft, write_jsonl
 from r1moe.pipeline import RejectionSpec
 from r1moe.rewards import accuracy_reward, chain_of_thought, format_reward, language_consistency_reward
@@ -159,6 +160,8 @@ def check_spec(spec: RejectionSpec) -> None:
         raise ValueError(f"rejection.template={spec.template!r}: expected one of {[*sorted(TEMPLATES), 'none']}")
     if spec.language not in LANGUAGE_SCRIPTS:
         raise ValueError(f"rejection.language={spec.language!r}: expected one of {sorted(LANGUAGE_SCRIPTS)}")
+    if spec.engine == "builtin" and spec.sglang != SGLangSection():
+        raise ValueError("rejection.sglang is set with rejection.engine=builtin: it only applies with engine=sglang")
     for name in ("samples_per_prompt", "max_new_tokens", "max_repeat", "max_paragraph_words"):
         if getattr(spec, name) < 1:
             raise ValueError(f"rejection.{name}={getattr(spec, name)} must be >= 1")
@@ -171,8 +174,6 @@ def check_spec(spec: RejectionSpec) -> None:
     if not 0 <= spec.min_language_consistency <= 1 or spec.max_tokens < 0:
         raise ValueError(f"rejection: min_language_consistency={spec.min_language_consistency} must be in [0, 1] "
                          f"and max_tokens={spec.max_tokens} >= 0")
-
-
 
 
 def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:

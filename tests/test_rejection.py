@@ -9,6 +9,7 @@ import torch
 from r1moe.model import build_model, get_preset, save_pretrained
 
 from r1moe.algorithms import compute_sft_loss
+from r1moe.config import SGLangSection
 from r1moe.data import PromptSample, SFTSample, make_cold_start, make_dataset, make_general, read_sft, write_jsonl
 from r1moe.data.tokenizer import build_tiny_tokenizer, default_corpus
 from r1moe.pipeline import RejectionSpec
@@ -266,6 +267,8 @@ def test_bad_spec_and_general_template_mismatch(memorised, tmp_path):
         run_rejection_sampling(RejectionSpec(**base, max_paragraph_words=0), tmp_path)
     with pytest.raises(ValueError, match="max_code_blocks=-1"):
         run_rejection_sampling(RejectionSpec(**base, max_code_blocks=-1), tmp_path)
+    with pytest.raises(ValueError, match="rejection.sglang is set with rejection.engine=builtin"):
+        run_rejection_sampling(RejectionSpec(**base, sglang=SGLangSection(dp=2)), tmp_path)
     write_jsonl(tmp_path / "only_general.jsonl", make_general(2, seed=0))
     with pytest.raises(ValueError, match="no reasoning prompts"):
         run_rejection_sampling(RejectionSpec(**{**base, "prompts": str(tmp_path / "only_general.jsonl")}), tmp_path)

@@ -63,6 +63,9 @@ def check_grpo(cfg: JobConfig) -> None:
         if name not in REWARD_FUNCS:
             raise ValueError(f"rewards.weights: unknown reward {name!r}; known: {sorted(REWARD_FUNCS)}")
     _need_tokenizer_source(cfg)
+    if cfg.rollout.engine == "sglang" and cfg.train.device != "auto" and not cfg.train.device.startswith("cuda"):
+        raise ValueError(f"rollout.engine=sglang runs on GPUs: train.device={cfg.train.device!r} must be auto or "
+                         f"cuda (or use rollout.engine=builtin)")
 
 
 def check_rm(cfg: JobConfig) -> None:
