@@ -1,5 +1,6 @@
 """Evaluation as the paper does it (R1 v1 §3, v2 D.1): K samples per question at T=0.6, top-p 0.95, never greedy;
-pass@1 = mean accuracy over the K samples; unbiased pass@k; cons@K = majority vote over extracted answers; plus
+pass@1 = mean accuracy over the K samples; unbiased pass@k; cons@K = majority vote over the extracted answers'
+equivalence classes (the accuracy reward's equivalence, r1moe.rewards.same_answer; r1moe/metrics.py); plus
 format rate, language consistency and mean response length.
 
     r1moe eval --checkpoint runs/tiny-r1-zero/grpo/final --data data/arith_eval.jsonl --samples 8 \
@@ -10,6 +11,7 @@ format rate, language consistency and mean response length.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from tokenizers import Tokenizer
 
 from r1moe.data import PromptSample
 from r1moe.metrics import SampleResult, summarize_eval
+from r1moe.rewards import same_answer
 from r1moe.rollout import RolloutEngine, SamplingParams
 
 
@@ -64,7 +67,7 @@ def evaluate(engine: RolloutEngine, tok: Tokenizer, samples: list[PromptSample],
             graded += [grade(g.text, q, s.template, len(g.token_ids)) for g, q in zip(gens, owners[i:i + s.chunk])]
             advance(f"eval {min(i + s.chunk, len(prompts))}/{len(prompts)} samples")
     per_question = [graded[i:i + s.samples] for i in range(0, len(graded), s.samples)]
-    return summarize_eval(per_question)
+    return summarize_eval(per_question, [functools.partial(same_answer, sample=q) for q in samples])
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, s: EvalSettings, max_questions: int = 0,

@@ -5,6 +5,16 @@
 - pass@k: the unbiased estimator of Chen et al. 2021 (arXiv 2107.03374, "Evaluating Large Language Models
   Trained on Code", eq. 1): 1 - C(n-c, k) / C(n, k) for n samples of which c are correct.
 - cons@k: majority vote over the k final answers, then graded (cons@64 on AIME in R1; cons@16 in Fig. 2).
+
+How cons@k votes (`majority_vote`):
+- Over equivalence classes, not strings: `\\boxed{5}`, `5` and `5.0` are one vote of three. The equivalence is the
+  accuracy reward's (`r1moe.rewards.same_answer`: math-verify for math), passed in as `same_answer(a, b)`; without
+  one, answers are compared as whitespace-normalised text (right only for exact-match tasks).
+- Classes are built in a canonical order (distinct answers sorted by length, then text; each joins the first class
+  whose representative it equals), so they do not depend on the order the samples came in.
+- A tie between classes goes to the class whose representative comes first in that order (the shortest answer,
+  then the alphabetically first): the same multiset of answers always gets the same winner, whatever the order of
+  sampling. The winner is graded through its representative.
 """
 
 from __future__ import annotations
@@ -41,6 +51,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+SameAnswer = Callable[[str, str], bool]
+"""Equivalence of two final answers to one question (e.g. `functools.partial(r1moe.rewards.same_answer,
+sample=q)`)."""
+
+
 def _normalise(answer: str | None) -> str | None:
     if answer is None:
         return None
@@ -48,30 +63,46 @@ def _normalise(answer: str | None) -> str | None:
     return normalised or None
 
 
-def majority_vote(answers: Sequence[str | None]) -> str | None:
-    """Most frequent answer after whitespace normalisation (runs of whitespace -> one space, stripped);
-    None and empty answers do not vote; a tie goes to the answer seen first; None when nobody voted.
+def _text_equal(a: str, b: str) -> bool:
+    return a == b
 
-    Answers are compared as strings: canonicalise equivalent forms (1/2 vs 0.5) before voting if needed.
-    """
-    votes = [a for a in map(_normalise, answers) if a is not None]
-    if not votes:
+
+def answer_classes(answers: Sequence[str | None], same_answer: SameAnswer | None = None) -> list[tuple[str, int]]:
+    """(representative, votes) of each equivalence class of the answers, in canonical order (module docstring).
+    None and empty answers do not vote. Equal strings are one class without calling `same_answer`."""
+    counts = Counter(a for a in map(_normalise, answers) if a is not None)
+    same = same_answer or _text_equal
+    classes: list[list] = []  # [representative, votes]
+    for answer in sorted(counts, key=lambda a: (len(a), a)):
+        home = next((c for c in classes if same(answer, c[0])), None)
+        if home is None:
+            classes.append([answer, counts[answer]])
+        else:
+            home[1] += counts[answer]
+    return [(rep, votes) for rep, votes in classes]
+
+
+def majority_vote(answers: Sequence[str | None], same_answer: SameAnswer | None = None) -> str | None:
+    """Representative of the equivalence class with the most votes; ties -> the class first in canonical order
+    (module docstring); None when nobody voted."""
+    classes = answer_classes(answers, same_answer)
+    if not classes:
         return None
-    counts = Counter(votes)
-    best = max(counts.values())
-    return next(a for a in votes if counts[a] == best)
+    best = max(votes for _, votes in classes)
+    return next(rep for rep, votes in classes if votes == best)
 
 
-def cons_at_k(answers: Sequence[str | None], gold: Any, is_correct: Callable[[str, Any], bool]) -> float:
+def cons_at_k(answers: Sequence[str | None], gold: Any, is_correct: Callable[[str, Any], bool],
+              same_answer: SameAnswer | None = None) -> float:
     """1.0 if the majority answer is correct according to `is_correct(answer, gold)`, else 0.0."""
-    winner = majority_vote(answers)
+    winner = majority_vote(answers, same_answer)
     return float(winner is not None and bool(is_correct(winner, gold)))
 
 
-def _cons_from_samples(samples: Sequence[SampleResult]) -> float:
-    """cons@k without a grader: the majority answer is correct iff a sample that gave it was graded correct
-    (grading is a function of the answer, so any such sample will do; we take the first)."""
-    winner = majority_vote([s.answer for s in samples])
+def _cons_from_samples(samples: Sequence[SampleResult], same_answer: SameAnswer | None) -> float:
+    """cons@k without a grader: the winning class is graded by a sample that gave its representative (grading is a
+    function of the answer text, so any such sample will do)."""
+    winner = majority_vote([s.answer for s in samples], same_answer)
     if winner is None:
         return 0.0
     return float(next(s.correct for s in samples if _normalise(s.answer) == winner))
@@ -82,8 +113,10 @@ def _ks_up_to(num_samples: int) -> list[int]:
     return ks if ks[-1] == num_samples else [*ks, num_samples]
 
 
-def summarize_eval(results: Sequence[Sequence[SampleResult]]) -> dict[str, float]:
-    """Metrics of one benchmark from K graded samples per question (`results[q][i]`).
+def summarize_eval(results: Sequence[Sequence[SampleResult]],
+                   same_answer: Sequence[SameAnswer | None] | None = None) -> dict[str, float]:
+    """Metrics of one benchmark from K graded samples per question (`results[q][i]`); `same_answer[q]` is question
+    q's answer equivalence for cons@K (None: normalised text).
 
     Keys: `pass@1` (mean over questions of the fraction of correct samples), `pass@k` for k = 2, 4, ... and K,
     `cons@K`, `format_rate` and `mean_response_length` (over all samples), `language_consistency` (mean over
@@ -94,6 +127,9 @@ def summarize_eval(results: Sequence[Sequence[SampleResult]]) -> dict[str, float
     sizes = {len(samples) for samples in results}
     if len(sizes) != 1 or 0 in sizes:
         raise ValueError(f"every question needs the same number (>= 1) of samples, got sizes {sorted(sizes)}")
+    if same_answer is not None and len(same_answer) != len(results):
+        raise ValueError(f"same_answer has {len(same_answer)} entries for {len(results)} questions")
+    equivalences = list(same_answer) if same_answer is not None else [None] * len(results)
     num_per_question = sizes.pop()
     num_questions = len(results)
     all_samples = [s for samples in results for s in samples]
@@ -103,7 +139,8 @@ def summarize_eval(results: Sequence[Sequence[SampleResult]]) -> dict[str, float
         summary[f"pass@{k}"] = (
             sum(pass_at_k(num_per_question, sum(s.correct for s in samples), k) for samples in results) / num_questions
         )
-    summary[f"cons@{num_per_question}"] = sum(_cons_from_samples(samples) for samples in results) / num_questions
+    summary[f"cons@{num_per_question}"] = sum(
+        _cons_from_samples(samples, same) for samples, same in zip(results, equivalences)) / num_questions
     summary["format_rate"] = sum(s.formatted for s in all_samples) / len(all_samples)
     summary["mean_response_length"] = sum(s.length_tokens for s in all_samples) / len(all_samples)
     measured = [s.language_consistency for s in all_samples if s.language_consistency is not None]

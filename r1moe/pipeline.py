@@ -82,6 +82,12 @@ class RejectionSpec:
     """Repetition filter: drop responses with a line repeated more than this many times."""
     language: str = "en"
     min_language_consistency: float = 0.99
+    max_paragraph_words: int = 300
+    """Long-paragraph filter: drop a chain of thought with a paragraph (text between blank lines) of more than this
+    many words (a CJK ideograph is one word). The paper names the filter, not a length; 300 is chosen."""
+    max_code_blocks: int = 0
+    """Code-block filter: drop a chain of thought with more than this many fenced (``` or ~~~) code blocks; 0 drops
+    any. Only the chain of thought is checked: a code answer in <answer> is what code prompts ask for."""
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
     seed: int = 0
     engine: Literal["builtin", "sglang"] = "builtin"

@@ -12,11 +12,14 @@ applied in this fixed order; a sample is counted under the first that fires (`FI
     incorrect        accuracy reward < 1 (rules: task verifier, math-verify, code sandbox; v2 B.3.3)
     malformed        format reward 0: not exactly <think>...</think><answer>...</answer>
     language_mixing  language consistency (v2 eq. 7) in `spec.language` < `min_language_consistency`
+    long_paragraph   a chain-of-thought paragraph (between blank lines) of more than `max_paragraph_words` words
+    code_block       more than `max_code_blocks` fenced code blocks in the chain of thought (default 0: any)
     overlong         finished by length, or more than `max_tokens` tokens (0 = max_new_tokens)
     repetition       a line or a sentence occurring more than `max_repeat` times
-Correctness comes first, so `incorrect` + the four readability counts + `passed_filters` = all samples, and the
-samples the readability filters drop were all correct. The paper also drops CoT with long paragraphs and code blocks; those two
-filters are not implemented here.
+The first three readability filters are the paper's ("filtered out chain-of-thought with mixed languages, long
+paragraphs, and code blocks", v1 §2.3.3); overlong and repetition are ours. Correctness comes first, so `incorrect` +
+the six readability counts + `passed_filters` = all samples, and the samples the readability filters drop were all
+correct.
 
 Outputs in `out_dir`: `sft.jsonl` (SFTSample records; the response is the generated text, which follows
 `render(template, prompt)` verbatim; `meta` = provenance) and `stats.json` (the returned dict), both atomic. Nothing
@@ -31,21 +34,24 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from r1moe.config import SGLangSection
 from r1moe.data import PromptSample, SFTSample, read_prompts, read_sft, write_jsonl
 from r1moe.pipeline import RejectionSpec
-from r1moe.rewards import accuracy_reward, format_reward, language_consistency_reward
-from r1moe.rewards.rule import LANGUAGE_SCRIPTS
+from r1moe.rewards import accuracy_reward, chain_of_thought, format_reward, language_consistency_reward
+from r1moe.rewards.rule import LANGUAGE_SCRIPTS, WORD
 from r1moe.rollout import SamplingParams
 from r1moe.rollout.loader import load_checkpoint_engine
 from r1moe.templates import REASONING_TAGS, TEMPLATES, completion_prefix
 from r1moe.train import common
 
-FILTERS = ("incorrect", "malformed", "language_mixing", "overlong", "repetition")
+FILTERS = ("incorrect", "malformed", "language_mixing", "long_paragraph", "code_block", "overlong", "repetition")
 CHUNK = 64
 """Sequences per engine call (bounds memory; one progress tick each)."""
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _HAS_WORD = re.compile(r"\w")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_FENCE = re.compile(r"^[ \t]*(```|~~~)", re.MULTILINE)
 
 
 # ---------------------------------------------------------------------------------------------- filters
@@ -68,6 +74,17 @@ def max_repeats(text: str) -> int:
     return best
 
 
+def longest_paragraph(text: str) -> int:
+    """Words (as the language reward counts them: a run of letters, or one CJK ideograph) in the longest paragraph
+    of `text`; paragraphs are separated by blank lines."""
+    return max((len(WORD.findall(p)) for p in _PARAGRAPH_BREAK.split(text)), default=0)
+
+
+def count_code_blocks(text: str) -> int:
+    """Fenced code blocks in `text` (``` or ~~~ at the start of a line opens one; an unclosed one counts)."""
+    return -(-len(_FENCE.findall(text)) // 2)
+
+
 def classify(completion_text: str, num_tokens: int, finish_reason: str, sample: PromptSample,
              spec: RejectionSpec) -> str | None:
     """None to keep the sample, else the first filter of `FILTERS` that rejects it. `completion_text` is the
@@ -80,6 +97,11 @@ def classify(completion_text: str, num_tokens: int, finish_reason: str, sample: 
     if language_consistency_reward(full, dataclasses.replace(sample, language=spec.language)) \
             < spec.min_language_consistency:
         return "language_mixing"
+    cot = chain_of_thought(full)
+    if longest_paragraph(cot) > spec.max_paragraph_words:
+        return "long_paragraph"
+    if count_code_blocks(cot) > spec.max_code_blocks:
+        return "code_block"
     if finish_reason == "length" or num_tokens > (spec.max_tokens or spec.max_new_tokens):
         return "overlong"
     if max_repeats(full) > spec.max_repeat:
@@ -130,15 +152,21 @@ def read_general(path: str, template: str) -> list[SFTSample]:
 
 # ---------------------------------------------------------------------------------------------- the stage
 def check_spec(spec: RejectionSpec) -> None:
+    """The spec's own checks (ValueError naming the key); reads no file, so a recipe can be checked before its
+    inputs exist."""
     if not spec.checkpoint or not spec.prompts:
         raise ValueError("rejection: `checkpoint` and `prompts` are required")
     if spec.template not in (*TEMPLATES, "none"):
         raise ValueError(f"rejection.template={spec.template!r}: expected one of {[*sorted(TEMPLATES), 'none']}")
     if spec.language not in LANGUAGE_SCRIPTS:
         raise ValueError(f"rejection.language={spec.language!r}: expected one of {sorted(LANGUAGE_SCRIPTS)}")
-    for name in ("samples_per_prompt", "max_new_tokens", "max_repeat"):
+    if spec.engine == "builtin" and spec.sglang != SGLangSection():
+        raise ValueError("rejection.sglang is set with rejection.engine=builtin: it only applies with engine=sglang")
+    for name in ("samples_per_prompt", "max_new_tokens", "max_repeat", "max_paragraph_words"):
         if getattr(spec, name) < 1:
             raise ValueError(f"rejection.{name}={getattr(spec, name)} must be >= 1")
+    if spec.max_code_blocks < 0:
+        raise ValueError(f"rejection.max_code_blocks={spec.max_code_blocks} must be >= 0")
     if spec.temperature < 0 or not 0 < spec.top_p <= 1:
         raise ValueError(f"rejection: temperature={spec.temperature} must be >= 0 and top_p={spec.top_p} in (0, 1]")
     if not 0 < spec.reasoning_ratio <= 1:
@@ -146,16 +174,14 @@ def check_spec(spec: RejectionSpec) -> None:
     if not 0 <= spec.min_language_consistency <= 1 or spec.max_tokens < 0:
         raise ValueError(f"rejection: min_language_consistency={spec.min_language_consistency} must be in [0, 1] "
                          f"and max_tokens={spec.max_tokens} >= 0")
-    if not (Path(spec.checkpoint) / "config.json").is_file():
-        raise FileNotFoundError(f"rejection.checkpoint={spec.checkpoint}: no config.json there (missing or "
-                                f"incomplete checkpoint; did the reasoning-RL stage finish?)")
-
-
 
 
 def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
     """Sample, filter, deduplicate, mix; write out_dir/sft.jsonl and out_dir/stats.json; return the stats."""
     check_spec(spec)
+    if not (Path(spec.checkpoint) / "config.json").is_file():
+        raise FileNotFoundError(f"rejection.checkpoint={spec.checkpoint}: no config.json there (missing or "
+                                f"incomplete checkpoint; did the reasoning-RL stage finish?)")
     prompts = read_prompts(spec.prompts)
     # Reasoning prompts only (v1 §2.3.3); non-reasoning data come from `spec.general`, not from this policy.
     skipped = sum(s.kind == "general" for s in prompts)

@@ -1,5 +1,7 @@
 """Every recipe under recipes/ loads (pipeline recipes, the ones with a top-level `stages:`, through
-r1moe.pipeline.load_pipeline; stage recipes through r1moe.config.load_config); a mistyped key is an error naming it;
+r1moe.pipeline.load_pipeline; stage recipes through r1moe.config.load_config) and passes the checks its stage makes
+before it runs (r1moe.train.checks.validate; rejection sampling's check_spec), so no recipe here is one its stage
+would refuse; a mistyped key is an error naming it;
 the real-scale recipes (recipes/deepseek-v3/) carry the numbers the DeepSeek-R1 paper states (../shared
 R1-SETTINGS.md), and their megatron layouts fit the model on the allocation their launcher asks for.
 """
@@ -14,6 +16,8 @@ from omegaconf import OmegaConf
 
 from r1moe.config import JobConfig, load_config
 from r1moe.pipeline import load_pipeline
+from r1moe.rejection import check_spec
+from r1moe.train.checks import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -49,6 +53,63 @@ def test_recipe_loads(path):
                 load_config(ROOT / s.recipe, s.overrides)
     else:
         assert isinstance(load_config(path), JobConfig)
+
+
+def stage_configs(path: Path) -> list[tuple[str, JobConfig]]:
+    """(label, config) of every training stage `path` runs: the recipe itself, or each stage recipe a pipeline names,
+    with the pipeline's overrides, as r1moe.pipeline.run_stage loads it."""
+    if not is_pipeline(path):
+        return [(rel(path), load_config(path))]
+    return [(f"{rel(path)}:{s.name}", load_config(ROOT / s.recipe, [*s.overrides, f"stage={s.kind}"]))
+            for s in load_pipeline(path).stages if s.recipe]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=rel)
+def test_recipe_passes_its_stages_pre_run_checks(path):
+    for label, cfg in stage_configs(path):
+        try:
+            validate(cfg)
+        except ValueError as e:
+            pytest.fail(f"{label}: `r1moe {cfg.stage}` would refuse this recipe: {e}")
+    if is_pipeline(path):
+        for s in load_pipeline(path).stages:
+            if s.kind == "rejection":
+                check_spec(s.rejection)
+
+
+@pytest.mark.parametrize("edit, error", [
+    ({"parallel": {"backend": "megatron"}}, r"parallel\.backend=megatron: the rm stage runs on the reference"),
+    ({"parallel": {"tp": 8}}, r"parallel\.tp=8: no effect with parallel\.backend=reference"),
+    ({"data": {"train": None}}, r"data\.train is required for rm"),
+    ({"model": {"init": None}}, r"model\.init is required for rm"),
+])
+def test_the_recipe_check_catches_a_recipe_its_stage_refuses(tmp_path, edit, error):
+    """The rm recipe as it was (backend: megatron, which `r1moe rm` refuses) fails the check, and so do the others."""
+    bad = tmp_path / "rm.yaml"
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(V3 / "r1/rm.yaml"), edit), bad)
+    with pytest.raises(ValueError, match=error):
+        validate(load_config(bad))
+
+
+@pytest.mark.parametrize("recipe, override, error", [
+    ("deepseek-v3/r1/rm.yaml", "parallel.backend=megatron", "the rm stage runs on the reference backend only"),
+    ("tiny/r1/rm.yaml", "parallel.ep=2", r"parallel\.ep=2: no effect with parallel\.backend=reference"),
+    ("tiny/r1/stage1_cold_start.yaml", "data.train=null", "data.train is required for sft"),
+    ("tiny/r1/stage1_cold_start.yaml", "model.init=null", "sft needs a tokenizer"),
+    ("tiny/r1_zero/pretrain.yaml", "data.train=null", "data.train is required for pretrain"),
+    ("tiny/r1_zero/grpo.yaml", "data.train=null", "data.train is required for grpo"),
+    ("tiny/r1_zero/grpo.yaml", "rewards.weights.lenght=1.0", "unknown reward 'lenght'"),
+])
+def test_the_stages_refuse_what_the_check_refuses(tmp_path, recipe, override, error):
+    """Each stage refuses, before creating its run directory, what the recipe check refuses, with the same error."""
+    import importlib
+
+    cfg = load_config(ROOT / "recipes" / recipe, [override, f"logging.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=error):
+        validate(cfg)
+    with pytest.raises(ValueError, match=error):
+        importlib.import_module(f"r1moe.train.{cfg.stage}").run(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_mistyped_key_in_a_recipe_names_the_key(tmp_path):
@@ -120,10 +181,16 @@ def test_r1_sft_stages_carry_the_paper_numbers(name):
     assert cfg.model.init == "checkpoints/DeepSeek-V3-Base"  # paper: stage 3 also starts from the base model
 
 
-def test_reward_model_carries_the_paper_numbers():
+def test_reward_model_carries_the_paper_numbers_and_says_what_runs():
     cfg = load_config(V3 / "r1/rm.yaml")
     assert cfg.stage == "rm"
     assert (cfg.optim.lr, cfg.train.batch_size, cfg.train.epochs, cfg.data.seq_len) == (6e-6, 256, 1, 8192)
+    # `r1moe rm` runs the reference backend (one device); the recipe and its launcher say so
+    assert cfg.parallel.backend == "reference"
+    assert "the megatron RM is not built yet" in (V3 / "r1/rm.yaml").read_text()
+    launcher = (ROOT / "slurm" / LAUNCHER["r1/rm"]).read_text()
+    assert re.search(r"^#SBATCH --nodes=1$", launcher, flags=re.MULTILINE)
+    assert re.search(r"^#SBATCH --gpus-per-node=1$", launcher, flags=re.MULTILINE)
 
 
 DISTILL_LR = {"qwen2.5-1.5b": 1e-4, "qwen2.5-7b": 8e-5, "qwen2.5-14b": 7e-5, "qwen2.5-32b": 6e-5,
@@ -161,13 +228,22 @@ def allocated_gpus(recipe: Path) -> int:
     return int(re.search(r"^#SBATCH --nodes=(\d+)", launcher, flags=re.MULTILINE).group(1)) * GPUS_PER_NODE
 
 
-@pytest.mark.parametrize("path", stage_recipes(V3), ids=rel)
+def megatron_recipes(under: Path) -> list[Path]:
+    return [p for p in stage_recipes(under) if load_config(p).parallel.backend == "megatron"]
+
+
+def test_every_real_scale_stage_but_the_reward_model_runs_on_megatron():
+    others = {rel(p) for p in stage_recipes(V3)} - {rel(p) for p in megatron_recipes(V3)}
+    assert others == {"recipes/deepseek-v3/r1/rm.yaml"}
+
+
+@pytest.mark.parametrize("path", megatron_recipes(V3), ids=rel)
 def test_real_scale_layout_fits_model_and_allocation(path):
     from r1moe.model import get_preset
     from r1moe.parallel.config import ParallelConfig
 
     cfg = load_config(path)
-    assert cfg.parallel.backend == "megatron" and cfg.model.dtype == "bfloat16" and cfg.model.init
+    assert cfg.model.dtype == "bfloat16" and cfg.model.init
     model = get_preset(cfg.model.preset)
     p = cfg.parallel
     pp_layers = None

@@ -1,6 +1,7 @@
 """Rejection sampling (R1 §2.3.3): the filters table-driven, dedup and ratio mixing as pure functions, and the stage
 end to end on a real tiny checkpoint that memorised replies (greedy decoding makes it deterministic)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,10 +9,20 @@ import torch
 from r1moe.model import build_model, get_preset, save_pretrained
 
 from r1moe.algorithms import compute_sft_loss
+from r1moe.config import SGLangSection
 from r1moe.data import PromptSample, SFTSample, make_cold_start, make_dataset, make_general, read_sft, write_jsonl
 from r1moe.data.tokenizer import build_tiny_tokenizer, default_corpus
 from r1moe.pipeline import RejectionSpec
-from r1moe.rejection import FILTERS, classify, deduplicate, max_repeats, mix_records, run_rejection_sampling
+from r1moe.rejection import (
+    FILTERS,
+    classify,
+    count_code_blocks,
+    deduplicate,
+    longest_paragraph,
+    max_repeats,
+    mix_records,
+    run_rejection_sampling,
+)
 from r1moe.train.common import encode, render_prompt
 
 MATH = PromptSample(prompt="Compute 2 + 3", answer="5", kind="math", task="arithmetic")
@@ -20,6 +31,14 @@ CHINESE_COT = "<think>\n我们需要计算二加三。\nSo the answer is 5.\n</t
 LOOP = "<think>\nLet me check.\nLet me check.\nLet me check.\nLet me check.\n</think>\n<answer>5</answer>"
 LOOP3 = "<think>\nLet me check.\nLet me check.\nLet me check.\nSo it is 5.\n</think>\n<answer>5</answer>"
 SENTENCES = "<think>\nIt is 5. It is 5. It is 5. It is 5.\n</think>\n<answer>5</answer>"
+WALL = " ".join(f"we add number {i} to the running total" for i in range(40))  # one paragraph of 280 words
+LONG_PARAGRAPH = f"<think>\n{WALL} and so on.\n</think>\n<answer>5</answer>"  # 283 words
+SPLIT_PARAGRAPHS = f"<think>\n{WALL}\n\n{WALL}\n</think>\n<answer>5</answer>"  # two of 280
+CODE = "<think>\nWe need 2 + 3.\n```python\nprint(2 + 3)\n```\nSo the answer is 5.\n</think>\n<answer>5</answer>"
+TILDE_CODE = CODE.replace("```python", "~~~").replace("```", "~~~")
+CODE_TASK = PromptSample(prompt="Write f() returning 2 + 3", answer="", kind="code", tests="assert f() == 5")
+CODE_IN_ANSWER = "<think>\nf returns the sum.\n</think>\n<answer>\n```python\ndef f():\n    return 2 + 3\n```\n</answer>"
+INLINE_TICKS = "<think>\nWe compute `2 + 3` inline.\nSo the answer is 5.\n</think>\n<answer>5</answer>"
 
 
 @pytest.mark.parametrize("template, text, num_tokens, finish, spec_kw, expected", [
@@ -45,14 +64,61 @@ SENTENCES = "<think>\nIt is 5. It is 5. It is 5. It is 5.\n</think>\n<answer>5</
     ("r1_zero", CHINESE_COT.replace("So the", "So the\nSo the\nSo the\nSo the"), 128, "length", {},
      "language_mixing"),
     ("r1_zero", LOOP, 128, "length", {}, "overlong"),
+    # long paragraphs (default max_paragraph_words 300) and code blocks in the chain of thought
+    ("r1_zero", LONG_PARAGRAPH, 30, "stop", {}, None),
+    ("r1_zero", LONG_PARAGRAPH, 30, "stop", {"max_paragraph_words": 282}, "long_paragraph"),
+    ("r1_zero", LONG_PARAGRAPH, 30, "stop", {"max_paragraph_words": 283}, None),
+    ("r1_zero", SPLIT_PARAGRAPHS, 30, "stop", {"max_paragraph_words": 280}, None),  # blank line: two paragraphs
+    ("r1_zero", SPLIT_PARAGRAPHS, 30, "stop", {"max_paragraph_words": 279}, "long_paragraph"),
+    ("r1_zero", CODE, 30, "stop", {}, "code_block"),
+    ("r1_zero", TILDE_CODE, 30, "stop", {}, "code_block"),
+    ("r1_zero", CODE, 30, "stop", {"max_code_blocks": 1}, None),
+    ("r1_zero", INLINE_TICKS, 30, "stop", {}, None),  # inline code is no block
+    ("chat", CODE.removeprefix("<think>\n"), 30, "stop", {}, "code_block"),
+    # order: long_paragraph, code_block after language_mixing, before overlong
+    ("r1_zero", CODE.replace("We need", "我们需要计算"), 30, "stop", {}, "language_mixing"),
+    ("r1_zero", CODE.replace("We need", WALL), 30, "stop", {"max_paragraph_words": 100}, "long_paragraph"),
+    ("r1_zero", CODE, 128, "length", {}, "code_block"),
 ])
 def test_classify(template, text, num_tokens, finish, spec_kw, expected):
     spec = RejectionSpec(checkpoint="ckpt", prompts="p.jsonl", template=template, max_new_tokens=128, **spec_kw)
     assert classify(text, num_tokens, finish, MATH, spec) == expected
 
 
+def test_code_answer_is_not_a_code_block_in_the_chain_of_thought():
+    spec = RejectionSpec(checkpoint="ckpt", prompts="p.jsonl", max_new_tokens=128)
+    assert classify(CODE_IN_ANSWER, 30, "stop", CODE_TASK, spec) is None
+    drafted = CODE_IN_ANSWER.replace("f returns the sum.", "Draft:\n```python\ndef f(): pass\n```")
+    assert classify(drafted, 30, "stop", CODE_TASK, spec) == "code_block"
+
+
 def test_filters_order_is_documented():
-    assert FILTERS == ("incorrect", "malformed", "language_mixing", "overlong", "repetition")
+    import r1moe.rejection
+
+    assert FILTERS == ("incorrect", "malformed", "language_mixing", "long_paragraph", "code_block", "overlong",
+                       "repetition")
+    doc = r1moe.rejection.__doc__
+    assert [name for name in FILTERS if f"    {name} " in doc] == list(FILTERS)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", 0),
+    ("one two three", 3),
+    ("one two\nthree\n\nfour", 3),  # a single newline does not end a paragraph
+    ("a b\n  \n c d e", 3),  # a whitespace-only line does
+    ("我们需要 compute", 5),  # CJK: one word per ideograph
+    ("7 + 5 = 12", 0),
+])
+def test_longest_paragraph(text, words):
+    assert longest_paragraph(text) == words
+
+
+@pytest.mark.parametrize("text, blocks", [
+    ("no code", 0), ("```\nx\n```", 1), ("```py\nx\n```\n~~~\ny\n~~~", 2), ("```\nunclosed", 1),
+    ("inline ``` fence mid-line", 0), ("  ```\nindented\n  ```", 1),
+])
+def test_count_code_blocks(text, blocks):
+    assert count_code_blocks(text) == blocks
 
 
 def test_max_repeats_ignores_tags_blank_and_symbol_lines():
@@ -114,9 +180,11 @@ def _tiny_cfg():
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory, tok):
     """A tiny MoE checkpoint that replies to prompt A with a clean worked solution and to prompt B with a correct
-    answer whose reasoning mixes languages; prompt C it never saw."""
+    answer whose reasoning mixes languages. C is A's prompt with a wrong gold answer, so the memorised reply to it is
+    graded incorrect whatever the model makes of unseen prompts."""
     torch.manual_seed(0)
-    a, b, c = make_dataset("arithmetic", 3, seed=0)
+    a, b = make_dataset("arithmetic", 2, seed=0)
+    c = dataclasses.replace(a, answer=a.answer + "1", id=f"{a.id}-wrong-gold")
     assert len({a.answer, b.answer, c.answer}) == 3
     reply_a = make_cold_start([a], "chat")[0].response
     reply_b = make_cold_start([b], "chat")[0].response.replace("We need to compute", "我们需要计算")
@@ -154,8 +222,8 @@ def test_end_to_end_filters_dedup_mix(memorised, tmp_path):
                          reasoning_ratio=0.5)
     stats = run_rejection_sampling(spec, tmp_path / "out")
     assert stats["prompts"] == 3 and stats["general_prompts_skipped"] == 1 and stats["samples"] == 6
-    assert stats["rejected"] == {"incorrect": 2, "malformed": 0, "language_mixing": 2, "overlong": 0,
-                                 "repetition": 0}
+    assert stats["rejected"] == {"incorrect": 2, "malformed": 0, "language_mixing": 2, "long_paragraph": 0,
+                                 "code_block": 0, "overlong": 0, "repetition": 0}
     assert stats["passed_filters"] == 2 and stats["duplicates"] == 1 and stats["kept"] == 1
     assert stats["general"] == 1 and stats["total"] == 2 and stats["achieved_ratio"] == 0.5
     assert json.loads((tmp_path / "out" / "stats.json").read_text()) == stats
@@ -195,6 +263,12 @@ def test_bad_spec_and_general_template_mismatch(memorised, tmp_path):
         run_rejection_sampling(RejectionSpec(**base, reasoning_ratio=1.5), tmp_path)
     with pytest.raises(ValueError, match="language"):
         run_rejection_sampling(RejectionSpec(**base, language="xx"), tmp_path)
+    with pytest.raises(ValueError, match="max_paragraph_words=0"):
+        run_rejection_sampling(RejectionSpec(**base, max_paragraph_words=0), tmp_path)
+    with pytest.raises(ValueError, match="max_code_blocks=-1"):
+        run_rejection_sampling(RejectionSpec(**base, max_code_blocks=-1), tmp_path)
+    with pytest.raises(ValueError, match="rejection.sglang is set with rejection.engine=builtin"):
+        run_rejection_sampling(RejectionSpec(**base, sglang=SGLangSection(dp=2)), tmp_path)
     write_jsonl(tmp_path / "only_general.jsonl", make_general(2, seed=0))
     with pytest.raises(ValueError, match="no reasoning prompts"):
         run_rejection_sampling(RejectionSpec(**{**base, "prompts": str(tmp_path / "only_general.jsonl")}), tmp_path)

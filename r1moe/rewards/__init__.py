@@ -13,6 +13,9 @@ from r1moe.rewards.rule import (
     format_reward,
     language_consistency_reward,
     last_boxed,
+    length_reward,
+    math_answers_equal,
+    same_answer,
 )
 from r1moe.rewards.sandbox import SandboxLimits, SandboxResult, run_python
 
@@ -30,5 +33,8 @@ __all__ = [
     "format_reward",
     "language_consistency_reward",
     "last_boxed",
+    "length_reward",
+    "math_answers_equal",
     "run_python",
+    "same_answer",
 ]

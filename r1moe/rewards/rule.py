@@ -8,7 +8,11 @@ forces a prefix (chat: "<think>\\n") prepend `r1moe.templates.completion_prefix(
   math-verify on the answer; code -> the sandbox runs the code with `sample.tests`; general -> exact match after
   whitespace normalisation (open-ended general prompts get the reward model in a later stage, passed as `extra`).
 - format: exactly `<think>...</think>` then `<answer>...</answer>`, only whitespace around (empty content allowed).
-- language (v2 §3.2.1 eq. 7): Num(words in the target language) / Num(words) in the chain of thought.
+- length (not R1's; a shaping term): the completion's length in thousands of characters.
+- language (v2 §3.2.1 eq. 7): Num(words in the target language) / Num(words) in the chain of thought. A word's
+  language: CJK ideographs by script (exact); Latin-script words by wordfreq's word frequencies in 27 Latin-script
+  languages (a French chain of thought under target "en" scores ~0, not 1); words of no known language (variables,
+  LaTeX commands, names) are not counted (`word_language_vote`).
 
 `compute_rewards` scores a batch with weights, keeping each component for logging. Costs: math-verify takes a few
 milliseconds per call (sympy), a code sample one Python start-up in the sandbox (~50 ms).
@@ -16,6 +20,7 @@ milliseconds per call (sympy), a code sample one Python start-up in the sandbox 
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -80,25 +85,64 @@ def extract_code(completion: str) -> str | None:
 # ---------------------------------------------------------------- accuracy
 
 
-def _math_verify_equal(pred: str, gold: str) -> bool:
-    from math_verify import parse, verify
+# Delimiters math-verify's LaTeX extraction anchors on; an answer without any is wrapped in \\boxed{} (its README:
+# "wrap bare answers in $...$ or \\boxed{}"), so it is read as one expression, never as its leading number.
+_DELIMITED = re.compile(r"\\boxed|\\fbox|\$|\\\(|\\\[")
 
+
+def _braces_balanced(text: str) -> bool:
+    depth = 0
+    for brace in re.findall(r"(?<!\\)[{}]", text):  # \\{ and \\} are set braces, not groups
+        depth += 1 if brace == "{" else -1
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _math_verify_timeout() -> int | None:
     # math-verify times out with signal.alarm, which only works in the main thread; elsewhere it runs unbounded,
     # which the MAX_ANSWER_CHARS cap keeps cheap.
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    return 5 if threading.current_thread() is threading.main_thread() else None
 
-    def parse_any(text: str) -> list:
-        for candidate in (text, f"${text}$"):
-            parsed = parse(candidate, parsing_timeout=timeout)
-            if parsed:
-                return parsed
-        return []
 
-    gold_parsed = parse_any(gold)
+@functools.lru_cache(maxsize=8192)
+def parse_math_answer(text: str) -> tuple:
+    """math-verify's reading of a final answer (the content of <answer> or of the last \\boxed{}): a tuple of sympy
+    objects (empty: unreadable). Used on both sides, gold and prediction, so the two are read alike.
+
+    - With its own delimiters (`$...$`, `\\(...\\)`, `\\boxed{}`) the text is parsed as written: prose around
+      them is ignored ("the answer is $5$"), several of them are one set ("$5$ or $6$" is {5, 6}).
+    - Otherwise the whole text is one expression, wrapped in `\\boxed{}`: `5\\sqrt{3}` is 5*sqrt(3), never 5;
+      `-1, 4` and `5 or 6` are the sets {-1, 4} and {5, 6}; prose ("the answer is 5") reads as a product of
+      letters and matches no number.
+    - Before parsing: `**` becomes `^` (Python powers), an escaped dollar `\\$` (currency) and a final full stop
+      are dropped. Units (`10 \\text{ cm}`), degrees (`30^\\circ`) and `\\%` are math-verify's: units and
+      degree signs are dropped, `50\\%` matches both 50 and 0.5.
+    """
+    text = text.strip().replace("**", "^").replace("\\$", "")
+    text = text[:-1].rstrip() if text.endswith(".") else text
+    if not text:
+        return ()
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    if not _braces_balanced(text):  # "5} 6" would close the wrapping box early and read as 5
+        return ()
+    candidate = text if _DELIMITED.search(text) else f"\\boxed{{{text}}}"
+    return tuple(parse(candidate, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+                       fallback_mode="no_fallback", parsing_timeout=_math_verify_timeout()))
+
+
+def math_answers_equal(pred: str, gold: str) -> bool:
+    """The math equivalence of the accuracy reward: math-verify's `verify(gold, pred)` on both parsed with
+    `parse_math_answer`; a gold that does not parse is compared as a string (whitespace, quotes, final full stop
+    normalised), and so is a pair that parses to nothing on the gold side."""
+    from math_verify import verify
+
+    gold_parsed = parse_math_answer(gold)
     if not gold_parsed:
         return _normalise(pred) == _normalise(gold)
-    pred_parsed = parse_any(pred)
-    return bool(pred_parsed) and verify(gold_parsed, pred_parsed, timeout_seconds=timeout)
+    pred_parsed = parse_math_answer(pred)
+    return bool(pred_parsed) and verify(list(gold_parsed), list(pred_parsed), timeout_seconds=_math_verify_timeout())
 
 
 def _normalise(text: str) -> str:
@@ -129,8 +173,20 @@ def accuracy_reward(completion: str, sample: PromptSample) -> float:
     if sample.task in TASKS:
         return float(TASKS[sample.task].verify(answer, sample))
     if sample.kind == "math":
-        return float(_math_verify_equal(answer, sample.answer))
+        return float(math_answers_equal(answer, sample.answer))
     return float(_normalise(answer) == _normalise(sample.answer))
+
+
+def same_answer(a: str, b: str, sample: PromptSample) -> bool:
+    """Whether two final answers to `sample` are the same answer under the accuracy reward's equivalence (cons@k votes
+    over these classes): math -> `math_answers_equal` (b is read as the gold), and for a procedural task the task's
+    verifier must also give both the same verdict, so a class never mixes right and wrong answers (countdown: 22 and
+    7 + 3 * 5 have one value, but only the expression is a solution); other kinds -> normalised text."""
+    if sample.kind != "math":
+        return _normalise(a) == _normalise(b)
+    if sample.task in TASKS and TASKS[sample.task].verify(a, sample) != TASKS[sample.task].verify(b, sample):
+        return False
+    return math_answers_equal(a, b)
 
 
 # ---------------------------------------------------------------- format
@@ -144,14 +200,37 @@ def format_reward(completion: str, sample: PromptSample) -> float:
     return float(_FORMAT.match(completion) is not None)
 
 
+# ---------------------------------------------------------------- length
+
+LENGTH_UNIT_CHARS = 1000
+
+
+def length_reward(completion: str, sample: PromptSample) -> float:
+    """The completion's length in thousands of characters. Not one of R1's rewards: a shaping term. A negative weight
+    is a per-sample length penalty (the simplest form of Kimi k1.5's, §2.3.3), a positive one pays for longer
+    replies. Any two completions of different lengths score differently, so a group of them always has a nonzero
+    advantage: the reward a smoke run can rely on to move the policy."""
+    return len(completion) / LENGTH_UNIT_CHARS
+
+
 # ---------------------------------------------------------------- language consistency
 
 _CJK_RANGES = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"
 # A CJK ideograph is one word; any other run of letters is one word. Digits, "_" and symbols are no words.
-_WORD = re.compile(rf"[{_CJK_RANGES}]|[^\W\d_{_CJK_RANGES}]+")
+WORD = re.compile(rf"[{_CJK_RANGES}]|[^\W\d_{_CJK_RANGES}]+")
 _CJK = re.compile(rf"[{_CJK_RANGES}]")
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")  # \frac, \sqrt, \cdot: markup, not words of any language
 LANGUAGE_SCRIPTS = {"en": "latin", "fr": "latin", "de": "latin", "es": "latin", "it": "latin", "pt": "latin",
                     "nl": "latin", "zh": "cjk"}
+"""Target languages the reward supports, with their script."""
+LATIN_WORDLISTS = ("en", "fr", "de", "es", "it", "pt", "nl", "ca", "ro", "pl", "cs", "sk", "sl", "sh", "hu", "fi",
+                   "sv", "da", "nb", "is", "lt", "lv", "tr", "id", "ms", "fil", "vi")
+"""The Latin-script languages wordfreq has word lists for: a Latin-script word is weighed against all of them, so a
+Polish or Turkish chain of thought is caught under target "en" as well as a French one."""
+SHARED_WORD_MARGIN = 1.0
+"""A word counts for the target language when its Zipf frequency there is within this of its highest frequency in
+any Latin-script language (1.0 = a factor of 10): words shared by two languages ("question", "table" in English and
+French; "also" in English and German) count for both."""
 
 
 def _script(word: str) -> str:
@@ -159,6 +238,39 @@ def _script(word: str) -> str:
         return "cjk"
     # Basic Latin, Latin-1 Supplement, Latin Extended-A/B (accented letters of Latin-script languages).
     return "latin" if all(ord(c) < 0x250 for c in word) else "other"
+
+
+@functools.lru_cache(maxsize=65536)
+def _latin_frequencies(word: str) -> dict[str, float]:
+    from wordfreq import zipf_frequency
+
+    # The "small" lists (words down to Zipf ~3) load in ~0.5 s for all languages, and carry less cross-language
+    # noise than the large ones ("nous" is in the large English list).
+    return {lang: zipf_frequency(word, lang, wordlist="small") for lang in LATIN_WORDLISTS}
+
+
+def word_language_vote(word: str, language: str) -> bool | None:
+    """Whether `word` is a word of `language` (True/False), or None when it carries no language signal.
+
+    - CJK ideograph: exact by script (a word of "zh" and of no Latin-script language).
+    - Latin-script word of two letters or more: wordfreq's frequency in `language` is > 0 and within
+      SHARED_WORD_MARGIN of its frequency in the Latin-script language where it is most frequent. A word no Latin
+      list knows (a variable name, a LaTeX command, a proper name, a typo) and a single letter (x, y, a) are None.
+    - Any other script (Cyrillic, Arabic, kana, ...): a word of none of the supported languages.
+    """
+    script = _script(word)
+    target = LANGUAGE_SCRIPTS[language]
+    if script == "cjk" or script == "other":
+        return script == target
+    if len(word) < 2:
+        return None
+    freqs = _latin_frequencies(word.lower())
+    best = max(freqs.values())
+    if best == 0.0:
+        return None
+    if target != "latin":
+        return False
+    return freqs[language] > 0.0 and freqs[language] >= best - SHARED_WORD_MARGIN
 
 
 def chain_of_thought(completion: str) -> str:
@@ -176,15 +288,21 @@ def chain_of_thought(completion: str) -> str:
 
 
 def language_consistency_reward(completion: str, sample: PromptSample) -> float:
-    """Share of the chain of thought's words in `sample.language` (R1 v2 eq. 7); 1.0 when it has no words."""
+    """Share of the chain of thought's words that are words of `sample.language` (R1 v2 eq. 7), over the words that
+    carry a language signal (`word_language_vote`); 1.0 when none does. LaTeX commands are markup, not words, and a
+    non-CJK word the prompt itself contains is the question's material, not a choice of language (a pseudo-word to
+    reverse, a quoted foreign term): neither is counted."""
     if sample.language not in LANGUAGE_SCRIPTS:
         raise ValueError(f"language_consistency_reward: unsupported language {sample.language!r}; "
                          f"supported: {', '.join(sorted(LANGUAGE_SCRIPTS))}")
-    words = _WORD.findall(chain_of_thought(completion))
-    if not words:
+    # CJK ideographs are single characters, too common to mark a quotation: they always count.
+    quoted = {w.lower() for w in WORD.findall(sample.prompt) if not _CJK.fullmatch(w)}
+    cot = _LATEX_COMMAND.sub(" ", chain_of_thought(completion))
+    votes = [word_language_vote(w, sample.language) for w in WORD.findall(cot) if w.lower() not in quoted]
+    votes = [v for v in votes if v is not None]
+    if not votes:
         return 1.0
-    target = LANGUAGE_SCRIPTS[sample.language]
-    return sum(_script(w) == target for w in words) / len(words)
+    return sum(votes) / len(votes)
 
 
 # ---------------------------------------------------------------- registry and batch scoring
@@ -193,6 +311,7 @@ REWARD_FUNCS: dict[str, RewardFunc] = {
     "accuracy": accuracy_reward,
     "format": format_reward,
     "language": language_consistency_reward,
+    "length": length_reward,
 }
 
 

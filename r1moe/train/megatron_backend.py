@@ -54,6 +54,7 @@ from r1moe.model import ModelConfig
 from r1moe.tracking import MetricsLogger
 
 from . import common
+from .checks import check_megatron_config
 from .packing import IGNORE, Example, PackedBatch, pack_examples
 
 EXPORT_BUCKET_BYTES = 1 << 30
@@ -61,12 +62,7 @@ EXPORT_BUCKET_BYTES = 1 << 30
 
 def check_megatron_backend(cfg: JobConfig) -> None:
     """ValueError naming parallel.backend and what is missing; called before any run directory exists."""
-    if cfg.train.device != "auto" and not cfg.train.device.startswith("cuda"):
-        raise ValueError(f"parallel.backend=megatron runs on GPUs: train.device={cfg.train.device!r} must be auto "
-                         f"or cuda")
-    if cfg.parallel.cp > 1:
-        raise ValueError(f"parallel.cp={cfg.parallel.cp}: the trainers do not split sequences over context-parallel "
-                         f"ranks; use parallel.cp=1 with parallel.backend=megatron")
+    check_megatron_config(cfg)
     missing = [] if torch.cuda.is_available() else ["CUDA (torch sees no GPU)"]
     for module, package in (("megatron.core", "megatron-core"), ("transformer_engine.pytorch", "transformer-engine")):
         try:

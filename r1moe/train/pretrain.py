@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 from r1moe.config import JobConfig
 
-from . import common
+from . import checks, common
 from .lm import train_lm
 from .packing import Example
 
@@ -72,8 +72,7 @@ def tiny_tokenizer_for(docs: list[tuple[str, str]], vocab_size: int) -> Tokenize
 
 
 def run(cfg: JobConfig, resume: bool = False) -> dict:
-    if cfg.data.train is None:
-        raise ValueError("data.train is required for pretraining")
+    checks.validate(cfg)
     docs = read_corpus(cfg.data.train, cfg.data.template)
     tok = common.load_stage_tokenizer(cfg) or tiny_tokenizer_for(docs, cfg.data.tokenizer_vocab_size)
     return train_lm(cfg, build_examples(docs, tok, loss_on_prefix=True), tok, resume)

@@ -53,7 +53,7 @@ from r1moe.model import CausalLM
 from r1moe.templates import THINK_CLOSE, completion_prefix
 from r1moe.tracking import MetricsLogger
 
-from . import common
+from . import checks, common
 
 Scope = Literal["summary", "full"]
 DEFAULT_SCOPE: Scope = "summary"
@@ -222,14 +222,7 @@ def evaluate_pairs(rm: RewardModel, pairs: Sequence[tuple[list[int], list[int]]]
 
 def _load(cfg: JobConfig, scope: Scope):
     """Inputs checked before a run directory exists: init checkpoint, tokenizer, pairs."""
-    if cfg.data.train is None:
-        raise ValueError("data.train is required for rm (preference pairs JSONL: prompt, chosen, rejected)")
-    if cfg.model.init is None:
-        raise ValueError("model.init is required for rm: the policy/SFT checkpoint the reward model starts from "
-                         "(R1 v2 §3.1: the R1 architecture + a scalar head)")
-    if cfg.parallel.backend != "reference":
-        raise ValueError(f"parallel.backend={cfg.parallel.backend}: the rm stage runs on the reference backend only "
-                         f"(one device); a megatron reward model is not implemented")
+    checks.validate(cfg)  # data.train, model.init, the reference backend
     if scope not in ("summary", "full"):
         raise ValueError(f"reward model scope {scope!r}: expected 'summary' or 'full'")
     common.init_checkpoint_dir(cfg)

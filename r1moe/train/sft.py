@@ -13,7 +13,7 @@ import sys
 
 from r1moe.config import JobConfig
 
-from . import common
+from . import checks, common
 from .lm import train_lm
 from .pretrain import build_examples
 
@@ -21,12 +21,9 @@ from .pretrain import build_examples
 def run(cfg: JobConfig, resume: bool = False) -> dict:
     from r1moe.data import read_sft
 
-    if cfg.data.train is None:
-        raise ValueError("data.train is required for sft")
+    checks.validate(cfg)  # data.train, a tokenizer source
     records = read_sft(cfg.data.train)
     tok = common.load_stage_tokenizer(cfg)
-    if tok is None:
-        raise ValueError("sft needs a tokenizer: set model.init to a checkpoint with tokenizer.json or data.tokenizer")
     docs = [(common.render_prompt(cfg.data.template, r.prompt), r.response) for r in records]
     return train_lm(cfg, build_examples(docs, tok, loss_on_prefix=False), tok, resume)
 

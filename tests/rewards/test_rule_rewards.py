@@ -11,6 +11,7 @@ from r1moe.rewards import (
     format_reward,
     language_consistency_reward,
 )
+from r1moe.rewards.rule import word_language_vote
 
 HALF = PromptSample(prompt="What is 1 divided by 2?", answer="1/2")
 
@@ -70,32 +71,82 @@ def test_format_reward(completion, expected):
 
 
 EN = PromptSample(prompt="q", answer="1")
+FR = PromptSample(prompt="q", answer="1", language="fr")
+DE = PromptSample(prompt="q", answer="1", language="de")
 ZH = PromptSample(prompt="q", answer="1", language="zh")
 
+EN_COT = "First, we need to compute the sum. Then we multiply by three to get the answer."  # 16 English words
+FR_COT = "D'abord, nous devons calculer la somme. Ensuite, on multiplie par trois pour obtenir la réponse."
+DE_COT = "Zuerst müssen wir die Summe berechnen. Dann multiplizieren wir mit drei und erhalten die Antwort."
+ZH_COT = "首先计算总和然后乘以三"  # 11 ideographs
 
-@pytest.mark.parametrize("sample,completion,expected", [
-    (EN, "<think>First, 7 + 5 = 12. Then 12 * 3 = 36.</think><answer>36</answer>", 1.0),
-    (EN, "<think>I think 我们 need</think><answer>5</answer>", 3 / 5),   # I, think, 我, 们, need
-    (EN, "<think>我们需要计算</think><answer>yes</answer>", 0.0),
-    (ZH, "<think>我们需要计算</think><answer>yes</answer>", 1.0),
+
+def think(*parts):
+    return "<think>" + " ".join(parts) + "</think><answer>36</answer>"
+
+
+@pytest.mark.parametrize("sample, completion, expected", [
+    # one language: 1 under its own target, ~0 under the others (the old script rule gave French 1.0 under "en")
+    (EN, think(EN_COT), 1.0),
+    (FR, think(FR_COT), 1.0),
+    (DE, think(DE_COT), 1.0),
+    (ZH, think(ZH_COT), 1.0),
+    (EN, think(FR_COT), 1 / 15),  # "on" is an English word too; "D'" is a single letter
+    (EN, think(DE_COT), 0.0),
+    (FR, think(EN_COT), 0.0),
+    (DE, think(FR_COT), 0.0),
+    (EN, think(ZH_COT), 0.0),
+    (ZH, think(EN_COT), 0.0),
+    # mixed chains of thought: the share of target-language words
+    (EN, think(EN_COT, ZH_COT), 16 / 27),
+    (ZH, think(EN_COT, ZH_COT), 11 / 27),
+    (EN, "<think>I think 我们 need</think><answer>5</answer>", 2 / 4),  # "I": a single letter carries no signal
     (ZH, "<think>首先 compute 这个</think><answer>5</answer>", 4 / 5),
-    (EN, "<think>1 + 2 = 3 !!</think><answer>3</answer>", 1.0),         # no words at all
-    (EN, "no tags, plain English reasoning", 1.0),                       # whole completion
-    (EN, "<think>café naïve</think><answer>x</answer>", 1.0),           # accented Latin is Latin
-    (EN, "<think>привет world</think>", 0.5),                             # Cyrillic is not English
+    (EN, think("We add the numbers", "nous devons calculer"), 4 / 7),  # we add the numbers | nous devons calculer
+    (DE, think("Wir addieren", "the numbers"), 2 / 4),
+    # no signal at all: digits, symbols, single letters, LaTeX commands, words of no known language
+    (EN, think("7 + 5 = 12 !!"), 1.0),
+    (EN, think(r"Let $x = \frac{1}{2}$ and $y = \sqrt{3}$, then $x \cdot y = \frac{\sqrt{3}}{2}$."), 1.0),
+    (EN, think("zqxv brrtk"), 1.0),
+    # words shared by two languages count for both
+    (EN, think("question table nation"), 1.0),
+    (FR, think("question table nation"), 1.0),
+    # scripts
+    (FR, think("café à côté"), 1.0),
+    (EN, think("привет world"), 0.5),  # Cyrillic is a word of no supported language
+    (EN, "no tags, plain English reasoning", 1.0),  # no <think>: the whole completion
     (EN, "chat prefix was in the prompt 中文</think><answer>5</answer>", 6 / 8),
 ])
 def test_language_consistency(sample, completion, expected):
     assert language_consistency_reward(completion, sample) == pytest.approx(expected)
 
 
+def test_words_the_prompt_contains_are_not_counted():
+    reverse = PromptSample(prompt="Reverse the word mesa", answer="asem", kind="general", task="reverse_word")
+    cot = "<think>The letters of mesa in reverse order.</think><answer>asem</answer>"
+    assert language_consistency_reward(cot, reverse) == 1.0  # "mesa" is Spanish, but it is the question's word
+    other = PromptSample(prompt="Reverse the word pita", answer="atip", kind="general", task="reverse_word")
+    assert language_consistency_reward(cot, other) == pytest.approx(4 / 5)  # letters, of, in, order | mesa
+
+
 def test_mixed_language_is_strictly_between():
     half = "<think>" + " ".join(["we add", "我们 加"] * 10) + "</think><answer>3</answer>"
     value = language_consistency_reward(half, EN)
-    assert 0.0 < value < 1.0
+    assert value == pytest.approx(2 / 5)
     assert language_consistency_reward(half, ZH) == pytest.approx(1 - value)
     with pytest.raises(ValueError, match="unsupported language 'xx'"):
         language_consistency_reward(half, PromptSample(prompt="q", answer="1", language="xx"))
+
+
+@pytest.mark.parametrize("word, language, expected", [
+    ("the", "en", True), ("the", "fr", False), ("nous", "fr", True), ("nous", "en", False),
+    ("also", "en", True), ("also", "de", True),  # shared
+    ("x", "en", None), ("sqrt", "en", None), ("zqxv", "en", None),  # no signal
+    ("我", "zh", True), ("我", "en", False), ("hello", "zh", False), ("мир", "en", False),
+    ("önce", "en", False), ("najpierw", "en", False),  # Turkish, Polish: caught although not targets
+])
+def test_word_language_vote(word, language, expected):
+    assert word_language_vote(word, language) is expected
 
 
 PROCEDURAL = [
@@ -119,6 +170,11 @@ def test_accuracy_dispatch(sample, completion, expected):
     assert accuracy_reward(completion, sample) == expected
 
 
+@pytest.mark.parametrize("completion, expected", [("", 0.0), ("x" * 250, 0.25), ("<think>ab</think>", 0.017)])
+def test_length_reward(completion, expected):
+    assert REWARD_FUNCS["length"](completion, HALF) == pytest.approx(expected)
+
+
 def test_compute_rewards_weights_components_and_extra():
     samples = [HALF, HALF]
     completions = ["<think>r</think><answer>0.5</answer>", "<answer>1/3</answer>"]
@@ -133,9 +189,20 @@ def test_compute_rewards_weights_components_and_extra():
 
 
 def test_compute_rewards_errors():
-    with pytest.raises(ValueError, match="unknown reward 'acc'.*accuracy, format, language"):
+    with pytest.raises(ValueError, match="unknown reward 'acc'.*accuracy, format, language, length"):
         compute_rewards(["x"], [HALF], {"acc": 1.0})
     with pytest.raises(ValueError, match="1 completions but 2 samples"):
         compute_rewards(["x"], [HALF, HALF], {"format": 1.0})
     with pytest.raises(ValueError, match="built-in"):
         compute_rewards(["x"], [HALF], {"format": 1.0}, extra={"format": lambda c, s: 0.0})
+
+
+def test_tiny_pipeline_data_is_language_consistent():
+    """The tiny pipeline's worked solutions (cold start, rejection sampling's target) are English throughout, general
+    tasks' pseudo-words ("mesa", "pelo") included: they come from the prompt."""
+    from r1moe.data import make_cold_start, make_dataset, make_general
+    from r1moe.data.tasks import TASKS
+
+    samples = [s for task in TASKS for s in make_dataset(task, 20, seed=0)] + make_general(40, seed=0)
+    for record, sample in zip(make_cold_start(samples), samples):
+        assert language_consistency_reward(record.response, sample) == 1.0, record.response

@@ -37,7 +37,11 @@ def test_pretrain_writes_a_complete_self_contained_checkpoint(tiny_base):
 
 
 def test_grpo_smoke_run_logs_rewards_and_evals(tmp_path, tiny_data, tiny_base):
-    cfg = _grpo_cfg(tmp_path / "grpo", tiny_data, tiny_base)
+    # The tiny base rarely answers right, so accuracy alone may give every group equal rewards and no gradient on
+    # some machine; the length reward differs between any two replies of different lengths, so the policy moves
+    # (groups of 4: all four replies of a group the same length in characters is what it would take to stall).
+    cfg = _grpo_cfg(tmp_path / "grpo", tiny_data, tiny_base, **{"rewards.weights.length": 1.0,
+                                                                 "rollout.group_size": 4})
     summary = grpo.run(cfg)
     assert is_complete(cfg.run_dir)
     assert summary["eval_base"]["num_questions"] == 6 and summary["eval_final"]["num_samples"] == 12
@@ -45,8 +49,10 @@ def test_grpo_smoke_run_logs_rewards_and_evals(tmp_path, tiny_data, tiny_base):
     train_steps = [m for m in metrics if "reward/total" in m]
     assert [m["step"] for m in train_steps] == [1, 2]
     for m in train_steps:
-        assert {"reward/accuracy", "reward/format", "rollout/response_length", "train/kl", "train/clip_frac"} <= set(m)
+        assert {"reward/accuracy", "reward/format", "reward/length", "rollout/response_length", "train/kl",
+                "train/clip_frac"} <= set(m)
         assert 0 <= m["reward/accuracy"] <= 1
+        assert m["train/grad_norm"] > 1e-4  # different lengths in a group: nonzero advantages, a real gradient
     # the policy moved away from the base weights
     base, final = from_pretrained(tiny_base), from_pretrained(cfg.run_dir / "final")
     diff = max((a - b).abs().max().item() for a, b in zip(base.parameters(), final.parameters()))

@@ -1,0 +1,97 @@
+"""What each stage refuses from its config alone: the checks a stage makes before it reads an input file or creates
+a run directory, one function per stage, so a recipe can be checked without training (tests/test_recipes.py runs
+`validate` on every recipe) and a stage fails at once, naming the key.
+
+Checks of the machine (a GPU, megatron-core installed: `megatron_backend.check_megatron_backend`) and of files (the
+init checkpoint, the data) stay with the stage: a recipe is valid before its inputs exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from r1moe.config import JobConfig
+
+
+def check_megatron_config(cfg: JobConfig) -> None:
+    """The config half of the megatron backend's checks (ValueError naming the key)."""
+    if cfg.train.device != "auto" and not cfg.train.device.startswith("cuda"):
+        raise ValueError(f"parallel.backend=megatron runs on GPUs: train.device={cfg.train.device!r} must be auto "
+                         f"or cuda")
+    if cfg.parallel.cp > 1:
+        raise ValueError(f"parallel.cp={cfg.parallel.cp}: the trainers do not split sequences over context-parallel "
+                         f"ranks; use parallel.cp=1 with parallel.backend=megatron")
+
+
+def check_reference_config(cfg: JobConfig) -> None:
+    """The reference backend runs one model on one device: a parallel layout would have no effect, so it is an
+    error naming the key."""
+    p = cfg.parallel
+    unused = [f"parallel.{name}={getattr(p, name)}" for name, default in
+              (("tp", 1), ("pp", 1), ("ep", 1), ("cp", 1), ("etp", None), ("pp_layers", None), ("fp8", None),
+               ("recompute", None)) if getattr(p, name) != default]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: no effect with parallel.backend=reference (one device); set "
+                         f"parallel.backend=megatron or remove them")
+
+
+def _need_train_data(cfg: JobConfig, what: str) -> None:
+    if cfg.data.train is None:
+        raise ValueError(f"data.train is required for {cfg.stage} ({what})")
+
+
+def _need_tokenizer_source(cfg: JobConfig) -> None:
+    if cfg.model.init is None and cfg.data.tokenizer is None:
+        raise ValueError(f"{cfg.stage} needs a tokenizer: set model.init to a checkpoint with tokenizer.json, or "
+                         f"data.tokenizer")
+
+
+def check_pretrain(cfg: JobConfig) -> None:
+    _need_train_data(cfg, "a corpus JSONL: text, or prompt + response")
+
+
+def check_sft(cfg: JobConfig) -> None:
+    _need_train_data(cfg, "SFT JSONL: prompt, response")
+    _need_tokenizer_source(cfg)
+
+
+def check_grpo(cfg: JobConfig) -> None:
+    from r1moe.rewards import REWARD_FUNCS
+
+    _need_train_data(cfg, "prompts JSONL")
+    for name in cfg.rewards.weights:
+        if name not in REWARD_FUNCS:
+            raise ValueError(f"rewards.weights: unknown reward {name!r}; known: {sorted(REWARD_FUNCS)}")
+    _need_tokenizer_source(cfg)
+    if cfg.rollout.engine == "sglang" and cfg.train.device != "auto" and not cfg.train.device.startswith("cuda"):
+        raise ValueError(f"rollout.engine=sglang runs on GPUs: train.device={cfg.train.device!r} must be auto or "
+                         f"cuda (or use rollout.engine=builtin)")
+
+
+def check_rm(cfg: JobConfig) -> None:
+    _need_train_data(cfg, "preference pairs JSONL: prompt, chosen, rejected")
+    if cfg.model.init is None:
+        raise ValueError("model.init is required for rm: the policy/SFT checkpoint the reward model starts from "
+                         "(R1 v2 §3.1: the R1 architecture + a scalar head)")
+    if cfg.parallel.backend != "reference":
+        raise ValueError(f"parallel.backend={cfg.parallel.backend}: the rm stage runs on the reference backend only "
+                         f"(one device); a megatron reward model is not implemented")
+
+
+STAGE_CHECKS: dict[str, Callable[[JobConfig], None]] = {
+    "pretrain": check_pretrain,
+    "sft": check_sft,
+    "grpo": check_grpo,
+    "rm": check_rm,
+}
+
+
+def validate(cfg: JobConfig) -> None:
+    """Every config check of `cfg.stage` (ValueError naming the key); reads no file, creates nothing."""
+    if cfg.stage not in STAGE_CHECKS:
+        raise ValueError(f"stage={cfg.stage!r}: expected one of {sorted(STAGE_CHECKS)}")
+    if cfg.parallel.backend == "megatron":
+        check_megatron_config(cfg)
+    else:
+        check_reference_config(cfg)
+    STAGE_CHECKS[cfg.stage](cfg)
