@@ -54,6 +54,7 @@ from r1moe.templates import THINK_CLOSE, completion_prefix
 from r1moe.tracking import MetricsLogger
 
 from . import common
+from .guard import NonFiniteGuard, check_finite_state_dict
 
 Scope = Literal["summary", "full"]
 DEFAULT_SCOPE: Scope = "summary"
@@ -247,17 +248,19 @@ def _load(cfg: JobConfig, scope: Scope):
 def run(cfg: JobConfig, resume: bool = False, scope: Scope = DEFAULT_SCOPE) -> dict:
     train, dropped, (held_out, eval_dropped), tok = _load(cfg, scope)
     device = common.setup_torch(cfg)
+    rm = RewardModel(common.build_policy(cfg, tok, device)).train()  # a bad model.init fails before the run dir
     run_dir = common.prepare_run_dir(cfg, resume)
-    rm = RewardModel(common.build_policy(cfg, tok, device)).train()
     B = cfg.train.batch_size
     steps = cfg.train.steps
     if cfg.train.epochs is not None:
         steps = max(1, math.ceil(cfg.train.epochs * len(train) / B))
     opt, sched = common.build_optimizer(rm, cfg.optim, steps)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, what="rm")
     start = 0
     if resume and (ckpt := common.latest_checkpoint(run_dir)) is not None:
         state = common.restore_checkpoint(ckpt, rm.backbone, opt, sched)
         rm.score_head.load_state_dict(state.extra["score_head"])
+        guard.load_state_dict(state.extra.get("nonfinite", {}))
         start = state.step
     pad = common.special_ids(tok)[0]
     mb = cfg.train.micro_batch_size or B
@@ -291,29 +294,32 @@ def run(cfg: JobConfig, resume: bool = False, scope: Scope = DEFAULT_SCOPE) -> d
                 margins += (chosen - rejected).detach().tolist()
                 if out.expert_counts is not None:
                     counts = out.expert_counts if counts is None else counts + out.expert_counts
-            grad_norm = common.clip_and_step(rm, opt, sched, cfg.optim.grad_clip)
+            outcome = common.guarded_step(rm, opt, sched, cfg.optim.grad_clip, guard, step, loss=sum(losses))
             common.apply_expert_bias_update(rm.backbone, counts, cfg.train.expert_bias_rate)
             last = {"rm/loss": sum(losses), "rm/accuracy": statistics.fmean(correct),
-                    "rm/margin": statistics.fmean(margins), "train/grad_norm": grad_norm,
-                    "train/lr": sched.get_last_lr()[0], "perf/step_s": time.perf_counter() - t0}
+                    "rm/margin": statistics.fmean(margins), "train/grad_norm": outcome.grad_norm,
+                    "train/lr": sched.get_last_lr()[0], "train/skipped": int(outcome.skipped),
+                    "train/nonfinite_skipped": guard.num_skipped, "perf/step_s": time.perf_counter() - t0}
             if step % cfg.train.log_every == 0 or step == steps:
                 logger.log(step, last)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
                 run_eval(step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
+                check_finite_state_dict(rm.score_head.state_dict().items(), f"{run_dir}: checkpoint of step {step}")
                 common.save_checkpoint(run_dir, step, rm.backbone, tok, opt, sched,
-                                       {"score_head": rm.score_head.state_dict()}, cfg.checkpoint.keep)
+                                       {"score_head": rm.score_head.state_dict(), "nonfinite": guard.state_dict()},
+                                       cfg.checkpoint.keep)
             advance(f"rm loss {last['rm/loss']:.3f} acc {last['rm/accuracy']:.2f}")
         run_eval(steps)
     meta = {"kind": "bradley_terry", "template": cfg.data.template, "scope": scope, "seq_len": cfg.data.seq_len,
             "squash": "sigmoid", "init": cfg.model.init, "reference": "DeepSeek-R1 v2 §3.1"}
     summary = {"stage": "rm", "steps": steps, "pairs": len(train), "pairs_dropped_identical": dropped,
-               "final_loss": last.get("rm/loss"),
+               "final_loss": last.get("rm/loss"), "nonfinite_steps_skipped": guard.num_skipped,
                "eval_base": evals.get(0), "eval_final": evals.get(steps)}
     # common.finalize writes a plain HF directory; a reward model needs its head in final/ as well.
+    check_finite_state_dict(rm.state_dict().items(), f"{run_dir}: final reward model")
     save_reward_model(rm, tok, run_dir / "final", meta)
-    common.write_json_atomic(run_dir / common.DONE_FILE,
-                             {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **summary})
+    common.mark_done(run_dir, summary)
     return summary
 
 
