@@ -68,8 +68,9 @@ class NonFiniteGuard:
         if self.in_a_row >= self.max_in_a_row:
             raise NonFiniteError(
                 f"{self.what} stopped at step {step}: {what}; {self.in_a_row} non-finite step(s) in a row "
-                f"(train.max_nonfinite_steps={self.max_in_a_row}). The weights of the last finite step were not "
-                f"saved as final; lower optim.lr, check the data, or resume from the last checkpoint")
+                f"(train.max_nonfinite_steps={self.max_in_a_row}). Nothing non-finite was saved and the run is not "
+                f"marked complete; lower optim.lr or check the data, then --resume from the last checkpoint or start "
+                f"over")
         print(f"{self.what}: step {step}: {what}; update skipped ({self.in_a_row} in a row, "
               f"train.max_nonfinite_steps={self.max_in_a_row})", file=sys.stderr)
         return False

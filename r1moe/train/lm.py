@@ -81,8 +81,8 @@ def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bo
                     counts = out.expert_counts if counts is None else counts + out.expert_counts
             outcome = common.guarded_step(model, opt, sched, cfg.optim.grad_clip, guard, step,
                                           loss=loss_sum + mtp_sum + aux_sum)
-            # routing counts are finite even on a skipped step (megatron updates the bias there too)
-            common.apply_expert_bias_update(model, counts, cfg.train.expert_bias_rate)
+            if not outcome.skipped:  # a skipped step moves nothing, the routing bias included
+                common.apply_expert_bias_update(model, counts, cfg.train.expert_bias_rate)
             last = {"train/loss": loss_sum, "train/grad_norm": outcome.grad_norm, "train/lr": sched.get_last_lr()[0],
                     "train/tokens": total_tokens, "train/skipped": int(outcome.skipped),
                     "train/nonfinite_skipped": guard.num_skipped, "perf/step_s": time.perf_counter() - t0}

@@ -17,7 +17,9 @@ Where this path differs from the reference backend, and why:
   and logs it as train/mtp_loss (sum over depths of the per-token cross-entropy, as the reference loop does).
   GRPO sets lambda = 0 (the reference GRPO loop does not train MTP either).
 - Expert bias. Updated in megatron's finalize_model_grads after every optimizer step (GRPO: per mini-batch when
-  algo.update_expert_bias, the reference loop: once per rollout step).
+  algo.update_expert_bias, the reference loop: once per rollout step). finalize_model_grads runs before the
+  non-finite check, so a step skipped for NaN/inf (train/guard.py) still moves the bias; the reference loop's does
+  not (the bias is a function of token counts only, which stay finite).
 - Data parallel. Every rank builds the same batch; each data-parallel rank trains on its contiguous 1/dp block
   of rows (padded with empty rows to equal micro-batches, which carry no loss), and the loss denominator is the
   step's total / dp, so the DP-averaged gradient is the full batch's.

@@ -295,7 +295,8 @@ def run(cfg: JobConfig, resume: bool = False, scope: Scope = DEFAULT_SCOPE) -> d
                 if out.expert_counts is not None:
                     counts = out.expert_counts if counts is None else counts + out.expert_counts
             outcome = common.guarded_step(rm, opt, sched, cfg.optim.grad_clip, guard, step, loss=sum(losses))
-            common.apply_expert_bias_update(rm.backbone, counts, cfg.train.expert_bias_rate)
+            if not outcome.skipped:  # a skipped step moves nothing, the routing bias included
+                common.apply_expert_bias_update(rm.backbone, counts, cfg.train.expert_bias_rate)
             last = {"rm/loss": sum(losses), "rm/accuracy": statistics.fmean(correct),
                     "rm/margin": statistics.fmean(margins), "train/grad_norm": outcome.grad_norm,
                     "train/lr": sched.get_last_lr()[0], "train/skipped": int(outcome.skipped),
