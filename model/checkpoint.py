@@ -135,6 +135,17 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     return model.eval()
 
 
+def check_checkpoint_files(path: str | os.PathLike) -> None:
+    """The cheap part of from_pretrained's checks, before any work: config.json parses, every weight file exists
+    and its safetensors header is intact and covers the file (a truncated or garbled file is a ValueError naming
+    it). Tensor values (NaN/inf) are checked as from_pretrained reads them."""
+    path = Path(path)
+    ModelConfig.from_json(path / CONFIG_NAME)
+    for file in dict.fromkeys(_weight_map(path).values()):
+        with _open_safetensors(path / file):
+            pass
+
+
 def compute_fp8_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
                         name: str = "weight") -> torch.Tensor:
     """Block-wise FP8 de-quantization (DeepSeek-V3 `weight_dequant`), in float32:

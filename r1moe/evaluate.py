@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,8 +157,11 @@ def _check_out(p: argparse.ArgumentParser, out: str | None) -> None:
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        p.error(f"--out {out}: cannot write there ({parent} is not a writable directory)")
+    try:  # a nameless temp file, gone when closed: a real probe (permission bits do not stop root, a read-only fs does)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        p.error(f"--out {out}: cannot write there ({parent} is not a writable directory: {e.strerror or e})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 optimizer + LR schedule, atomic checkpoints (HF directory + trainer state) with resume, the expert-bias update.
 
 Run directory layout:
+    run.lock               held (flock) by the running process: one run per directory
     config.yaml            resolved config, written first
     metrics.jsonl          one line per logged step (r1moe.tracking)
     checkpoints/step_N/    HF checkpoint + trainer_state.pt (written atomically)
@@ -19,6 +20,7 @@ import os
 import pickle
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -183,12 +185,22 @@ def check_resume_config(cfg: JobConfig, saved: Path) -> None:
         old = OmegaConf.to_container(OmegaConf.load(saved))
     except (yaml.YAMLError, UnicodeDecodeError) as e:  # a YAML error names the line
         raise ValueError(f"{saved}: unreadable ({e}); delete it to resume with the current config") from None
-    new = OmegaConf.to_container(OmegaConf.structured(cfg))
+    new = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(JobConfig)))
     allowed = cfg.checkpoint.allow_config_change
     # how the run is resumed, and where the directory now is (a run directory may be moved or copied)
     ignored = ("checkpoint.resume", "checkpoint.allow_config_change", "logging.run_dir")
-    diffs = [(k, a, b) for k, a, b in _config_diff(_flatten(old), _flatten(new))
-             if k not in ignored and not any(k == p or k.startswith(p + ".") for p in allowed)]
+    diffs = []
+    for k, a, b in _config_diff(_flatten(old), new):
+        if k in ignored or any(k == p or k.startswith(p + ".") for p in allowed):
+            continue
+        if a is _MISSING and k in defaults and b == defaults[k]:
+            continue  # a setting added to JobConfig after the run started, at its default: the run's behaviour
+        if b is _MISSING:
+            print(f"resume: {saved} sets {k}={a!r}, which this version of the config no longer has",
+                  file=sys.stderr)
+            continue
+        diffs.append((k, a, b))
     if diffs:
         lines = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in diffs)
         keys = ",".join(k for k, _, _ in diffs)
@@ -259,10 +271,13 @@ def init_checkpoint_dir(cfg: JobConfig) -> Path | None:
     """The checkpoint a stage starts from, checked before any work: missing or incomplete is an error naming it."""
     if cfg.model.init is None:
         return None
+    from r1moe.model import check_checkpoint_files
+
     path = Path(cfg.model.init)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.init={path}: no config.json there (missing or incomplete checkpoint; "
                                 f"did the previous stage finish?)")
+    check_checkpoint_files(path)  # truncated / garbled weight files, before the run directory exists
     return path
 
 
@@ -529,8 +544,6 @@ def run_cli(prog: str, fn: Callable[[], int]) -> int:
     """Run an entry point: bad input (recipe, data, checkpoint, run directory) prints one line naming it and
     returns 2; training that turned NaN/inf (NonFiniteError: nothing non-finite was saved) prints one line and
     returns 1."""
-    import sys
-
     try:
         return fn()
     except INPUT_ERRORS as e:
@@ -547,7 +560,10 @@ def stage_main(stage: str, run: Callable[[JobConfig, bool], Any], argv: list[str
 
     def go() -> int:
         cfg, resume = parse_stage_args(argv, stage)
-        run(cfg, resume)
+        try:
+            run(cfg, resume)
+        finally:  # a run that failed lets go of its directory at once, not only when the process ends
+            release_run_lock(cfg.run_dir)
         return 0
 
     return run_cli(f"r1moe {stage}", go)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from tokenizers import Tokenizer
 from torch import nn
@@ -54,7 +55,7 @@ from r1moe.templates import THINK_CLOSE, completion_prefix
 from r1moe.tracking import MetricsLogger
 
 from . import common
-from .guard import NonFiniteGuard, check_finite_state_dict
+from .guard import NonFiniteGuard, check_finite_state_dict, nonfinite_tensor
 
 Scope = Literal["summary", "full"]
 DEFAULT_SCOPE: Scope = "summary"
@@ -154,7 +155,13 @@ def load_reward_model(path: str | Path, device: str = "auto") -> tuple[RewardMod
     meta = json.loads((path / META_FILE).read_text())
     dev = common.resolve_device(device)
     rm = RewardModel(from_pretrained(path, device=str(dev)))
-    rm.score_head.load_state_dict(load_file(path / SCORE_HEAD_FILE, device=str(dev)))
+    try:
+        head = load_file(path / SCORE_HEAD_FILE, device=str(dev))
+    except SafetensorError as e:
+        raise ValueError(f"{path / SCORE_HEAD_FILE}: not a readable safetensors file ({e})") from None
+    if nonfinite_tensor(head.items()) is not None:
+        raise ValueError(f"{path / SCORE_HEAD_FILE}: tensor {nonfinite_tensor(head.items())!r} holds NaN/inf")
+    rm.score_head.load_state_dict(head)
     return rm.eval(), load_tokenizer(path), meta
 
 

@@ -45,10 +45,9 @@ def test_second_run_in_a_locked_run_dir_names_the_holder_and_touches_nothing(tmp
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n')  # the holder's, a fresh start deletes it
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from r1moe.train.common import "
-         "acquire_run_lock; acquire_run_lock(Path(sys.argv[1]), 'grpo'); print('locked', flush=True); time.sleep(120)",
-         str(run)], stdout=subprocess.PIPE, text=True)
+    hold = ("import sys, time; from pathlib import Path; from r1moe.train.common import acquire_run_lock; "
+            "acquire_run_lock(Path(sys.argv[1]), 'grpo'); print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         info = json.loads((run / LOCK_FILE).read_text())
@@ -120,3 +119,22 @@ def test_resume_removes_what_killed_writes_left(tmp_path, tiny_data):
     assert not any(d.exists() for d in stale) and not (run / ".metrics.jsonl.tmp").exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]
     assert is_complete(run)
+
+
+def test_resume_config_check_across_versions_of_the_config(tmp_path, capsys):
+    """A run started before a setting existed resumes (absent = its default); a setting the config no longer has is
+    reported, not fatal; a real change is listed."""
+    from r1moe.config import load_config, save_config
+    from r1moe.train.common import check_resume_config
+
+    cfg = load_config(RECIPE, [f"logging.run_dir={tmp_path}"])
+    saved = tmp_path / "config.yaml"
+    save_config(cfg, saved)
+    text = saved.read_text()
+    assert "  max_nonfinite_steps: 3\n" in text
+    saved.write_text(text.replace("  max_nonfinite_steps: 3\n", "  retired_knob: 7\n"))
+    check_resume_config(cfg, saved)
+    assert "sets train.retired_knob=7, which this version of the config no longer has" in capsys.readouterr().err
+    changed = load_config(RECIPE, [f"logging.run_dir={tmp_path}", "train.max_nonfinite_steps=5"])
+    with pytest.raises(ValueError, match=r"train.max_nonfinite_steps: \(absent\) -> 5"):
+        check_resume_config(changed, saved)
