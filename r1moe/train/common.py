@@ -105,6 +105,9 @@ def acquire_run_lock(run_dir: Path, stage: str) -> None:
             who = "another process"
         raise FileExistsError(f"logging.run_dir={run_dir} is in use by {who} (lock {path}); wait for that run to "
                               f"end or choose another logging.run_dir") from None
+    except OSError as e:  # a filesystem without flock (ENOLCK, some network mounts): run, but say so
+        print(f"warning: {path}: cannot lock ({e.strerror or e}); nothing stops a second run from using "
+              f"logging.run_dir={run_dir} at the same time", file=sys.stderr)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     os.ftruncate(fd, 0)

@@ -432,7 +432,10 @@ class MegatronPolicy:
         import torch.distributed as dist
 
         from r1moe.model import build_model, load_hf_tensor
+        from r1moe.parallel import all_finite
 
+        if not all_finite([p.detach() for m in self.models for p in m.parameters()]):  # on every rank: no hang
+            raise NonFiniteError(f"{run_dir}: final weights hold NaN/inf; refusing to write non-finite weights")
         host = self._host if self.rank == 0 else None
 
         if host is None and self.rank == 0:

@@ -138,3 +138,37 @@ def test_resume_config_check_across_versions_of_the_config(tmp_path, capsys):
     changed = load_config(RECIPE, [f"logging.run_dir={tmp_path}", "train.max_nonfinite_steps=5"])
     with pytest.raises(ValueError, match=r"train.max_nonfinite_steps: \(absent\) -> 5"):
         check_resume_config(changed, saved)
+
+
+def _poison(f):
+    """A NaN written into the stored bytes of model.norm.weight (float32), the safetensors header left valid."""
+    import struct
+
+    data = bytearray(f.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    start = 8 + n + json.loads(data[8:8 + n])["model.norm.weight"]["data_offsets"][0]
+    data[start:start + 4] = struct.pack("<f", float("nan"))
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["nan_weights", "truncated_weights", "truncated_trainer_state"])
+def test_resume_from_a_damaged_checkpoint_is_an_input_error(damage, tmp_path, tiny_data, capsys):
+    run = tmp_path / "run"
+    assert cli.main(_args(run, tiny_data)) == 0
+    _interrupt(run)
+    ckpt = run / "checkpoints" / "step_0000002"
+    if damage == "nan_weights":
+        _poison(ckpt / "model.safetensors")
+        expect = f"{ckpt / 'model.safetensors'}: tensor 'model.norm.weight' holds NaN/inf"
+    elif damage == "truncated_weights":
+        f = ckpt / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:1000])
+        expect = f"{ckpt / 'model.safetensors'}: not a readable safetensors file"
+    else:
+        f = ckpt / "trainer_state.pt"
+        f.write_bytes(f.read_bytes()[:100])
+        expect = f"{ckpt / 'trainer_state.pt'}: unreadable"
+    assert cli.main(_args(run, tiny_data, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert expect in err and "Traceback" not in err
+    assert not is_complete(run) and not (run / "final").exists()
