@@ -409,7 +409,8 @@ def guarded_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, grad
 def clip_and_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, grad_clip: float) -> float:
     """`guarded_step` that stops at the first non-finite gradient norm (NonFiniteError) before any update; the
     gradient norm before clipping."""
-    return guarded_step(model, opt, sched, grad_clip, NonFiniteGuard(1), step=sched.last_epoch + 1).grad_norm
+    guard = NonFiniteGuard(1, unit="optimizer update")
+    return guarded_step(model, opt, sched, grad_clip, guard, step=sched.last_epoch + 1).grad_norm
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

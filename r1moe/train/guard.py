@@ -45,11 +45,12 @@ def _value(x: Any) -> float:
 class NonFiniteGuard:
     """Counts non-finite steps. `max_in_a_row` consecutive ones raise NonFiniteError (1 = stop at the first)."""
 
-    def __init__(self, max_in_a_row: int, what: str = "training"):
+    def __init__(self, max_in_a_row: int, what: str = "training", unit: str = "step"):
         if max_in_a_row < 1:
             raise ValueError(f"train.max_nonfinite_steps={max_in_a_row} must be >= 1")
         self.max_in_a_row = max_in_a_row
-        self.what = what
+        self.what, self.unit = what, unit
+        """How messages name the run ("sft", "grpo") and what `step` counts ("step", "optimizer update")."""
         self.num_skipped = 0
         """Skipped steps over the whole run (restored on resume)."""
         self.in_a_row = 0
@@ -67,11 +68,11 @@ class NonFiniteGuard:
         what = ", ".join(f"{k} {v}" for k, v in bad.items())
         if self.in_a_row >= self.max_in_a_row:
             raise NonFiniteError(
-                f"{self.what} stopped at step {step}: {what}; {self.in_a_row} non-finite step(s) in a row "
+                f"{self.what} stopped at {self.unit} {step}: {what}; {self.in_a_row} non-finite step(s) in a row "
                 f"(train.max_nonfinite_steps={self.max_in_a_row}). Nothing non-finite was saved and the run is not "
                 f"marked complete; lower optim.lr or check the data, then --resume from the last checkpoint or start "
                 f"over")
-        print(f"{self.what}: step {step}: {what}; update skipped ({self.in_a_row} in a row, "
+        print(f"{self.what}: {self.unit} {step}: {what}; update skipped ({self.in_a_row} in a row, "
               f"train.max_nonfinite_steps={self.max_in_a_row})", file=sys.stderr)
         return False
 

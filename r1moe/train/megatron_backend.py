@@ -267,7 +267,8 @@ class MegatronPolicy:
 
         set_learning_rate(self.optimizer, self.lr)
         result = train_step(self.models, self.optimizer, mbs, loss_fn, self.model_cfg.vocab_size)
-        if record_step(guard or NonFiniteGuard(1), step, result):
+        if record_step(guard or NonFiniteGuard(1, unit="optimizer update"), step if guard else self.num_updates + 1,
+                       result):
             self.num_updates += 1
         return result
 
