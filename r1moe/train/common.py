@@ -143,9 +143,10 @@ def prepare_run_dir(cfg: JobConfig, resume: bool) -> Path:
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise ValueError(_unwritable(run_dir, PermissionError(13, "Permission denied", str(run_dir))))
     acquire_run_lock(run_dir, cfg.stage)
+    if resume:  # before anything is touched: a refused resume leaves the directory as it was
+        check_resume_config(cfg, run_dir / "config.yaml")
     remove_stale_temp_files(run_dir)
     if resume:
-        check_resume_config(cfg, run_dir / "config.yaml")
         ckpt = latest_checkpoint(run_dir)
         truncate_metrics(run_dir, checkpoint_step(ckpt) if ckpt is not None else None)
     else:

@@ -68,6 +68,7 @@ def test_resume_refuses_a_changed_config_and_allows_named_keys(tmp_path, tiny_da
     run = tmp_path / "run"
     assert cli.main(_args(run, tiny_data)) == 0
     _interrupt(run)
+    (run / ".final.tmp-0a1b2c3d").mkdir()  # a killed write's leftovers stay until a resume is accepted
     config_before = (run / "config.yaml").read_text()
     metrics_before = (run / "metrics.jsonl").read_text()
 
@@ -77,6 +78,7 @@ def test_resume_refuses_a_changed_config_and_allows_named_keys(tmp_path, tiny_da
     assert "--allow-config-change train.steps,optim.lr" in err
     assert (run / "config.yaml").read_text() == config_before  # nothing touched
     assert (run / "metrics.jsonl").read_text() == metrics_before
+    assert (run / ".final.tmp-0a1b2c3d").is_dir()
 
     # a section name allows its keys only
     assert cli.main(_args(run, tiny_data, "--resume", "--allow-config-change", "optim",
@@ -89,7 +91,7 @@ def test_resume_refuses_a_changed_config_and_allows_named_keys(tmp_path, tiny_da
 
     assert cli.main(_args(run, tiny_data, "--resume", "--allow-config-change", "train.steps,optim.lr",
                           **{"optim.lr": 2e-3, "train.steps": 6})) == 0
-    assert is_complete(run)
+    assert is_complete(run) and not (run / ".final.tmp-0a1b2c3d").exists()
     assert "lr: 0.002" in (run / "config.yaml").read_text()  # config.yaml tells the truth
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]  # cut back to the step-2 checkpoint, then resumed
