@@ -172,9 +172,8 @@ def remove_stale_temp_files(run_dir: Path) -> None:
                     shutil.rmtree(p)
                 else:
                     p.unlink()
-    for p in run_dir.glob("*.tmp"):  # config.yaml.tmp
-        if p.is_file():
-            p.unlink()
+    if (run_dir / "config.yaml.tmp").is_file():  # save_config's temp file
+        (run_dir / "config.yaml.tmp").unlink()
 
 
 def check_resume_config(cfg: JobConfig, saved: Path) -> None:

@@ -117,8 +117,10 @@ def test_resume_removes_what_killed_writes_left(tmp_path, tiny_data):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"half")
     (run / ".metrics.jsonl.tmp").write_text("half")
+    (run / "config.yaml.tmp").write_text("half")
     assert cli.main(_args(run, tiny_data, "--resume")) == 0
-    assert not any(d.exists() for d in stale) and not (run / ".metrics.jsonl.tmp").exists()
+    assert not any(d.exists() for d in stale)
+    assert not (run / ".metrics.jsonl.tmp").exists() and not (run / "config.yaml.tmp").exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002"]
     assert is_complete(run)
 
