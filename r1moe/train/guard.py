@@ -3,16 +3,19 @@ LR-schedule advance, as megatron skips an overflowed fp16 step) and counted; `tr
 a row stop the run with `NonFiniteError`. No checkpoint, final/ or DONE.json is ever written from non-finite
 weights (`check_finite_state_dict`), and a checkpoint whose tensors are NaN/inf is refused on load.
 
-Every backend uses the same object:
+Every backend uses the same object, one per run (its counts go into the checkpoint's extra as "nonfinite"):
 
-    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, what="sft")
     ...backward...
-    outcome = common.guarded_step(model, opt, sched, cfg.optim.grad_clip, guard, step, loss=loss_sum)  # reference
-    outcome = megatron_policy.train_step_lm(batch, guard, step)                                       # megatron
-    if outcome.skipped: ...                                     # the weights did not move this step
+    outcome = common.guarded_step(model, opt, sched, cfg.optim.grad_clip, guard, step, loss=loss)  # reference
+    if outcome.skipped: ...                                       # the weights did not move
+    metrics = megatron_policy.train_step_lm(batch, guard, step)   # megatron: metrics["train/skipped"]
+    metrics = megatron_policy.train_grpo(..., guard=guard, step=step)
 
 `guard.check_step(step, loss, grad_norm)` is the decision itself (True: apply the update; False: skip it), for a
-backend that computes the gradient norm its own way (parallel.train_step checks before megatron's optimizer step).
+backend that computes the gradient norm its own way (parallel.train_step skips before megatron's optimizer step and
+`megatron_backend.record_step` reports it). Without a guard, `common.clip_and_step` and the megatron policy stop at
+the first non-finite update, before it is applied.
 """
 
 from __future__ import annotations
