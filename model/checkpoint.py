@@ -26,11 +26,13 @@ import re
 import secrets
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
@@ -53,8 +55,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     """Load an HF checkpoint directory into a new CausalLM (in eval mode, like transformers).
 
     dtype None: the checkpoint's `torch_dtype` / `dtype` from config.json, else float32. The router's
-    `e_score_correction_bias` stays float32 whatever the dtype. Every error names the tensor or key and the file;
-    nothing is returned half-loaded."""
+    `e_score_correction_bias` stays float32 whatever the dtype. Every error names the tensor or key and the file
+    (a truncated or garbled safetensors file, a tensor holding NaN/inf included); nothing is returned half-loaded."""
     path = Path(path)
     config_file = path / CONFIG_NAME
     cfg = ModelConfig.from_json(config_file)
@@ -88,7 +90,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         by_file.setdefault(file, []).append(name)
     for file, file_names in by_file.items():
         file_path = path / file
-        with safe_open(file_path, framework="pt", device="cpu") as f:
+        with _open_safetensors(file_path) as f:
             present = set(f.keys())
             for name in file_names:
                 if name in scales:
@@ -102,7 +104,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     _check_shape(model, name, f.get_slice(name).get_shape(), file_path)
                     loaded.add(name)
                     continue
-                tensor = f.get_tensor(name)
+                tensor = _get_tensor(f, name, file_path)
                 scale_name = name + SCALE_SUFFIX
                 if (tensor.dtype in FP8_DTYPES) != (scale_name in scales):
                     raise ValueError(f"{file_path}: tensor {name!r} is stored as {tensor.dtype} "
@@ -112,6 +114,9 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     scale = _read_tensor(path, weight_map[scale_name], scale_name, f if weight_map[scale_name] == file
                                          else None)
                     tensor = compute_fp8_dequant(tensor.to(device), scale.to(device), block, name)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(f"{file_path}: tensor {name!r} holds NaN/inf values; the checkpoint is corrupt "
+                                     f"or was saved from a diverged run")
                 _load_one(model, name, tensor, file_path)
                 loaded.add(name)
                 if main is not None:
@@ -128,6 +133,17 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         raise ValueError(f"{path}: MTP layers are only partially present; missing tensor {missing[0]!r}"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     return model.eval()
+
+
+def check_checkpoint_files(path: str | os.PathLike) -> None:
+    """The cheap part of from_pretrained's checks, before any work: config.json parses, every weight file exists
+    and its safetensors header is intact and covers the file (a truncated or garbled file is a ValueError naming
+    it). Tensor values (NaN/inf) are checked as from_pretrained reads them."""
+    path = Path(path)
+    ModelConfig.from_json(path / CONFIG_NAME)
+    for file in dict.fromkeys(_weight_map(path).values()):
+        with _open_safetensors(path / file):
+            pass
 
 
 def compute_fp8_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
@@ -168,9 +184,29 @@ def _check_shape(model: CausalLM, name: str, shape: list[int], file_path: Path) 
 
 def _read_tensor(path: Path, file: str, name: str, handle) -> torch.Tensor:
     if handle is not None:
+        return _get_tensor(handle, name, path / file)
+    with _open_safetensors(path / file) as f:
+        return _get_tensor(f, name, path / file)
+
+
+@contextmanager
+def _open_safetensors(file_path: Path) -> Iterator[Any]:
+    """safe_open, with a truncated or garbled file (safetensors checks the header against the file size) as a
+    ValueError naming it."""
+    try:
+        handle = safe_open(file_path, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{file_path}: not a readable safetensors file ({e}); the file is truncated or "
+                         f"corrupt") from None
+    with handle as f:
+        yield f
+
+
+def _get_tensor(handle, name: str, file_path: Path) -> torch.Tensor:
+    try:
         return handle.get_tensor(name)
-    with safe_open(path / file, framework="pt", device="cpu") as f:
-        return f.get_tensor(name)
+    except SafetensorError as e:
+        raise ValueError(f"{file_path}: tensor {name!r} cannot be read ({e}); the file is corrupt") from None
 
 
 def _aliases(model: CausalLM) -> dict[str, str]:
@@ -202,7 +238,7 @@ def _weight_map(path: Path) -> dict[str, str]:
     if not single.is_file():
         raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_NAME} found (only safetensors checkpoints "
                                 f"are supported)")
-    with safe_open(single, framework="pt", device="cpu") as f:
+    with _open_safetensors(single) as f:
         return dict.fromkeys(f.keys(), SINGLE_FILE)
 
 

@@ -20,7 +20,7 @@ _LAZY = {
     "initialize_parallel": "model", "destroy_parallel": "model", "build_mcore_model": "model",
     "load_hf_weights": "model", "rank_coords": "model", "unwrap": "model",
     "build_optimizer": "train", "train_step": "train", "forward_only": "train", "set_learning_rate": "train",
-    "StepResult": "train",
+    "StepResult": "train", "all_finite": "train",
     "export_hf_weights": "export",
     "save_dist_checkpoint": "checkpoint", "load_dist_checkpoint": "checkpoint",
 }
@@ -34,7 +34,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["RULES", "HFReader", "HFShardWriter", "MegatronOptions", "ParallelConfig", "StepResult", "build_mcore_model",
+__all__ = ["RULES", "HFReader", "HFShardWriter", "MegatronOptions", "ParallelConfig", "StepResult", "all_finite",
+           "build_mcore_model",
            "build_optimizer", "dequantize_fp8_blockwise", "destroy_parallel", "export_hf_weights", "forward_only",
            "hf_names", "hf_to_mcore_state", "initialize_parallel", "load_dist_checkpoint", "load_hf_weights",
            "mcore_to_hf_state", "rank_coords", "save_dist_checkpoint", "set_learning_rate", "stage_entries",

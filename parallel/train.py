@@ -2,6 +2,7 @@
 
     optimizer = build_optimizer(models, lr=3e-6, weight_decay=0.0)
     result = train_step(models, optimizer, microbatches, loss_fn)       # loss_fn(logits_BTV, mb) -> (loss, metrics)
+    # result.update_successful is False when the loss or a gradient was NaN/inf: that step moved no weight
     logps = forward_only(models, microbatches, lambda logits, mb: compute_token_logprobs(logits, mb.targets))
 
 The loss math is never re-implemented here: `loss_fn` is the trainer's closure over r1moe.algorithms
@@ -18,6 +19,7 @@ finalize_model_grads at the end of the schedule; MTP's loss (lambda / D * sum_k 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -43,7 +45,9 @@ class StepResult:
     """"loss": the step loss (sum of the micro-batch losses); loss_fn's other metrics averaged over micro-batches;
     both averaged over data-parallel replicas (same values on every rank)."""
     grad_norm: float | None
+    """None when megatron does not clip (it then computes no norm); NaN when the step was skipped."""
     update_successful: bool
+    """False: the loss or a gradient was NaN/inf (or an fp16 loss scaler overflowed) and no weight moved."""
 
 
 def build_optimizer(models: list[torch.nn.Module], *, lr: float, weight_decay: float = 0.0,
@@ -145,10 +149,43 @@ def train_step(models: list[torch.nn.Module], optimizer, microbatches: Sequence[
         return loss_func
 
     reduced = _run_schedule(models, microbatches, vocab_size, loss_func_for, forward_only=False)
-    ok, grad_norm, _ = optimizer.step()
     metrics = _reduce_metrics(reduced)
+    # megatron's bf16 optimizer applies NaN/inf gradients (only an fp16 loss scaler checks them): the step is
+    # skipped here instead, before any weight moves; both checks give the same answer on every rank
+    grads_ok = all_finite([g for m in models for g in _grads(m)])
+    if not (math.isfinite(metrics.get("loss", 0.0)) and grads_ok):
+        optimizer.zero_grad()
+        return StepResult(metrics=metrics, grad_norm=float("nan"), update_successful=False)
+    ok, grad_norm, _ = optimizer.step()
     return StepResult(metrics=metrics, grad_norm=None if grad_norm is None else float(grad_norm),
                       update_successful=bool(ok))
+
+
+def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The gradients megatron's DDP accumulated (`main_grad`, the grad buffer), else `.grad`."""
+    out = []
+    for p in model.parameters():
+        g = getattr(p, "main_grad", None)
+        if g is None:
+            g = p.grad
+        if g is not None:
+            out.append(g)
+    return out
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """No NaN/inf in any of this rank's `tensors`, nor in any other rank's (a MAX all-reduce over the world, so
+    every rank gets the same answer). Collective: all ranks call it together."""
+    import torch.distributed as dist
+
+    device = tensors[0].device if tensors else torch.device("cuda", torch.cuda.current_device())
+    bad = torch.zeros((), dtype=torch.float32, device=device)
+    for t in tensors:
+        if t.is_floating_point() and t.numel():
+            bad = torch.maximum(bad, (~torch.isfinite(t)).any().float())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ where they had to choose.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -85,6 +86,9 @@ class TrainSection:
     log_every: int = 1
     eval_every: int = 0
     """Evaluate on data.eval every N steps (and at start and end); 0 = only at the end."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradient norm is NaN/inf is skipped (no update) and counted; this many in a row stop the
+    run (1 = stop at the first). A non-finite checkpoint or final/ is never written."""
 
 
 @dataclass
@@ -214,6 +218,9 @@ class CheckpointSection:
     """Intermediate checkpoints kept (the final one is always kept)."""
     resume: bool = False
     """Continue from the run directory's last checkpoint (also `--resume` on the command line)."""
+    allow_config_change: list[str] = field(default_factory=list)
+    """Keys (or whole sections) a resume may find changed from the run's config.yaml (also
+    `--allow-config-change train.steps,logging.wandb`); any other difference stops the resume."""
 
 
 @dataclass
@@ -241,12 +248,33 @@ class JobConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     def __post_init__(self) -> None:
-        _positive(self.train, "train", ["steps", "batch_size"])
+        _finite(self, "")
+        _positive(self.train, "train", ["steps", "batch_size", "log_every", "max_nonfinite_steps"])
         _positive(self.rollout, "rollout", ["group_size", "max_new_tokens"])
-        if self.rollout.temperature < 0:
-            raise ValueError(f"rollout.temperature={self.rollout.temperature} must be >= 0")
-        if not 0 < self.rollout.top_p <= 1:
-            raise ValueError(f"rollout.top_p={self.rollout.top_p} must be in (0, 1]")
+        _positive(self.eval, "eval", ["samples"])
+        _positive(self.data, "data", ["seq_len", "max_prompt_tokens", "tokenizer_vocab_size"])
+        _positive(self.checkpoint, "checkpoint", ["keep"])
+        _non_negative(self.train, "train", ["micro_batch_size", "threads", "eval_every"])
+        _non_negative(self.rollout, "rollout", ["micro_batch_size", "top_k"])
+        _non_negative(self.eval, "eval", ["max_new_tokens", "max_questions"])
+        _non_negative(self.optim, "optim", ["lr", "warmup_steps", "weight_decay"])
+        _non_negative(self.checkpoint, "checkpoint", ["every"])
+        if self.train.epochs is not None and self.train.epochs <= 0:
+            raise ValueError(f"train.epochs={self.train.epochs} must be > 0 (or null to use train.steps)")
+        if not 0 <= self.optim.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio={self.optim.min_lr_ratio} must be in [0, 1]")
+        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+            raise ValueError(f"optim.betas={self.optim.betas} must be two numbers in [0, 1)")
+        for sec in ("rollout", "eval"):
+            s = getattr(self, sec)
+            if s.temperature < 0:
+                raise ValueError(f"{sec}.temperature={s.temperature} must be >= 0")
+            if not 0 < s.top_p <= 1:
+                raise ValueError(f"{sec}.top_p={s.top_p} must be in (0, 1]")
+        for key in self.checkpoint.allow_config_change:
+            if not _is_config_key(self, key):
+                raise ValueError(f"checkpoint.allow_config_change: {key!r} is not a config key or section "
+                                 f"(e.g. train.steps, logging)")
         if self.algo.eps_high is not None and self.algo.eps_high < self.algo.eps_low:
             raise ValueError(f"algo.eps_high={self.algo.eps_high} must be >= algo.eps_low={self.algo.eps_low}")
         if self.algo.num_minibatches < 1 or self.train.batch_size % self.algo.num_minibatches:
@@ -272,6 +300,34 @@ def _positive(section: Any, prefix: str, names: list[str]) -> None:
     for n in names:
         if getattr(section, n) <= 0:
             raise ValueError(f"{prefix}.{n}={getattr(section, n)} must be > 0")
+
+
+def _non_negative(section: Any, prefix: str, names: list[str]) -> None:
+    for n in names:
+        if getattr(section, n) < 0:
+            raise ValueError(f"{prefix}.{n}={getattr(section, n)} must be >= 0")
+
+
+def _finite(node: Any, prefix: str) -> None:
+    """Every float in the tree is finite: inf/nan (`optim.lr=inf` parses as a float) is an error naming the key."""
+    items = ([(f.name, getattr(node, f.name)) for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node)
+             else list(node.items()) if isinstance(node, dict) else list(enumerate(node)))
+    for k, v in items:
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{key}={v} must be a finite number")
+        if dataclasses.is_dataclass(v) or isinstance(v, (dict, list)):
+            _finite(v, key)
+
+
+def _is_config_key(cfg: Any, key: str) -> bool:
+    node = cfg
+    for part in key.split("."):
+        if dataclasses.is_dataclass(node) and part in {f.name for f in dataclasses.fields(node)}:
+            node = getattr(node, part)
+        else:
+            return isinstance(node, dict)  # model.overrides.*, rewards.weights.*: free-form keys
+    return True
 
 
 def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> JobConfig:

@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,18 @@ class EvalSettings:
     seed: int = 0
     chunk: int = 64
     """Sequences generated per engine call (bounds memory; one progress tick each)."""
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"eval samples={self.samples} must be >= 1")
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            raise ValueError(f"eval temperature={self.temperature} must be a finite number >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"eval top_p={self.top_p} must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"eval max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.chunk < 1:
+            raise ValueError(f"eval chunk={self.chunk} must be >= 1")
 
 
 def grade(completion: str, sample: PromptSample, template: str, num_tokens: int) -> SampleResult:
@@ -83,12 +98,73 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, s: EvalSetting
     samples = read_prompts(data)
     if max_questions:
         samples = samples[:max_questions]
+    from r1moe.data.tokenizer import load_tokenizer
+    from r1moe.model import ModelConfig
+
+    context = ModelConfig.from_json(checkpoint / "config.json").max_position_embeddings
+    check_prompts_fit(load_tokenizer(checkpoint), samples, s, context, data)  # before any weight is loaded
     rollout, tok = load_checkpoint_engine(checkpoint, engine, sglang, device, seed=s.seed)
     torch.manual_seed(s.seed)
     try:
         return evaluate(rollout, tok, samples, s)
     finally:
         rollout.shutdown()
+
+
+def check_prompts_fit(tok: Tokenizer, samples: list[PromptSample], s: EvalSettings, context: int,
+                      data: str | Path) -> None:
+    """ValueError naming the question when its prompt + max_new_tokens exceeds the model's context (generation
+    would run past the positions the model has, after allocating a cache that size)."""
+    from r1moe.train.common import encode_prompt
+
+    for i, q in enumerate(samples, 1):
+        n = len(encode_prompt(tok, s.template, q.prompt))
+        if n + s.max_new_tokens > context:
+            name = f"id {q.id!r}" if q.id else f"{q.prompt[:40]!r}"
+            raise ValueError(f"{data}: question {i} ({name}) has a {n}-token prompt; with max_new_tokens="
+                             f"{s.max_new_tokens} that exceeds the model's context of {context} tokens "
+                             f"(max_position_embeddings); shorten the prompt or lower --max-new-tokens")
+
+
+def _at_least(lo: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def _float_in(lo: float, hi: float, lo_open: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(v) and (lo < v if lo_open else lo <= v) and v <= hi):
+            raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {text}")
+        return v
+    return parse
+
+
+def _check_out(p: argparse.ArgumentParser, out: str | None) -> None:
+    """--out is checked before any work: an existing directory or an unwritable place is refused."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        p.error(f"--out {out}: is a directory; name the JSON file to write")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:  # a nameless temp file, gone when closed: a real probe (permission bits do not stop root, a read-only fs does)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        p.error(f"--out {out}: cannot write there ({parent} is not a writable directory: {e.strerror or e})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,12 +177,12 @@ def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="r1moe eval", description="pass@1 / pass@k / cons@K of a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="HF checkpoint directory (with tokenizer.json)")
     p.add_argument("--data", required=True, help="prompts JSONL (prompt, answer, ...)")
-    p.add_argument("--samples", type=int, default=4, help="K samples per question (paper: 64 AIME, 16 MATH)")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--samples", type=_at_least(1), default=4, help="K samples per question (paper: 64 AIME, 16 MATH)")
+    p.add_argument("--temperature", type=_float_in(0, math.inf, lo_open=False), default=0.6, help=">= 0")
+    p.add_argument("--top-p", type=_float_in(0, 1, lo_open=True), default=0.95, help="in (0, 1]")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=256)
     p.add_argument("--template", default="r1_zero", choices=["r1_zero", "chat", "none"])
-    p.add_argument("--max-questions", type=int, default=0)
+    p.add_argument("--max-questions", type=_at_least(0), default=0, help="0 = all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--engine", default="builtin", choices=["builtin", "sglang"],
@@ -115,6 +191,7 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--dp", type=int, default=None, help="SGLang data-parallel replicas (--engine sglang)")
     p.add_argument("--out", help="write the metrics JSON here too")
     a = p.parse_args(argv)
+    _check_out(p, a.out)
     sglang = None
     if a.engine == "sglang":
         from r1moe.config import SGLangSection
@@ -131,8 +208,11 @@ def _main(argv: list[str] | None) -> int:
     if a.out:
         from r1moe.train.common import write_json_atomic
 
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(a.out), result)
+        try:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(a.out), result)
+        except OSError as e:
+            raise ValueError(f"--out {a.out}: cannot write it ({e.strerror or e})") from None
     return 0
 
 

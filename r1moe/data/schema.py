@@ -1,8 +1,8 @@
 """JSONL records of every stage: RL prompts, SFT samples, preference pairs; strict readers and an atomic writer.
 
 One JSON object per line. Readers validate every line and fail on the first bad one with
-`ValueError("<path>:<lineno>: <field>: <what is wrong>")`: malformed JSON, a missing required field, a wrong type,
-an unknown `kind`, an unknown field. Blank lines are skipped; a file with no record is an error ("empty dataset").
+`ValueError("<path>:<lineno>: <field>: <what is wrong>")`: bytes that are not UTF-8, malformed JSON, a missing
+required field, a wrong type, an unknown `kind`, an unknown field. Blank lines are skipped; a file with no record is an error ("empty dataset").
 
 Conventions shared with the training loops: every `prompt` is the raw user question, and the loop renders it with
 its `data.template` (`r1moe.templates.render`).
@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
@@ -120,21 +120,33 @@ def _from_dict(cls: type[Record], obj: Any, where: str) -> Record:
     return cls(**obj)
 
 
+def iter_lines(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
+    """("<path>:<lineno>", line) for each line of a UTF-8 text file; bytes that are not UTF-8 are a ValueError
+    naming the line and the column."""
+    path = Path(path)
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                yield where, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                 f"re-encode the file as UTF-8") from None
+
+
 def _read(path: str | os.PathLike, cls: type[Record]) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such dataset file")
     records: list[Record] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from None
-            records.append(_from_dict(cls, obj, where))
+    for where, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from None
+        records.append(_from_dict(cls, obj, where))
     if not records:
         raise ValueError(f"{path}: empty dataset (no {cls.__name__} records)")
     return records

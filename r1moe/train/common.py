@@ -2,6 +2,7 @@
 optimizer + LR schedule, atomic checkpoints (HF directory + trainer state) with resume, the expert-bias update.
 
 Run directory layout:
+    run.lock               held (flock) by the running process: one run per directory
     config.yaml            resolved config, written first
     metrics.jsonl          one line per logged step (r1moe.tracking)
     checkpoints/step_N/    HF checkpoint + trainer_state.pt (written atomically)
@@ -16,8 +17,10 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +34,8 @@ from tokenizers import Tokenizer
 
 from r1moe.config import JobConfig, OptimSection, save_config
 from r1moe.model import CausalLM, ModelConfig, build_model, get_preset
+
+from .guard import NonFiniteError, NonFiniteGuard, StepOutcome, check_finite_state_dict
 
 DONE_FILE = "DONE.json"
 TRAINER_STATE = "trainer_state.pt"
@@ -67,25 +72,165 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
+LOCK_FILE = "run.lock"
+_HELD_LOCKS: dict[Path, int] = {}
+"""Run directory -> the open lock file of this process. A lock outlives prepare_run_dir (it is held for the run's
+lifetime and released by mark_done or process exit); an in-process pipeline runs its stages one after another and a
+later call for the same directory takes the lock over from the earlier, finished or failed, call."""
+
+
+def acquire_run_lock(run_dir: Path, stage: str) -> None:
+    """Hold an exclusive flock on run_dir/run.lock until mark_done or process exit (the kernel drops it when the
+    process dies, even by SIGKILL: no stale lock). The file names the holder; a second run in the same directory
+    stops with FileExistsError naming it."""
+    import fcntl
+    import socket
+
+    key = run_dir.resolve()
+    release_run_lock(run_dir)
+    path = run_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise ValueError(_unwritable(run_dir, e)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        os.close(fd)
+        try:
+            h = json.loads(holder)
+            who = f"pid {h['pid']} on host {h['host']}, {h['stage']} started {h['started']}"
+        except (ValueError, KeyError, TypeError):
+            who = "another process"
+        raise FileExistsError(f"logging.run_dir={run_dir} is in use by {who} (lock {path}); wait for that run to "
+                              f"end or choose another logging.run_dir") from None
+    except OSError as e:  # a filesystem without flock (ENOLCK, some network mounts): run, but say so
+        print(f"warning: {path}: cannot lock ({e.strerror or e}); nothing stops a second run from using "
+              f"logging.run_dir={run_dir} at the same time", file=sys.stderr)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    _HELD_LOCKS[key] = fd
+
+
+def _unwritable(run_dir: Path, e: OSError) -> str:
+    return f"logging.run_dir={run_dir}: cannot write the run directory ({e.strerror or e}: {e.filename or run_dir})"
+
+
+def release_run_lock(run_dir: Path) -> None:
+    fd = _HELD_LOCKS.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor of the open file drops the flock
+
+
 def prepare_run_dir(cfg: JobConfig, resume: bool) -> Path:
-    """Create the run directory and write config.yaml. A complete run is never overwritten; an incomplete one is
-    resumed (resume=True) or started afresh, its stale checkpoints removed."""
+    """Create and lock the run directory, clean what a dead attempt left, write config.yaml. A complete run is never
+    overwritten. An incomplete one is resumed (resume=True: the config must be the one it ran with, except the keys
+    in checkpoint.allow_config_change; metrics.jsonl is cut back to the last checkpoint, or removed when there is
+    none) or started afresh (its checkpoints, final/ and metrics removed)."""
     run_dir = cfg.run_dir
     if is_complete(run_dir):
         raise FileExistsError(f"{run_dir} already holds a complete {cfg.stage} run ({DONE_FILE}); "
                               f"choose another logging.run_dir or delete it")
     if not is_main_process():  # the other ranks of a torchrun job use what rank 0 prepares
         return run_dir
-    if run_dir.exists() and not resume:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(_unwritable(run_dir, e)) from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ValueError(_unwritable(run_dir, PermissionError(13, "Permission denied", str(run_dir))))
+    acquire_run_lock(run_dir, cfg.stage)
+    if resume:  # before anything is touched: a refused resume leaves the directory as it was
+        check_resume_config(cfg, run_dir / "config.yaml")
+    remove_stale_temp_files(run_dir)
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        truncate_metrics(run_dir, checkpoint_step(ckpt) if ckpt is not None else None)
+    else:
         for stale in ("checkpoints", "final", "metrics.jsonl", "wandb"):
             p = run_dir / stale
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     return run_dir
+
+
+def remove_stale_temp_files(run_dir: Path) -> None:
+    """What an attempt killed mid-write leaves (under the run lock, so no live writer owns them): temp and
+    renamed-away directories of checkpoints and final/ (`.step_N.tmp-*`, `.final.old-*`), temp files (`.x.tmp`)."""
+    for parent in (run_dir, run_dir / "checkpoints"):
+        if not parent.is_dir():
+            continue
+        for p in parent.iterdir():
+            if p.name.startswith(".") and (".tmp" in p.name or ".old-" in p.name):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+    if (run_dir / "config.yaml.tmp").is_file():  # save_config's temp file
+        (run_dir / "config.yaml.tmp").unlink()
+
+
+def check_resume_config(cfg: JobConfig, saved: Path) -> None:
+    """ValueError listing, key by key, where `cfg` differs from the config the run started with, unless every
+    differing key is allowed by checkpoint.allow_config_change (a key, or a section name for all its keys)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    if not saved.is_file():
+        return  # the dead attempt stopped before writing it: nothing to compare
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(saved))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:  # a YAML error names the line
+        raise ValueError(f"{saved}: unreadable ({e}); delete it to resume with the current config") from None
+    new = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(JobConfig)))
+    allowed = cfg.checkpoint.allow_config_change
+    # how the run is resumed, and where the directory now is (a run directory may be moved or copied)
+    ignored = ("checkpoint.resume", "checkpoint.allow_config_change", "logging.run_dir")
+    diffs = []
+    for k, a, b in _config_diff(_flatten(old), new):
+        if k in ignored or any(k == p or k.startswith(p + ".") for p in allowed):
+            continue
+        if a is _MISSING and k in defaults and b == defaults[k]:
+            continue  # a setting added to JobConfig after the run started, at its default: the run's behaviour
+        if b is _MISSING:
+            print(f"resume: {saved} sets {k}={a!r}, which this version of the config no longer has",
+                  file=sys.stderr)
+            continue
+        diffs.append((k, a, b))
+    if diffs:
+        lines = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in diffs)
+        keys = ",".join(k for k, _, _ in diffs)
+        raise ValueError(f"--resume with a config that differs from {saved}: {lines}. Resume with the same config, "
+                         f"or allow these keys to change with --allow-config-change {keys}")
+
+
+_MISSING = object()
+
+
+def _show(v: Any) -> str:
+    return "(absent)" if v is _MISSING else repr(v)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict) or not d:
+        return {prefix: d} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    keys = list(old) + [k for k in new if k not in old]
+    return [(k, old.get(k, _MISSING), new.get(k, _MISSING)) for k in keys
+            if old.get(k, _MISSING) != new.get(k, _MISSING)]
 
 
 def is_main_process() -> bool:
@@ -129,10 +274,13 @@ def init_checkpoint_dir(cfg: JobConfig) -> Path | None:
     """The checkpoint a stage starts from, checked before any work: missing or incomplete is an error naming it."""
     if cfg.model.init is None:
         return None
+    from r1moe.model import check_checkpoint_files
+
     path = Path(cfg.model.init)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.init={path}: no config.json there (missing or incomplete checkpoint; "
                                 f"did the previous stage finish?)")
+    check_checkpoint_files(path)  # truncated / garbled weight files, before the run directory exists
     return path
 
 
@@ -243,13 +391,26 @@ def lr_factor(optim: OptimSection, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def clip_and_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, grad_clip: float) -> float:
+def guarded_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, grad_clip: float, guard: NonFiniteGuard,
+                 step: int, loss: Any = None) -> StepOutcome:
+    """Clip, then step the optimizer and the LR schedule, unless `loss` (the step's, already backpropagated) or the
+    gradient norm is NaN/inf: then the update is skipped and counted by `guard` (which raises after
+    train.max_nonfinite_steps in a row). The gradients are cleared either way."""
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    opt.step()
-    sched.step()
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+    ok = guard.check_step(step, loss=loss, grad_norm=norm)
+    if ok:
+        opt.step()
+        sched.step()
     opt.zero_grad(set_to_none=True)
-    return float(norm)
+    return StepOutcome(grad_norm=norm, skipped=not ok)
+
+
+def clip_and_step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, grad_clip: float) -> float:
+    """`guarded_step` that stops at the first non-finite gradient norm (NonFiniteError) before any update; the
+    gradient norm before clipping."""
+    guard = NonFiniteGuard(1, unit="optimizer update")
+    return guarded_step(model, opt, sched, grad_clip, guard, step=sched.last_epoch + 1).grad_norm
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -277,6 +438,7 @@ def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tok: Tokenizer, o
     """checkpoints/step_N: an HF directory plus trainer_state.pt, written atomically; keeps the newest `keep`."""
     from r1moe.model import save_pretrained
 
+    check_finite_state_dict(model.state_dict().items(), f"{run_dir}: checkpoint of step {step}")
     buf = io.BytesIO()
     torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
                 "extra": extra}, buf)
@@ -294,13 +456,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def truncate_metrics(run_dir: Path, step: int) -> None:
+def checkpoint_step(path: Path) -> int:
+    """N of checkpoints/step_N."""
+    return int(path.name.removeprefix("step_"))
+
+
+def truncate_metrics(run_dir: Path, step: int | None) -> None:
     """Drop metrics logged after `step` (by an attempt that died after its last checkpoint), so a resumed run's
-    metrics.jsonl reads as one uninterrupted run."""
+    metrics.jsonl reads as one uninterrupted run; step None (no checkpoint: the run starts over) removes them all."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
+    if step is None:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text(errors="replace").splitlines()
             if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
     tmp = path.with_name(".metrics.jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
@@ -315,29 +485,59 @@ def _step_of(line: str) -> int | None:
 
 
 def restore_checkpoint(path: Path, model: CausalLM, opt, sched) -> TrainerState:
+    """Weights, optimizer, LR schedule and RNG of checkpoints/step_N. The optimizer hyperparameters stay those of
+    the current config (`opt` was built from it): a resume allowed to change optim.lr trains with the new LR.
+    A corrupt or non-finite checkpoint is a ValueError naming the file (and tensor)."""
+    from safetensors import SafetensorError, safe_open
+
     from r1moe.model import load_hf_tensor
-    from safetensors import safe_open
 
     for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for name in st.keys():
-                load_hf_tensor(model, name, st.get_tensor(name))
-    state = torch.load(path / TRAINER_STATE, weights_only=False)
-    truncate_metrics(path.parent.parent, state["step"])
+        try:
+            with safe_open(str(f), "pt") as st:
+                for name in st.keys():  # noqa: SIM118 - a safe_open handle is no dict
+                    t = st.get_tensor(name)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        raise ValueError(f"{f}: tensor {name!r} holds NaN/inf; this checkpoint cannot be resumed")
+                    load_hf_tensor(model, name, t)
+        except SafetensorError as e:
+            raise ValueError(f"{f}: not a readable safetensors file ({e}); the checkpoint is truncated or corrupt; "
+                             f"delete {path} to resume from an earlier one") from None
+    try:
+        state = torch.load(path / TRAINER_STATE, weights_only=False)
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as e:  # what a truncated or garbled file raises
+        raise ValueError(f"{path / TRAINER_STATE}: unreadable ({type(e).__name__}: {e}); delete {path} to resume "
+                         f"from an earlier checkpoint") from None
+    current = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    base_lrs = list(sched.base_lrs)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    for group, hyper in zip(opt.param_groups, current):
+        group.update(hyper)
+    sched.base_lrs = base_lrs
+    sched._last_lr = [base * f(sched.last_epoch) for f, base in zip(sched.lr_lambdas, base_lrs)]
+    for group, lr in zip(opt.param_groups, sched._last_lr):
+        group["lr"] = lr
     _set_rng_state(state["rng"])
     return TrainerState(state["step"], state["optimizer"], state["scheduler"], state["rng"], state["extra"])
 
 
 def finalize(run_dir: Path, model: CausalLM, tok: Tokenizer, summary: dict[str, Any]) -> Path:
-    """Write final/ (HF directory) then DONE.json: the run is complete only once both exist."""
+    """Write final/ (HF directory) then DONE.json: the run is complete only once both exist. Non-finite weights
+    are refused (NonFiniteError) before anything is written."""
     from r1moe.model import save_pretrained
 
+    check_finite_state_dict(model.state_dict().items(), f"{run_dir}: final weights")
     final = run_dir / "final"
     save_pretrained(model, final, tokenizer=tok)
-    write_json_atomic(run_dir / DONE_FILE, {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **summary})
+    mark_done(run_dir, summary)
     return final
+
+
+def mark_done(run_dir: Path, summary: dict[str, Any]) -> None:
+    """DONE.json (the run is complete), then the run lock is released."""
+    write_json_atomic(run_dir / DONE_FILE, {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **summary})
+    release_run_lock(run_dir)
 
 
 # ---------------------------------------------------------------------------------------------- entry points
@@ -345,15 +545,18 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
 
 def run_cli(prog: str, fn: Callable[[], int]) -> int:
-    """Run an entry point: bad input (recipe, data, checkpoint) prints one line naming it and returns 2."""
-    import sys
-
+    """Run an entry point: bad input (recipe, data, checkpoint, run directory) prints one line naming it and
+    returns 2; training that turned NaN/inf (NonFiniteError: nothing non-finite was saved) prints one line and
+    returns 1."""
     try:
         return fn()
     except INPUT_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def stage_main(stage: str, run: Callable[[JobConfig, bool], Any], argv: list[str] | None) -> int:
@@ -361,7 +564,10 @@ def stage_main(stage: str, run: Callable[[JobConfig, bool], Any], argv: list[str
 
     def go() -> int:
         cfg, resume = parse_stage_args(argv, stage)
-        run(cfg, resume)
+        try:
+            run(cfg, resume)
+        finally:  # a run that failed lets go of its directory at once, not only when the process ends
+            release_run_lock(cfg.run_dir)
         return 0
 
     return run_cli(f"r1moe {stage}", go)
@@ -377,11 +583,18 @@ def parse_stage_args(argv: list[str] | None, stage: str) -> tuple[JobConfig, boo
     p.add_argument("recipe", help="recipe YAML (recipes/...)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=10")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--allow-config-change", metavar="KEYS", default="",
+                   help="comma-separated config keys (or sections) that --resume may find changed, e.g. "
+                        "train.steps,logging.wandb; any other difference stops the resume")
     args = p.parse_args(argv)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         p.error(f"overrides must look like key=value: {bad}")
-    cfg = load_config(args.recipe, [*args.overrides, f"stage={stage}"])
+    extra = [f"stage={stage}"]
+    if args.allow_config_change:
+        keys = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
+        extra.append(f"checkpoint.allow_config_change=[{','.join(keys)}]")
+    cfg = load_config(args.recipe, [*args.overrides, *extra])
     return cfg, args.resume or cfg.checkpoint.resume
 
 

@@ -1,6 +1,7 @@
 """The next-token training loop shared by `pretrain`, `sft` and distillation (SFT of a student): packed batches ->
-cross-entropy on target tokens (+ MTP, + sequence-wise balance loss) -> AdamW step -> expert-bias update -> log ->
-checkpoint. Resumable: `--resume` restores weights, optimizer, schedule, RNG and the data position.
+cross-entropy on target tokens (+ MTP, + sequence-wise balance loss) -> AdamW step (skipped when the loss or gradient
+norm is NaN/inf: train/guard.py) -> expert-bias update -> log -> checkpoint. Resumable: `--resume` restores weights,
+optimizer, schedule, RNG and the data position.
 With `parallel.backend: megatron` the same steps run on r1moe.parallel (`_train_lm_megatron`, megatron_backend.py).
 """
 
@@ -17,6 +18,7 @@ from r1moe.plots import plot_run
 from r1moe.tracking import MetricsLogger
 
 from . import common
+from .guard import NonFiniteGuard
 from .packing import IGNORE, Example, iterate_batches, mtp_targets, pack_examples
 
 
@@ -40,12 +42,15 @@ def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bo
     pad_id = common.special_ids(tok)[0]
     rows = pack_examples(examples, cfg.data.seq_len, pad_id)
     steps = _num_steps(cfg, len(rows))
+    model = common.build_policy(cfg, tok, device).train()  # a bad model.init fails before the run directory exists
     run_dir = common.prepare_run_dir(cfg, resume)
-    model = common.build_policy(cfg, tok, device).train()
     opt, sched = common.build_optimizer(model, cfg.optim, steps)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, what=cfg.stage)
     start = 0
     if resume and (ckpt := common.latest_checkpoint(run_dir)) is not None:
-        start = common.restore_checkpoint(ckpt, model, opt, sched).step
+        state = common.restore_checkpoint(ckpt, model, opt, sched)
+        start = state.step
+        guard.load_state_dict(state.extra.get("nonfinite", {}))
     batches = iterate_batches(rows, cfg.train.batch_size, cfg.train.seed, start_step=start)
     mtp_on = cfg.train.mtp_weight > 0 and model.cfg.num_nextn_predict_layers > 0
     mb = cfg.train.micro_batch_size or cfg.train.batch_size
@@ -74,10 +79,13 @@ def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bo
                 aux_sum += float(out.aux_loss.detach()) * share
                 if out.expert_counts is not None:
                     counts = out.expert_counts if counts is None else counts + out.expert_counts
-            grad_norm = common.clip_and_step(model, opt, sched, cfg.optim.grad_clip)
-            common.apply_expert_bias_update(model, counts, cfg.train.expert_bias_rate)
-            last = {"train/loss": loss_sum, "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0],
-                    "train/tokens": total_tokens, "perf/step_s": time.perf_counter() - t0}
+            outcome = common.guarded_step(model, opt, sched, cfg.optim.grad_clip, guard, step,
+                                          loss=loss_sum + mtp_sum + aux_sum)
+            if not outcome.skipped:  # a skipped step moves nothing, the routing bias included
+                common.apply_expert_bias_update(model, counts, cfg.train.expert_bias_rate)
+            last = {"train/loss": loss_sum, "train/grad_norm": outcome.grad_norm, "train/lr": sched.get_last_lr()[0],
+                    "train/tokens": total_tokens, "train/skipped": int(outcome.skipped),
+                    "train/nonfinite_skipped": guard.num_skipped, "perf/step_s": time.perf_counter() - t0}
             if mtp_on:
                 last["train/mtp_loss"] = mtp_sum
             if aux_sum:
@@ -88,11 +96,13 @@ def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bo
             if step % cfg.train.log_every == 0 or step == steps:
                 logger.log(step, last)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
-                common.save_checkpoint(run_dir, step, model, tok, opt, sched, {}, cfg.checkpoint.keep)
+                common.save_checkpoint(run_dir, step, model, tok, opt, sched, {"nonfinite": guard.state_dict()},
+                                       cfg.checkpoint.keep)
             advance(f"{cfg.stage} loss {loss_sum:.3f}")
     if cfg.logging.plots:
         plot_run(run_dir)
-    summary = {"stage": cfg.stage, "steps": steps, "final_loss": last.get("train/loss"), "rows": len(rows)}
+    summary = {"stage": cfg.stage, "steps": steps, "final_loss": last.get("train/loss"), "rows": len(rows),
+               "nonfinite_steps_skipped": guard.num_skipped}
     common.finalize(run_dir, model, tok, summary)
     return summary
 
@@ -108,18 +118,21 @@ def _train_lm_megatron(cfg: JobConfig, examples: list[Example], tok: Tokenizer, 
     run_dir = common.prepare_run_dir(cfg, resume)
     policy = MegatronPolicy(cfg, tok, steps, mtp_weight=cfg.train.mtp_weight, bias_rate=cfg.train.expert_bias_rate)
     start = policy.restore(run_dir) if resume else 0
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, what=cfg.stage)
+    guard.load_state_dict(policy.trainer_extra.get("nonfinite", {}))
     batches = iterate_batches(rows, cfg.train.batch_size, cfg.train.seed, start_step=start)
     last: dict = {}
     with policy.build_logger(cfg, run_dir) as logger, common.progress_bar(cfg.stage, steps, start) as advance:
         for step in range(start + 1, steps + 1):
-            last = policy.train_step_lm(next(batches))
+            last = policy.train_step_lm(next(batches), guard, step)
             if step % cfg.train.log_every == 0 or step == steps:
                 logger.log(step, last)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
-                policy.save_checkpoint(run_dir, step)
+                policy.save_checkpoint(run_dir, step, {"nonfinite": guard.state_dict()})
             advance(f"{cfg.stage} loss {last['train/loss']:.3f}")
     if cfg.logging.plots and policy.rank == 0:
         plot_run(run_dir)
-    summary = {"stage": cfg.stage, "steps": steps, "final_loss": last.get("train/loss"), "rows": len(rows)}
+    summary = {"stage": cfg.stage, "steps": steps, "final_loss": last.get("train/loss"), "rows": len(rows),
+               "nonfinite_steps_skipped": guard.num_skipped}
     policy.save_final(run_dir, tok, summary)
     return summary

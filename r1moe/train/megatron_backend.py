@@ -17,7 +17,9 @@ Where this path differs from the reference backend, and why:
   and logs it as train/mtp_loss (sum over depths of the per-token cross-entropy, as the reference loop does).
   GRPO sets lambda = 0 (the reference GRPO loop does not train MTP either).
 - Expert bias. Updated in megatron's finalize_model_grads after every optimizer step (GRPO: per mini-batch when
-  algo.update_expert_bias, the reference loop: once per rollout step).
+  algo.update_expert_bias, the reference loop: once per rollout step). finalize_model_grads runs before the
+  non-finite check, so a step skipped for NaN/inf (train/guard.py) still moves the bias; the reference loop's does
+  not (the bias is a function of token counts only, which stay finite).
 - Data parallel. Every rank builds the same batch; each data-parallel rank trains on its contiguous 1/dp block
   of rows (padded with empty rows to equal micro-batches, which carry no loss), and the loss denominator is the
   step's total / dp, so the DP-averaged gradient is the full batch's.
@@ -55,6 +57,7 @@ from r1moe.tracking import MetricsLogger
 
 from . import common
 from .checks import check_megatron_config
+from .guard import NonFiniteError, NonFiniteGuard
 from .packing import IGNORE, Example, PackedBatch, pack_examples
 
 EXPORT_BUCKET_BYTES = 1 << 30
@@ -147,6 +150,13 @@ def _pad(t: torch.Tensor, rows: int, cols: int, fill) -> torch.Tensor:
     return out
 
 
+def record_step(guard: NonFiniteGuard, step: int, result) -> bool:
+    """Tell `guard` how a parallel.train_step went (a skipped one reports NaN); True when the weights were updated.
+    megatron gives no gradient norm when it does not clip: then only the loss is checked."""
+    grad_norm = result.grad_norm if result.update_successful else float("nan")
+    return guard.check_step(step, loss=result.metrics.get("loss"), grad_norm=grad_norm) and result.update_successful
+
+
 def _num(x: float | None) -> float:
     return float("nan") if x is None else float(x)  # megatron reports no grad norm when it does not clip
 
@@ -167,7 +177,15 @@ def _model_config_and_weights(cfg: JobConfig, tok: Tokenizer, device: torch.devi
         mcfg = mcfg.replace(num_nextn_predict_layers=0)  # saved without MTP tensors: as from_pretrained does
     common.apply_init_overrides(mcfg, cfg.model.overrides, init)
     common.check_tokenizer_fits(tok, mcfg, f"model {init}")
-    return mcfg, reader.__getitem__
+
+    def get(name: str) -> torch.Tensor:
+        t = reader[name]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"model.init={init}: tensor {name!r} holds NaN/inf values; the checkpoint is corrupt "
+                             f"or was saved from a diverged run")
+        return t
+
+    return mcfg, get
 
 
 class MegatronPolicy:
@@ -214,6 +232,8 @@ class MegatronPolicy:
                                          clip_grad=max(o.grad_clip, 0.0))  # megatron: 0 = no clipping
         self.lr_factor = common.lr_factor(o, total_updates)
         self.num_updates = 0
+        self.trainer_extra: dict = {}
+        """`extra` of the checkpoint restore() loaded (the guard's counts)."""
         dist.barrier()  # rank 0 has prepared the run directory
 
     @property
@@ -236,17 +256,22 @@ class MegatronPolicy:
         local = [_pad(t.to(self.device), per_rank * self.dp, T, fill)[mine] for t, fill in columns]
         return [[t[i:i + mb_rows] for t in local] for i in range(0, per_rank, mb_rows)]
 
-    def _step(self, mbs: list, loss_fn):
+    def _step(self, mbs: list, loss_fn, guard: NonFiniteGuard | None, step: int):
+        """One optimizer update; a NaN/inf loss or gradient skips it (parallel.train_step checks before megatron's
+        optimizer step), counted by `guard` (None: stop at the first), and the LR schedule does not advance."""
         from r1moe.parallel import set_learning_rate, train_step
 
         set_learning_rate(self.optimizer, self.lr)
         result = train_step(self.models, self.optimizer, mbs, loss_fn, self.model_cfg.vocab_size)
-        self.num_updates += 1
+        if record_step(guard or NonFiniteGuard(1, unit="optimizer update"), step if guard else self.num_updates + 1,
+                       result):
+            self.num_updates += 1
         return result
 
     # ------------------------------------------------------------------------------------------ pretrain / sft
-    def train_step_lm(self, batch: PackedBatch) -> dict[str, float]:
-        """One optimizer step of next-token cross-entropy on a batch of unpacked rows (`unpacked_rows`)."""
+    def train_step_lm(self, batch: PackedBatch, guard: NonFiniteGuard, step: int) -> dict[str, float]:
+        """One optimizer step of next-token cross-entropy on a batch of unpacked rows (`unpacked_rows`); a
+        non-finite one is skipped and counted by `guard` (train/skipped 1)."""
         t0 = time.perf_counter()
         total = max(1, batch.num_target_tokens)
         den = total / self.dp
@@ -261,9 +286,10 @@ class MegatronPolicy:
 
         if self.mtp_on:
             _clear_mtp_tracker()
-        r = self._step([LMMicroBatch(*p) for p in parts], loss_fn)
+        r = self._step([LMMicroBatch(*p) for p in parts], loss_fn, guard, step)
         out = {"train/loss": r.metrics["loss"], "train/grad_norm": _num(r.grad_norm), "train/lr": self.lr,
-               "train/tokens": total, "perf/step_s": time.perf_counter() - t0}
+               "train/tokens": total, "train/skipped": int(not r.update_successful),
+               "train/nonfinite_skipped": guard.num_skipped, "perf/step_s": time.perf_counter() - t0}
         if "mtp_loss" in r.metrics:
             out["train/mtp_loss"] = r.metrics["mtp_loss"]
         return out
@@ -280,8 +306,9 @@ class MegatronPolicy:
                             self.model_cfg.vocab_size)
 
     def train_step_grpo(self, mbs: list[RLMicroBatch], a: AlgoSection, norm_const: float, den: torch.Tensor,
-                        temperature: float = 1.0):
-        """One optimizer step of the GRPO loss (R1 eq. 1) on one mini-batch; `den` is its loss denominator / dp."""
+                        temperature: float = 1.0, guard: NonFiniteGuard | None = None, step: int = 0):
+        """One optimizer step of the GRPO loss (R1 eq. 1) on one mini-batch; `den` is its loss denominator / dp.
+        NaN/inf skips it, counted by `guard` (None: stop at the first)."""
 
         def loss_fn(logits_BTV: torch.Tensor, mb: RLMicroBatch):
             logp = compute_token_logprobs(logits_BTV, mb.targets, temperature=temperature)
@@ -292,13 +319,14 @@ class MegatronPolicy:
             return loss, {"pg_loss": st.pg_loss * len(mbs), "kl": st.kl, "clip_frac": st.clip_frac,
                           "ratio_mean": st.ratio_mean, "ratio_max": st.ratio_max}
 
-        return self._step(mbs, loss_fn)
+        return self._step(mbs, loss_fn, guard, step)
 
-    def train_grpo(self, batch, adv_N: torch.Tensor, a: AlgoSection, norm_const: float, temperature: float
-                   ) -> dict[str, float]:
+    def train_grpo(self, batch, adv_N: torch.Tensor, a: AlgoSection, norm_const: float, temperature: float,
+                   guard: NonFiniteGuard | None = None, step: int = 0) -> dict[str, float]:
         """The policy update of one rollout batch (policy.RLBatch): log pi_old (several mini-batches) and log pi_ref
         before any update, then one optimizer step per mini-batch, as the reference loop does. Log-probs at the
-        rollout temperature (T = 0 counts as 1), as in train/policy.py."""
+        rollout temperature (T = 0 counts as 1), as in train/policy.py. A mini-batch whose loss or gradient is
+        NaN/inf is skipped, counted by `guard` (None: stop at the first)."""
         temperature = temperature or 1.0
         N = batch.input_ids_NT.shape[0]
         size = -(-N // a.num_minibatches)
@@ -320,7 +348,7 @@ class MegatronPolicy:
                 for mb, lp in zip(mbs, self.logprobs(mbs, ref=True, temperature=temperature) or []):
                     mb.ref_logp = lp
         mismatch = self._logprob_mismatch(minis[0][0]) if a.num_minibatches > 1 else {}
-        results = [self.train_step_grpo(mbs, a, norm_const, den, temperature) for mbs, den in minis]
+        results = [self.train_step_grpo(mbs, a, norm_const, den, temperature, guard, step) for mbs, den in minis]
 
         def mean(key: str) -> float:
             return sum(r.metrics[key] for r in results) / len(results)
@@ -328,6 +356,7 @@ class MegatronPolicy:
         return {"train/grad_norm": _num(results[-1].grad_norm), "train/pg_loss": sum(r.metrics["pg_loss"] for r in results),
                 "train/kl": mean("kl"), "train/clip_frac": mean("clip_frac"), "train/ratio_mean": mean("ratio_mean"),
                 "train/ratio_max": max(r.metrics["ratio_max"] for r in results),
+                "train/skipped": sum(not r.update_successful for r in results),
                 "train/num_tokens": int(batch.response_mask_NT.sum()), "train/num_seqs": N, **mismatch}
 
     def _logprob_mismatch(self, mbs: list[RLMicroBatch]) -> dict[str, float]:
@@ -400,7 +429,10 @@ class MegatronPolicy:
         import torch.distributed as dist
 
         from r1moe.model import build_model, load_hf_tensor
+        from r1moe.parallel import all_finite
 
+        if not all_finite([p.detach() for m in self.models for p in m.parameters()]):  # on every rank: no hang
+            raise NonFiniteError(f"{run_dir}: final weights hold NaN/inf; refusing to write non-finite weights")
         host = self._host if self.rank == 0 else None
 
         if host is None and self.rank == 0:
@@ -419,13 +451,17 @@ class MegatronPolicy:
         dist.barrier()
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, run_dir: Path, step: int) -> Path:
-        """checkpoints/step_N: megatron dist checkpoint + trainer state, renamed into place when complete; the
-        newest checkpoint.keep are kept."""
+    def save_checkpoint(self, run_dir: Path, step: int, extra: dict | None = None) -> Path:
+        """checkpoints/step_N: megatron dist checkpoint + trainer state (with `extra`, e.g. the guard's counts),
+        renamed into place when complete; the newest checkpoint.keep are kept. Non-finite weights are refused
+        (NonFiniteError on every rank) before anything is written."""
         import torch.distributed as dist
 
-        from r1moe.parallel import save_dist_checkpoint
+        from r1moe.parallel import all_finite, save_dist_checkpoint
 
+        if not all_finite([p.detach() for m in self.models for p in m.parameters()]):
+            raise NonFiniteError(f"{run_dir}: checkpoint of step {step}: the weights hold NaN/inf; refusing to "
+                                 f"write non-finite weights")
         root = run_dir / "checkpoints"
         path, tmp = root / f"step_{step:07d}", root / f".step_{step:07d}.tmp"
         if self.rank == 0:
@@ -438,7 +474,7 @@ class MegatronPolicy:
         dist.barrier()
         if self.rank == 0:
             torch.save({"step": step, "num_updates": self.num_updates, "rng": common._rng_state(),
-                        "backend": "megatron"}, tmp / common.TRAINER_STATE)
+                        "backend": "megatron", "extra": extra or {}}, tmp / common.TRAINER_STATE)
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
             for old in sorted(root.glob("step_*"))[:-max(1, self.cfg.checkpoint.keep)]:
@@ -461,9 +497,8 @@ class MegatronPolicy:
         if self.ref_models is not None and (ckpt / "ref").is_dir():
             load_dist_checkpoint(self.ref_models, None, ckpt / "ref")
         self.num_updates = state["num_updates"]
+        self.trainer_extra = state.get("extra", {})
         common._set_rng_state(state["rng"])
-        if self.rank == 0:
-            common.truncate_metrics(run_dir, state["step"])
         return state["step"]
 
     def build_logger(self, cfg: JobConfig, run_dir: Path) -> MetricsLogger | NullLogger:

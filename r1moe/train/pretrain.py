@@ -17,6 +17,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from r1moe.config import JobConfig
+from r1moe.data.schema import iter_lines
 
 from . import checks, common
 from .lm import train_lm
@@ -29,22 +30,24 @@ def read_corpus(path: str | Path, template: str) -> list[tuple[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"data.train={path}: file not found")
     docs: list[tuple[str, str]] = []
+    lines = list(iter_lines(path))  # ValueError naming file:line for bytes that are not UTF-8
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for where, line in lines:
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
             if isinstance(rec, dict) and isinstance(rec.get("text"), str):
                 docs.append(("", rec["text"]))
             elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
                 docs.append((common.render_prompt(template, rec["prompt"]), rec["response"]))
             else:
-                raise ValueError(f"{path}:{n}: expected a string field 'text' or 'prompt' + 'response'")
+                raise ValueError(f"{where}: expected a string field 'text' or 'prompt' + 'response'")
     else:
-        docs = [("", d.strip()) for d in path.read_text().split("\n\n") if d.strip()]
+        text = "".join(line for _, line in lines).replace("\r\n", "\n")
+        docs = [("", d.strip()) for d in text.split("\n\n") if d.strip()]
     if not docs:
         raise ValueError(f"{path}: empty dataset")
     return docs

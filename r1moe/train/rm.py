@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from tokenizers import Tokenizer
 from torch import nn
@@ -54,6 +55,7 @@ from r1moe.templates import THINK_CLOSE, completion_prefix
 from r1moe.tracking import MetricsLogger
 
 from . import checks, common
+from .guard import NonFiniteGuard, check_finite_state_dict, nonfinite_tensor
 
 Scope = Literal["summary", "full"]
 DEFAULT_SCOPE: Scope = "summary"
@@ -153,7 +155,13 @@ def load_reward_model(path: str | Path, device: str = "auto") -> tuple[RewardMod
     meta = json.loads((path / META_FILE).read_text())
     dev = common.resolve_device(device)
     rm = RewardModel(from_pretrained(path, device=str(dev)))
-    rm.score_head.load_state_dict(load_file(path / SCORE_HEAD_FILE, device=str(dev)))
+    try:
+        head = load_file(path / SCORE_HEAD_FILE, device=str(dev))
+    except SafetensorError as e:
+        raise ValueError(f"{path / SCORE_HEAD_FILE}: not a readable safetensors file ({e})") from None
+    if nonfinite_tensor(head.items()) is not None:
+        raise ValueError(f"{path / SCORE_HEAD_FILE}: tensor {nonfinite_tensor(head.items())!r} holds NaN/inf")
+    rm.score_head.load_state_dict(head)
     return rm.eval(), load_tokenizer(path), meta
 
 
@@ -240,17 +248,19 @@ def _load(cfg: JobConfig, scope: Scope):
 def run(cfg: JobConfig, resume: bool = False, scope: Scope = DEFAULT_SCOPE) -> dict:
     train, dropped, (held_out, eval_dropped), tok = _load(cfg, scope)
     device = common.setup_torch(cfg)
+    rm = RewardModel(common.build_policy(cfg, tok, device)).train()  # a bad model.init fails before the run dir
     run_dir = common.prepare_run_dir(cfg, resume)
-    rm = RewardModel(common.build_policy(cfg, tok, device)).train()
     B = cfg.train.batch_size
     steps = cfg.train.steps
     if cfg.train.epochs is not None:
         steps = max(1, math.ceil(cfg.train.epochs * len(train) / B))
     opt, sched = common.build_optimizer(rm, cfg.optim, steps)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, what="rm")
     start = 0
     if resume and (ckpt := common.latest_checkpoint(run_dir)) is not None:
         state = common.restore_checkpoint(ckpt, rm.backbone, opt, sched)
         rm.score_head.load_state_dict(state.extra["score_head"])
+        guard.load_state_dict(state.extra.get("nonfinite", {}))
         start = state.step
     pad = common.special_ids(tok)[0]
     mb = cfg.train.micro_batch_size or B
@@ -284,29 +294,33 @@ def run(cfg: JobConfig, resume: bool = False, scope: Scope = DEFAULT_SCOPE) -> d
                 margins += (chosen - rejected).detach().tolist()
                 if out.expert_counts is not None:
                     counts = out.expert_counts if counts is None else counts + out.expert_counts
-            grad_norm = common.clip_and_step(rm, opt, sched, cfg.optim.grad_clip)
-            common.apply_expert_bias_update(rm.backbone, counts, cfg.train.expert_bias_rate)
+            outcome = common.guarded_step(rm, opt, sched, cfg.optim.grad_clip, guard, step, loss=sum(losses))
+            if not outcome.skipped:  # a skipped step moves nothing, the routing bias included
+                common.apply_expert_bias_update(rm.backbone, counts, cfg.train.expert_bias_rate)
             last = {"rm/loss": sum(losses), "rm/accuracy": statistics.fmean(correct),
-                    "rm/margin": statistics.fmean(margins), "train/grad_norm": grad_norm,
-                    "train/lr": sched.get_last_lr()[0], "perf/step_s": time.perf_counter() - t0}
+                    "rm/margin": statistics.fmean(margins), "train/grad_norm": outcome.grad_norm,
+                    "train/lr": sched.get_last_lr()[0], "train/skipped": int(outcome.skipped),
+                    "train/nonfinite_skipped": guard.num_skipped, "perf/step_s": time.perf_counter() - t0}
             if step % cfg.train.log_every == 0 or step == steps:
                 logger.log(step, last)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps:
                 run_eval(step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
+                check_finite_state_dict(rm.score_head.state_dict().items(), f"{run_dir}: checkpoint of step {step}")
                 common.save_checkpoint(run_dir, step, rm.backbone, tok, opt, sched,
-                                       {"score_head": rm.score_head.state_dict()}, cfg.checkpoint.keep)
+                                       {"score_head": rm.score_head.state_dict(), "nonfinite": guard.state_dict()},
+                                       cfg.checkpoint.keep)
             advance(f"rm loss {last['rm/loss']:.3f} acc {last['rm/accuracy']:.2f}")
         run_eval(steps)
     meta = {"kind": "bradley_terry", "template": cfg.data.template, "scope": scope, "seq_len": cfg.data.seq_len,
             "squash": "sigmoid", "init": cfg.model.init, "reference": "DeepSeek-R1 v2 §3.1"}
     summary = {"stage": "rm", "steps": steps, "pairs": len(train), "pairs_dropped_identical": dropped,
-               "final_loss": last.get("rm/loss"),
+               "final_loss": last.get("rm/loss"), "nonfinite_steps_skipped": guard.num_skipped,
                "eval_base": evals.get(0), "eval_final": evals.get(steps)}
     # common.finalize writes a plain HF directory; a reward model needs its head in final/ as well.
+    check_finite_state_dict(rm.state_dict().items(), f"{run_dir}: final reward model")
     save_reward_model(rm, tok, run_dir / "final", meta)
-    common.write_json_atomic(run_dir / common.DONE_FILE,
-                             {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **summary})
+    common.mark_done(run_dir, summary)
     return summary
 
 

@@ -172,3 +172,18 @@ def test_errors(base, tmp_path):
     assert not (tmp_path / "r").exists()  # inputs are checked before a run directory is created
     with pytest.raises(FileNotFoundError, match="score_head.safetensors"):
         load_reward_model(root / "base")
+
+
+def test_a_diverging_run_is_stopped_without_a_final_model(base, tmp_path, capsys):
+    """lr 1e30 throws the weights to ~1e30 within two steps (the zero-initialised head moves first), after which
+    every gradient norm is inf: the guard skips two steps and stops at the third (exit 1): no final/, no DONE.json
+    (train/guard.py)."""
+    root, _ = base
+    run_dir = tmp_path / "run"
+    assert main([str(RECIPE), *_overrides(root, run_dir, 8, "optim.lr=1e30", "optim.warmup_steps=0",
+                                          "train.batch_size=4")]) == 1
+    steps = [m for m in read_metrics(run_dir) if "rm/loss" in m]
+    skipped = [m["train/skipped"] for m in steps]
+    assert skipped[-2:] == [1, 1] and 0 in skipped and sorted(skipped) == skipped
+    assert f"rm stopped at step {len(steps) + 1}" in capsys.readouterr().err
+    assert not (run_dir / "final").exists() and not (run_dir / "DONE.json").exists()
