@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from r1moe.atomic import atomic_open
 from r1moe.tracking import read_metrics
 
 Series = list[tuple[float, float]]
@@ -65,14 +65,8 @@ def _new_axes(title: str, xlabel: str, ylabel: str):
 
 def _save(fig: Figure, out_path: Path) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}-", suffix=".png", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out_path, "wb") as f:
+        fig.savefig(f, format="png")
     return out_path
 
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from r1moe.atomic import write_text_atomic
 from r1moe.templates import CHAT_TAGS, REASONING_TAGS, TEMPLATES, render
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -90,23 +90,11 @@ def build_tiny_tokenizer(corpus_texts: Iterable[str], vocab_size: int = 512) -> 
     return tok
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike) -> Path:
     """Write `tokenizer.json` and a `tokenizer_config.json` (so `AutoTokenizer.from_pretrained(dir)` works)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / TOKENIZER_FILE, tok.to_str(pretty=True))
+    write_text_atomic(directory / TOKENIZER_FILE, tok.to_str(pretty=True))
     pad, bos, eos = (tok.id_to_token(i) for i in special_ids(tok))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -122,7 +110,7 @@ def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike) -> Path:
             "{% elif m['role'] == 'assistant' %}" + CHAT_TAGS[1] + "{{ m['content'] }}{{ eos_token }}{% endif %}"
             "{% endfor %}{% if add_generation_prompt %}" + CHAT_TAGS[1] + "<think>\n{% endif %}"
         )
-    _atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return directory / TOKENIZER_FILE
 
 

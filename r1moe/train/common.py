@@ -57,10 +57,10 @@ def read_done(run_dir: str | Path) -> dict[str, Any]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write next to `path`, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write next to `path`, then rename: a reader never sees half a file (mode from the umask: r1moe.atomic)."""
+    from r1moe.atomic import write_text_atomic as _write
+
+    _write(path, text)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -353,6 +353,9 @@ def run_cli(prog: str, fn: Callable[[], int]) -> int:
     except INPUT_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"{prog}: error: {msg}", file=sys.stderr)
+        # under torchrun (slurm/common.sh) the job's status would be torchrun's 1; the launcher reads this one
+        if (status_file := os.environ.get("R1MOE_STATUS_FILE")) and is_main_process():
+            Path(status_file).write_text("2\n")
         return 2
 
 
@@ -375,7 +378,8 @@ def parse_stage_args(argv: list[str] | None, stage: str) -> tuple[JobConfig, boo
 
     p = argparse.ArgumentParser(prog=f"r1moe {stage}", description=f"Run the {stage} stage from a recipe.")
     p.add_argument("recipe", help="recipe YAML (recipes/...)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=10")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=1e-4 logging.run_dir=runs/try1 (train.steps and "
+                   "train.epochs: one or the other, an override of the one the recipe does not use is an error)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     args = p.parse_args(argv)
     bad = [o for o in args.overrides if "=" not in o]
