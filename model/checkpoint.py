@@ -34,6 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from r1moe.atomic import file_mode
+
 from .config import ModelConfig
 from .transformer import CausalLM, build_model, hf_tensor_slot, load_hf_tensor
 
@@ -325,6 +327,7 @@ def _write_weights(model: CausalLM, out: Path, dtype: torch.dtype, limit: int) -
         tensors = {k: state[k].detach().to(device="cpu", dtype=_tensor_dtype(k, dtype), copy=True).contiguous()
                    for k in names}
         save_file(tensors, out / file, metadata={"format": "pt"})
+        os.chmod(out / file, file_mode())  # safetensors writes 0600; teammates on a shared cluster must read it
         del tensors
         weight_map.update({k: file for k in names})
     if n > 1:
