@@ -137,16 +137,18 @@ def init_checkpoint_dir(cfg: JobConfig) -> Path | None:
 
 
 def load_stage_tokenizer(cfg: JobConfig) -> Tokenizer | None:
-    """data.tokenizer, else the init checkpoint's tokenizer.json; None when neither exists (pretrain builds one)."""
-    from r1moe.data.tokenizer import load_tokenizer
+    """data.tokenizer, else the init checkpoint's tokenizer.json; None when neither exists (pretrain builds one).
+    Its special tokens are those the checkpoint's tokenizer_config.json names, and it holds the R1 chat markers as
+    single tokens (added to a student's tokenizer, e.g. Qwen2.5's or Llama-3's, that lacks them)."""
+    from r1moe.data.tokenizer import add_chat_markers, load_tokenizer
 
     if cfg.data.tokenizer:
-        return load_tokenizer(cfg.data.tokenizer)
+        return add_chat_markers(load_tokenizer(cfg.data.tokenizer))
     init = init_checkpoint_dir(cfg)
     if init is not None:
         if not (init / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{init}: no tokenizer.json (set data.tokenizer)")
-        return load_tokenizer(init)
+        return add_chat_markers(load_tokenizer(init))
     return None
 
 
@@ -158,7 +160,7 @@ def special_ids(tok: Tokenizer) -> tuple[int, int, int]:
 
 
 def check_tokenizer_fits(tok: Tokenizer, mcfg: ModelConfig, where: str) -> None:
-    n = tok.get_vocab_size(with_added_tokens=True)
+    n = max(tok.get_vocab().values()) + 1
     if n > mcfg.vocab_size:
         raise ValueError(f"{where}: tokenizer has {n} tokens but the model's vocab_size is {mcfg.vocab_size}; "
                          f"the tokenizer and the model disagree")
@@ -182,9 +184,48 @@ def build_policy(cfg: JobConfig, tok: Tokenizer, device: torch.device) -> Causal
         except TypeError as e:
             raise ValueError(f"model.overrides: {e}") from None
         model = build_model(mcfg, device=device, dtype=dtype, seed=cfg.train.seed)
+    if init is not None and (n := num_marker_rows(tok, model.cfg.vocab_size)):
+        apply_vocab_size(model, model.cfg.vocab_size + n)
     check_tokenizer_fits(tok, model.cfg, f"model {init or cfg.model.preset}")
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     return model
+
+
+def num_marker_rows(tok: Tokenizer, vocab_size: int) -> int:
+    """How many embedding rows past `vocab_size` the tokenizer needs, when those ids are all R1 chat markers that
+    add_chat_markers appended (0 otherwise: any other excess is a tokenizer/model mismatch, reported as such)."""
+    from r1moe.templates import CHAT_TAGS
+
+    n = max(tok.get_vocab().values()) + 1
+    extra = [tok.id_to_token(i) for i in range(vocab_size, n)]
+    return len(extra) if extra and all(t in CHAT_TAGS for t in extra) else 0
+
+
+def apply_vocab_size(model: CausalLM, vocab_size: int) -> None:
+    """Grow the input embeddings and the output head to `vocab_size` rows; each new row starts as the mean of the
+    old ones (a new token starts as an average token, not as noise that dominates the softmax). Tied heads stay
+    tied."""
+    embed = model.model.embed_tokens
+    old = embed.weight.shape[0]
+    if vocab_size <= old:
+        raise ValueError(f"vocab_size={vocab_size}: the model already has {old} rows")
+
+    def grown(weight: torch.Tensor) -> torch.Tensor:
+        return torch.cat([weight, weight.mean(0, keepdim=True).expand(vocab_size - old, -1)])
+
+    with torch.no_grad():
+        new_embed = torch.nn.Embedding(vocab_size, embed.weight.shape[1], device=embed.weight.device,
+                                       dtype=embed.weight.dtype)
+        new_embed.weight.copy_(grown(embed.weight))
+        model.model.embed_tokens = new_embed
+        if model.cfg.tie_word_embeddings:
+            model.lm_head.weight = new_embed.weight
+        else:
+            head = torch.nn.Linear(model.lm_head.in_features, vocab_size, bias=False,
+                                   device=model.lm_head.weight.device, dtype=model.lm_head.weight.dtype)
+            head.weight.copy_(grown(model.lm_head.weight))
+            model.lm_head = head
+    model.cfg.vocab_size = vocab_size
 
 
 def apply_init_overrides(mcfg: ModelConfig, overrides: dict[str, Any], init: Path) -> None:
