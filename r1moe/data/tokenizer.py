@@ -12,6 +12,11 @@ Design (GPT-2-style byte-level BPE trained with HF `tokenizers`):
   R1-Zero prompt is about 100 tokens rather than ~480 bytes.
 
 The vocabulary is at most `vocab_size`: 3 special + 256 bytes + merges + 6 added tokens.
+
+Real tokenizers (distillation students, R1 §2.4): `load_tokenizer` takes the special tokens a checkpoint's
+tokenizer_config.json names, `add_chat_markers` makes the chat markers single special tokens (Qwen2.5 and
+Llama-3 split them), and `build_tokenizer_config` writes the R1 chat template into every saved
+tokenizer_config.json, so `apply_chat_template` in transformers reproduces the training prompt.
 """
 
 from __future__ import annotations
