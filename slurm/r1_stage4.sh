@@ -22,8 +22,12 @@
 _dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 [[ -f "$_dir/common.sh" || -z "${R1MOE_ROOT:-}" ]] || _dir="$R1MOE_ROOT/slurm"
 [[ -f "$_dir/common.sh" || -z "${SLURM_JOB_ID:-}" ]] ||
-    _dir="$(dirname "$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=//p' | sed 's/\.sh .*/.sh/')")"
-[[ -f "$_dir/common.sh" ]] || { echo "slurm/r1_stage4.sh: slurm/common.sh not found; set R1MOE_ROOT=/path/to/r1moe" >&2; exit 2; }
+    _dir="$(dirname "$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null |
+                       sed -n 's/^ *Command=//p' | sed 's/\.sh .*/.sh/')")"
+if [[ ! -f "$_dir/common.sh" ]]; then
+    echo "slurm/r1_stage4.sh: slurm/common.sh not found; set R1MOE_ROOT=/path/to/r1moe" >&2
+    exit 2
+fi
 # shellcheck source=slurm/common.sh
 source "$_dir/common.sh"
 

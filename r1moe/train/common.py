@@ -455,8 +455,10 @@ def parse_stage_args(argv: list[str] | None, stage: str) -> tuple[JobConfig, boo
 
     p = argparse.ArgumentParser(prog=f"r1moe {stage}", description=f"Run the {stage} stage from a recipe.")
     p.add_argument("recipe", help="recipe YAML (recipes/...)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=1e-4 logging.run_dir=runs/try1 (train.steps and "
-                   "train.epochs: one or the other, an override of the one the recipe does not use is an error)")
+    p.add_argument("overrides", nargs="*",
+                   help="key=value config overrides, e.g. optim.lr=1e-4 logging.run_dir=runs/try1; the run's length "
+                        "is train.steps or train.epochs, never both (train.epochs=null train.steps=5 on a recipe "
+                        "that sets epochs)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     args = p.parse_args(argv)
     bad = [o for o in args.overrides if "=" not in o]
