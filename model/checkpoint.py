@@ -36,6 +36,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from r1moe.atomic import file_mode
+
 from .config import ModelConfig
 from .transformer import CausalLM, build_model, hf_tensor_slot, load_hf_tensor
 
@@ -302,7 +304,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: st
             gen["pad_token_id"] = cfg.pad_token_id
         _write_json(tmp / GENERATION_CONFIG_NAME, gen)
         if tokenizer is not None:
-            _write_tokenizer(tokenizer, cfg, tmp)
+            _write_tokenizer(tokenizer, tmp)
         for name, content in (extra_files or {}).items():
             _write_extra(tmp, name, content)
         _fsync_tree(tmp)
@@ -361,27 +363,25 @@ def _write_weights(model: CausalLM, out: Path, dtype: torch.dtype, limit: int) -
         tensors = {k: state[k].detach().to(device="cpu", dtype=_tensor_dtype(k, dtype), copy=True).contiguous()
                    for k in names}
         save_file(tensors, out / file, metadata={"format": "pt"})
+        os.chmod(out / file, file_mode())  # safetensors writes 0600; teammates on a shared cluster must read it
         del tensors
         weight_map.update({k: file for k in names})
     if n > 1:
         _write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def _write_tokenizer(tokenizer, cfg: ModelConfig, out: Path) -> None:
+def _write_tokenizer(tokenizer, out: Path) -> None:
     if not isinstance(tokenizer, Tokenizer):
         if not hasattr(tokenizer, "save_pretrained"):
             raise TypeError(f"tokenizer: expected a tokenizers.Tokenizer or an object with save_pretrained(), got "
                             f"{type(tokenizer).__name__}")
         tokenizer.save_pretrained(str(out))
         return
+    from r1moe.data.tokenizer import build_tokenizer_config
+
     tokenizer.save(str(out / "tokenizer.json"))
-    tok_cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    eos = cfg.eos_ids[0] if cfg.eos_ids else None
-    for key, token_id in (("bos_token", cfg.bos_token_id), ("eos_token", eos), ("pad_token", cfg.pad_token_id)):
-        token = tokenizer.id_to_token(token_id) if token_id is not None else None
-        if token is not None:
-            tok_cfg[key] = token
-    _write_json(out / "tokenizer_config.json", tok_cfg)
+    # the tokenizer's special tokens (those its checkpoint named, see load_tokenizer) and the R1 chat template
+    _write_json(out / "tokenizer_config.json", build_tokenizer_config(tokenizer))
 
 
 def _write_extra(out: Path, name: str, content: bytes | str) -> None:

@@ -19,6 +19,8 @@ from typing import Any, Literal
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from r1moe.atomic import write_text_atomic
+
 
 @dataclass
 class ModelSection:
@@ -68,8 +70,10 @@ class DataSection:
 @dataclass
 class TrainSection:
     steps: int = 100
-    """Optimizer steps (GRPO: rollout steps). For sft, `epochs` takes precedence when set."""
+    """Optimizer steps (GRPO: rollout steps). Setting it together with `epochs` is an error (it would have no
+    effect)."""
     epochs: float | None = None
+    """pretrain / sft / rm: passes over the data; when set, it decides the number of steps. None = `steps`."""
     batch_size: int = 32
     """Sequences per step (pretrain/sft/rm) or questions per step (grpo; R1: 32 questions x 16 outputs)."""
     micro_batch_size: int = 0
@@ -345,14 +349,46 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
     try:
         merged = OmegaConf.merge(*layers)
         if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            merged = OmegaConf.merge(merged, layers[-1])
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         where = f"{recipe}: " if recipe else ""
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
         raise ValueError(f"{where}bad config key {key!r}: {msg}") from None
+    _check_steps_or_epochs(cfg, recipe, layers[1:])
     return cfg
+
+
+EPOCH_STAGES = ("pretrain", "sft", "rm")
+"""Stages whose length train.epochs can set; GRPO counts rollout steps only."""
+
+
+def _check_steps_or_epochs(cfg: JobConfig, recipe: str | Path | None, layers: list[Any]) -> None:
+    """A step count that would have no effect is an error: train.steps next to train.epochs, or train.epochs on a
+    stage that does not read it. `layers` are the recipe and the overrides, as given."""
+
+    def source(key: str) -> str | None:
+        found = None
+        for layer, name in zip(layers, ["recipe " + str(recipe)] * (recipe is not None) + ["override"]):
+            if OmegaConf.select(layer, key, default=_UNSET) is not _UNSET:
+                found = name
+        return found
+
+    epochs, steps = cfg.train.epochs, cfg.train.steps
+    if epochs is None:
+        return
+    if cfg.stage not in EPOCH_STAGES:
+        raise ValueError(f"train.epochs={epochs} ({source('train.epochs')}) has no effect on a {cfg.stage} run, "
+                         f"whose length is train.steps; drop it")
+    if (where := source("train.steps")) is not None:
+        raise ValueError(f"train.steps={steps} ({where}) has no effect: train.epochs={epochs} "
+                         f"({source('train.epochs')}) sets the number of steps; set one of them "
+                         f"(add train.epochs=null to count steps instead)")
+
+
+_UNSET = object()
 
 
 def config_to_dict(cfg: JobConfig) -> dict[str, Any]:
@@ -363,6 +399,4 @@ def save_config(cfg: JobConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically) — a run directory starts with it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    tmp.replace(path)
+    write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
+from r1moe.atomic import atomic_open
 from r1moe.tracking import read_metrics
 
 Series = list[tuple[float, float]]
@@ -60,19 +61,15 @@ def _new_axes(title: str, xlabel: str, ylabel: str):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
+    if xlabel == "Steps":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a 3-step run has no step 1.5
     return fig, ax
 
 
 def _save(fig: Figure, out_path: Path) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.stem}-", suffix=".png", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out_path, "wb") as f:
+        fig.savefig(f, format="png")
     return out_path
 
 
@@ -80,8 +77,10 @@ def _xy(series: Series) -> tuple[list[float], list[float]]:
     return [s for s, _ in series], [v for _, v in series]
 
 
-def _plot_accuracy(records, keys, out_dir: Path, refs: dict[str, float] | None) -> Path | None:
-    acc_keys = [k for k in keys if _is_accuracy_key(k)]
+def build_accuracy_figure(records, refs: dict[str, float] | None = None) -> Figure | None:
+    """Held-out accuracy vs step; the y axis starts at 0 and reaches at least 0.1 (an all-zero curve is a line at
+    the bottom, not one in the middle of -0.04..0.04) and at most 1."""
+    acc_keys = [k for k in _keys(records) if _is_accuracy_key(k)]
     curves = {k.removeprefix("eval/"): _series(records, k) for k in acc_keys}
     curves = {name: s for name, s in curves.items() if s}
     if not curves:
@@ -91,11 +90,13 @@ def _plot_accuracy(records, keys, out_dir: Path, refs: dict[str, float] | None) 
         ax.plot(*_xy(series), marker="o", markersize=3, linewidth=1.5, label=name)
     for name, level in (refs or {}).items():
         ax.axhline(level, linestyle="--", linewidth=1.0, color="gray", label=name)
+    top = max([v for s in curves.values() for _, v in s] + list((refs or {}).values()))
+    ax.set_ylim(0.0, min(1.0, max(0.1, 1.1 * top)))
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, out_dir / "accuracy.png")
+    return fig
 
 
-def _plot_length(records, out_dir: Path) -> Path | None:
+def build_length_figure(records) -> Figure | None:
     series = _series(records, _LENGTH_KEY)
     if not series:
         return None
@@ -115,28 +116,33 @@ def _plot_length(records, out_dir: Path) -> Path | None:
             label="+-1 std",
         )
         ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, out_dir / "response_length.png")
+    return fig
 
 
-def _plot_rewards(records, keys, out_dir: Path) -> Path | None:
-    curves = {k.removeprefix("reward/"): _series(records, k) for k in keys if k.startswith("reward/")}
+def build_rewards_figure(records) -> Figure | None:
+    """Every reward/* component as a solid line; their weighted sum `total` dashed black on top, so it stays
+    visible where it equals a component (e.g. total = accuracy when the other weights are 0)."""
+    curves = {k.removeprefix("reward/"): _series(records, k) for k in _keys(records) if k.startswith("reward/")}
     curves = {name: s for name, s in curves.items() if s}
     if not curves:
         return None
     fig, ax = _new_axes("Rewards during training", "Steps", "Mean reward")
     for name, series in curves.items():
-        ax.plot(*_xy(series), linewidth=1.5, label=name)
+        if name != "total":
+            ax.plot(*_xy(series), linewidth=1.5, label=name)
+    if "total" in curves:
+        ax.plot(*_xy(curves["total"]), linewidth=1.8, linestyle="--", color="black", zorder=3, label="total")
     ax.legend(loc="best", fontsize=8)
-    return _save(fig, out_dir / "rewards.png")
+    return fig
 
 
-def _plot_loss(records, out_dir: Path) -> Path | None:
+def build_loss_figure(records) -> Figure | None:
     series = _series(records, _LOSS_KEY)
     if not series:
         return None
     fig, ax = _new_axes("Training loss", "Steps", "Loss")
     ax.plot(*_xy(series), linewidth=1.2, color="tab:red")
-    return _save(fig, out_dir / "loss.png")
+    return fig
 
 
 def plot_run(
@@ -154,14 +160,13 @@ def plot_run(
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
     records = read_metrics(run_dir)
-    keys = _keys(records)
-    written = [
-        _plot_accuracy(records, keys, out, accuracy_refs),
-        _plot_length(records, out),
-        _plot_rewards(records, keys, out),
-        _plot_loss(records, out),
-    ]
-    return [p for p in written if p is not None]
+    figures = {
+        "accuracy.png": build_accuracy_figure(records, accuracy_refs),
+        "response_length.png": build_length_figure(records),
+        "rewards.png": build_rewards_figure(records),
+        "loss.png": build_loss_figure(records),
+    }
+    return [_save(fig, out / name) for name, fig in figures.items() if fig is not None]
 
 
 def plot_compare(

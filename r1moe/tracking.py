@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from rich.console import Console
+from rich import get_console
 from rich.text import Text
 
 METRICS_FILE = "metrics.jsonl"
@@ -62,7 +62,8 @@ class MetricsLogger:
         self.path = self.run_dir / METRICS_FILE
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._start = time.time()
-        self._console = Console() if console else None
+        # rich's shared console: a progress bar drawn on it (train/common.py) keeps these lines above itself
+        self._console = get_console() if console else None
         self._wandb_run = None
         if os.environ.get("WANDB_MODE") == "disabled":  # wandb's own switch turns it off for a whole pipeline
             wandb_mode = "disabled"

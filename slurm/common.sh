@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Sourced by every launcher in slurm/: resolve the interpreter, the rendezvous and the process layout, then
-# `r1moe_launch MODE MODULE ARGS...` replaces the shell with the job, so the launcher exits with its status.
+# `r1moe_launch MODE MODULE ARGS...` runs the job; the launcher exits with its status (under torchrun the
+# trainer's own status, not torchrun's 1).
 # No training logic lives here, and nothing is ever killed by name.
 #
 # Rendezvous (torchrun's static one: every rank's place is fixed, which megatron's TP/EP/PP grid relies on):
@@ -85,7 +86,13 @@ r1moe_srun_cpus() {
 }
 
 r1moe_usage() {  # SCRIPT "ARGS DESCRIPTION"
-    echo "usage: bash $1 $2      (or: sbatch [--nodes=N ...] $1 $2)" >&2
+    cat >&2 <<EOF
+usage: bash $1 $2
+       sbatch [--nodes=N --time=...] $1 $2
+       sbatch --nodes=1 --gpus-per-node=0 $1 ...      # a partition without GPUs (tiny recipes on CPU)
+       sbatch --nodes=1 --gpus-per-node=1 $1 ...      # one GPU
+(the #SBATCH defaults are sized for the real models; slurm/README.md says how to change them)
+EOF
     exit 2
 }
 
@@ -123,5 +130,17 @@ r1moe_launch() {
         echo
         return 0
     fi
-    exec "${cmd[@]}"
+    if [[ "$backend" != megatron ]]; then
+        exec "${cmd[@]}"
+    fi
+    # torchrun turns any rank's failure into status 1; rank 0 writes the trainer's own status (2 = bad input) to
+    # R1MOE_STATUS_FILE (r1moe.train.common.run_cli), which lives on this node, where rank 0 runs.
+    local status_file rc=0
+    status_file="$(mktemp "${TMPDIR:-/tmp}/r1moe-status.XXXXXX")"
+    R1MOE_STATUS_FILE="$status_file" "${cmd[@]}" || rc=$?
+    if [[ $rc -ne 0 && -s "$status_file" ]]; then
+        rc="$(cat "$status_file")"
+    fi
+    rm -f "$status_file"
+    exit "$rc"
 }

@@ -8,7 +8,8 @@
 # command line (sbatch --nodes=16 --time=04:00:00 ...). Chosen (the paper states no per-stage compute): 64 nodes x 8
 # GPUs = 512, the cluster size R1 reports for its RL (64x8 H800, v2 B.4.4); the 671B layout of the recipe
 # (tp 8, pp 4, ep 32) needs 128 GPUs, and 512 let the distributed optimizer shard the expert states 4 ways.
-# Submit from the repository root: the job runs in the submit directory and finds slurm/common.sh there.
+# Submit from any directory: the job runs there (relative paths in the recipe and the arguments are read from
+# it) and the job's log, slurm-<job name>-<job id>.out, lands there.
 #SBATCH --job-name=r1-stage1-cold-start
 #SBATCH --nodes=64
 #SBATCH --ntasks-per-node=1
@@ -17,8 +18,17 @@
 #SBATCH --time=12:00:00
 #SBATCH --output=slurm-%x-%j.out
 
+# sbatch runs a spool copy of this file: common.sh is then found under $R1MOE_ROOT, else next to the script as
+# submitted (the job record's Command), from whatever directory it was submitted.
 _dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-[[ -f "$_dir/common.sh" ]] || _dir="${SLURM_SUBMIT_DIR:-$PWD}/slurm"   # sbatch runs a spool copy of this file
+[[ -f "$_dir/common.sh" || -z "${R1MOE_ROOT:-}" ]] || _dir="$R1MOE_ROOT/slurm"
+[[ -f "$_dir/common.sh" || -z "${SLURM_JOB_ID:-}" ]] ||
+    _dir="$(dirname "$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null |
+                       sed -n 's/^ *Command=//p' | sed 's/\.sh .*/.sh/')")"
+if [[ ! -f "$_dir/common.sh" ]]; then
+    echo "slurm/r1_stage1.sh: slurm/common.sh not found; set R1MOE_ROOT=/path/to/r1moe" >&2
+    exit 2
+fi
 # shellcheck source=slurm/common.sh
 source "$_dir/common.sh"
 

@@ -17,8 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "slurm"
-LAUNCHERS = ["r1_stage1.sh", "r1_stage2.sh", "r1_stage3.sh", "r1_stage4.sh", "distill.sh", "eval.sh", "rm.sh",
-             "pipeline.sh"]
+LAUNCHERS = ["pretrain.sh", "r1_stage1.sh", "r1_stage2.sh", "r1_stage3.sh", "r1_stage4.sh", "distill.sh", "eval.sh",
+             "rm.sh", "pipeline.sh"]
 TINY_STAGE2 = ROOT / "recipes/tiny/r1/stage2.yaml"
 V3_STAGE2 = ROOT / "recipes/deepseek-v3/r1/stage2_reasoning_rl.yaml"
 TINY_ZERO_GRPO = ROOT / "recipes/tiny/r1_zero/grpo.yaml"
@@ -139,7 +139,8 @@ def fake_bin(tmp_path) -> Path:
     b = tmp_path / "bin"
     b.mkdir()
     scripts = {
-        "scontrol": '[[ "$1 $2" == "show hostnames" ]] || exit 3\nprintf "gpu-node-07\\ngpu-node-08\\n"\n',
+        "scontrol": '[[ "$1 $2" == "show job" ]] && { echo "   Command=$FAKE_SUBMITTED_SCRIPT x.yaml"; exit 0; }\n'
+                    '[[ "$1 $2" == "show hostnames" ]] || exit 3\nprintf "gpu-node-07\\ngpu-node-08\\n"\n',
         "srun": 'echo "SRUN $*"\nwhile [[ $# -gt 0 && $1 == --* ]]; do shift; done\nSLURM_NODEID=1 exec "$@"\n',
         "nvidia-smi": '[[ "$1" == "-L" ]] || exit 3\necho "GPU 0: NVIDIA H100 (UUID: GPU-a)"\n'
                       'echo "GPU 1: NVIDIA H100 (UUID: GPU-b)"\n',
@@ -169,16 +170,32 @@ def test_megatron_recipe_under_slurm_starts_torchrun_on_every_node(fake_bin):
                   f"-m r1moe.train.grpo {V3_STAGE2} train.steps=2 --resume")
 
 
-def test_sbatch_spool_copy_finds_the_repository(fake_bin, tmp_path):
-    """sbatch runs a copy of the script from its spool directory; common.sh is then found via SLURM_SUBMIT_DIR."""
+@pytest.mark.parametrize("how", ["job record", "R1MOE_ROOT"])
+def test_sbatch_spool_copy_finds_the_repository(fake_bin, tmp_path, how):
+    """sbatch runs a copy of the script from its spool directory, in the submit directory (here not the repository):
+    common.sh is found next to the submitted script (scontrol's Command=) or under R1MOE_ROOT."""
     spool = tmp_path / "spool"
     spool.mkdir()
     copy = spool / "slurm_script"
     copy.write_text((SLURM / "r1_stage2.sh").read_text())
-    proc = subprocess.run(["bash", str(copy), V3_STAGE2], check=False, cwd=ROOT, env=slurm_env(fake_bin),
+    extra = ({"FAKE_SUBMITTED_SCRIPT": str(SLURM / "r1_stage2.sh")} if how == "job record"
+             else {"R1MOE_ROOT": str(ROOT), "FAKE_SUBMITTED_SCRIPT": "/nowhere/slurm/r1_stage2.sh"})
+    proc = subprocess.run(["bash", str(copy), V3_STAGE2], check=False, cwd=tmp_path,
+                          env=slurm_env(fake_bin, SLURM_SUBMIT_DIR=str(tmp_path), **extra),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--master_addr=gpu-node-07" in proc.stdout
+
+
+def test_sbatch_spool_copy_without_the_repository_is_a_clear_error(fake_bin, tmp_path):
+    copy = tmp_path / "slurm_script"
+    copy.write_text((SLURM / "r1_stage1.sh").read_text())
+    env = slurm_env(fake_bin, SLURM_SUBMIT_DIR=str(tmp_path), FAKE_SUBMITTED_SCRIPT="/nowhere/slurm/r1_stage1.sh")
+    proc = subprocess.run(["bash", str(copy), V3_STAGE2], check=False, cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("slurm/r1_stage1.sh: slurm/common.sh not found; "
+                                   "set R1MOE_ROOT=/path/to/r1moe")
 
 
 def test_reference_recipe_under_slurm_is_one_process(fake_bin):
@@ -221,3 +238,16 @@ def test_dry_run_prints_the_command_and_runs_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert shlex.split(proc.stdout)[1:] == ["-m", "r1moe.train.grpo", str(TINY_ZERO_GRPO), f"logging.run_dir={run_dir}"]
     assert not run_dir.exists()
+
+
+def test_trainer_exit_status_survives_torchrun(tmp_path):
+    """A megatron recipe starts real torchrun (one CPU rank here); the trainer's bad-input status 2 reaches the
+    launcher's caller instead of torchrun's 1."""
+    recipe = ROOT / "recipes/deepseek-v3/distill/qwen2.5-1.5b.yaml"
+    missing = tmp_path / "no_such_data.jsonl"
+    proc = launch("distill.sh", recipe, f"data.train={missing}", f"logging.run_dir={tmp_path / 'run'}",
+                  env=clean_env(GPUS_PER_NODE="1", R1MOE_PYTHON=sys.executable, TMPDIR=str(tmp_path)), timeout=300)
+    assert "r1moe.train.sft: torchrun, nodes=1 x 1 GPUs" in proc.stderr
+    assert str(missing) in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert not list(tmp_path.glob("r1moe-status.*")), "the launcher leaves no status file behind"

@@ -124,3 +124,38 @@ def test_plot_compare(tmp_path):
     )
     assert out == tmp_path / "sub" / "compare.png"
     assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 5000
+
+
+def _records(rows):
+    return [{"step": step, **values} for step, values in rows]
+
+
+def test_short_run_has_whole_step_ticks():
+    from r1moe.plots import build_loss_figure
+
+    fig = build_loss_figure(_records([(1, {"train/loss": 3.0}), (2, {"train/loss": 2.5}), (3, {"train/loss": 2.0})]))
+    fig.canvas.draw()
+    ticks = fig.axes[0].get_xticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_zero_accuracy_sits_at_the_bottom_of_a_0_to_0_1_axis():
+    from r1moe.plots import build_accuracy_figure
+
+    fig = build_accuracy_figure(_records([(0, {"eval/digits/pass@1": 0.0}), (5, {"eval/digits/pass@1": 0.0})]))
+    assert fig.axes[0].get_ylim() == (0.0, 0.1)
+    fig = build_accuracy_figure(_records([(0, {"eval/digits/pass@1": 0.2}), (5, {"eval/digits/pass@1": 0.95})]))
+    assert fig.axes[0].get_ylim() == (0.0, 1.0)
+
+
+def test_total_reward_stays_visible_over_an_equal_component():
+    from r1moe.plots import build_rewards_figure
+
+    same = {"reward/accuracy": 0.5, "reward/format": 0.0, "reward/total": 0.5}
+    fig = build_rewards_figure(_records([(1, same), (2, {**same, "reward/accuracy": 0.75, "reward/total": 0.75})]))
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert set(lines) == {"accuracy", "format", "total"}
+    total, accuracy = lines["total"], lines["accuracy"]
+    assert list(total.get_ydata()) == list(accuracy.get_ydata())  # the case that hid it
+    assert total.get_linestyle() == "--" and total.get_zorder() > accuracy.get_zorder()
+    assert fig.axes[0].get_lines()[-1] is total  # drawn last, on top

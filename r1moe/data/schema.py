@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import typing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
+
+from r1moe.atomic import atomic_open
 
 Kind = Literal["math", "code", "general"]
 KINDS: tuple[str, ...] = typing.get_args(Kind)
@@ -183,18 +184,9 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
     """Write records atomically (temp file in the same directory, then `os.replace`); returns the count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(to_dict(record), ensure_ascii=False) + "\n")
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as f:  # mode from the umask (not mkstemp's 0600)
+        for record in records:
+            f.write(json.dumps(to_dict(record), ensure_ascii=False) + "\n")
+            count += 1
     return count

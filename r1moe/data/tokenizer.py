@@ -12,20 +12,26 @@ Design (GPT-2-style byte-level BPE trained with HF `tokenizers`):
   R1-Zero prompt is about 100 tokens rather than ~480 bytes.
 
 The vocabulary is at most `vocab_size`: 3 special + 256 bytes + merges + 6 added tokens.
+
+Real tokenizers (distillation students, R1 §2.4): `load_tokenizer` takes the special tokens a checkpoint's
+tokenizer_config.json names, `add_chat_markers` makes the chat markers single special tokens (Qwen2.5 and
+Llama-3 split them), and `build_tokenizer_config` writes the R1 chat template into every saved
+tokenizer_config.json, so `apply_chat_template` in transformers reproduces the training prompt.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from r1moe.templates import CHAT_TAGS, REASONING_TAGS, TEMPLATES, render
+from r1moe.atomic import write_text_atomic
+from r1moe.templates import CHAT_TAGS, REASONING_TAGS, TEMPLATES, THINK_PREFIX, render
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
@@ -90,40 +96,72 @@ def build_tiny_tokenizer(corpus_texts: Iterable[str], vocab_size: int = 512) -> 
     return tok
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+CHAT_TEMPLATE_JINJA = (
+    # DeepSeek-R1's shape: BOS (when the tokenizer has one), a system prompt as plain text, user turns after
+    # <｜User｜>, assistant turns after <｜Assistant｜> closed by EOS, and "<think>\n" to start a reply: with
+    # add_generation_prompt it renders exactly what training and rollouts feed the model (encode_prompt, "chat").
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}" + CHAT_TAGS[0] + "{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}" + CHAT_TAGS[1] + "{{ m['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}" + CHAT_TAGS[1] + THINK_PREFIX + "{% endif %}"
+)
+
+
+def build_tokenizer_config(tok: Tokenizer, ids: SpecialIds | None = None) -> dict:
+    """`tokenizer_config.json` for `tok`: its special tokens (`ids`, default `special_ids(tok)`) and, when it holds
+    the R1 chat markers as tokens, the chat template, so `AutoTokenizer.from_pretrained(dir).apply_chat_template`
+    works on a saved checkpoint."""
+    ids = special_ids(tok) if ids is None else ids
+    config: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    for key, token_id in (("bos_token", ids.bos), ("eos_token", ids.eos), ("pad_token", ids.pad)):
+        if token_id is not None:
+            config[key] = tok.id_to_token(token_id)
+    config.update({"add_bos_token": False, "add_eos_token": False, "model_max_length": 1 << 20,
+                   "clean_up_tokenization_spaces": False})
+    if all(tok.token_to_id(t) is not None for t in CHAT_TAGS):
+        config["chat_template"] = CHAT_TEMPLATE_JINJA
+    return config
 
 
 def save_tokenizer(tok: Tokenizer, directory: str | os.PathLike) -> Path:
     """Write `tokenizer.json` and a `tokenizer_config.json` (so `AutoTokenizer.from_pretrained(dir)` works)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / TOKENIZER_FILE, tok.to_str(pretty=True))
-    pad, bos, eos = (tok.id_to_token(i) for i in special_ids(tok))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": bos, "eos_token": eos, "pad_token": pad,
-        "add_bos_token": False, "add_eos_token": False,
-        "model_max_length": 1 << 20,
-        "clean_up_tokenization_spaces": False,
-    }
-    if all(tok.token_to_id(t) is not None for t in CHAT_TAGS):
-        # Same shape as DeepSeek-R1's template: user turns, then the assistant tag (+ "<think>\n" to generate).
-        config["chat_template"] = (
-            "{% for m in messages %}{% if m['role'] == 'user' %}" + CHAT_TAGS[0] + "{{ m['content'] }}"
-            "{% elif m['role'] == 'assistant' %}" + CHAT_TAGS[1] + "{{ m['content'] }}{{ eos_token }}{% endif %}"
-            "{% endfor %}{% if add_generation_prompt %}" + CHAT_TAGS[1] + "<think>\n{% endif %}"
-        )
-    _atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(directory / TOKENIZER_FILE, tok.to_str(pretty=True))
+    config = build_tokenizer_config(tok)
+    write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return directory / TOKENIZER_FILE
+
+
+RESERVED = re.compile(r"<\|reserved_special_token_\d+\|>")
+"""Llama-3's unused special tokens: slots for new markers that need no new embedding rows."""
+
+
+def add_chat_markers(tok: Tokenizer) -> Tokenizer:
+    """A tokenizer holding the R1 chat markers (<｜User｜>, <｜Assistant｜>) as single special tokens, so the chat
+    template tokenizes as DeepSeek's distilled models do. `tok` itself when it already does (the tiny tokenizer, a
+    DeepSeek one); else a copy in which the first unused reserved special tokens (Llama-3's
+    `<|reserved_special_token_N|>`) become the markers (no new ids); else a copy with the markers added after its
+    vocabulary (Qwen2.5's embeddings have spare rows for them; a model without them grows, see
+    r1moe.train.common.apply_vocab_size). The special token roles read from the checkpoint carry over."""
+    missing = [m for m in CHAT_TAGS if tok.token_to_id(m) is None]
+    if not missing:
+        return tok
+    data = json.loads(tok.to_str())
+    ids = special_ids(tok)
+    reserved = [a for a in data["added_tokens"] if RESERVED.fullmatch(a["content"]) and a["id"] not in ids]
+    if len(reserved) >= len(missing):
+        for entry, marker in zip(reserved, missing):
+            entry["content"] = marker
+        new = Tokenizer.from_str(json.dumps(data))
+    else:
+        new = Tokenizer.from_str(tok.to_str())
+        new.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in missing])
+    setattr(new, _ROLES, ids)
+    return new
 
 
 def _resolve(path: str | os.PathLike) -> Path:
@@ -132,11 +170,16 @@ def _resolve(path: str | os.PathLike) -> Path:
 
 
 def load_tokenizer(dir_or_file: str | os.PathLike) -> Tokenizer:
-    """Load `tokenizer.json` from a checkpoint directory or a file path."""
+    """Load `tokenizer.json` from a checkpoint directory or a file path. When a `tokenizer_config.json` sits next
+    to it, the special tokens it names (EOS, pad, BOS) are the ones `special_ids(tok)` returns from then on: a
+    checkpoint's own choice, e.g. Llama-3.3-Instruct's EOS `<|eot_id|>`, not a guess from well-known strings."""
     path = _resolve(dir_or_file)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no tokenizer file (expected a {TOKENIZER_FILE} or a directory holding one)")
-    return Tokenizer.from_file(str(path))
+    tok = Tokenizer.from_file(str(path))
+    if (path.parent / CONFIG_FILE).is_file():
+        setattr(tok, _ROLES, special_ids(tok, path.parent))
+    return tok
 
 
 class SpecialIds(NamedTuple):
@@ -157,10 +200,17 @@ def _config_token(config: dict, key: str) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+_ROLES = "r1moe_special_ids"
+"""Attribute under which load_tokenizer keeps the roles a checkpoint's tokenizer_config.json names."""
+
+
 def special_ids(tok: Tokenizer, config_dir: str | os.PathLike | None = None) -> SpecialIds:
     """(pad, bos, eos) ids. Tiny tokenizer: `<pad>`, `<bos>`, `<eos>`. A real HF tokenizer: the tokens named in
-    `tokenizer_config.json` of `config_dir` (the dir or tokenizer.json path it was loaded from) when given, else
-    well-known strings. bos may be None (some models have none); a missing pad falls back to eos."""
+    `tokenizer_config.json` of `config_dir` (the dir or tokenizer.json path it was loaded from) when given, or of
+    the checkpoint `load_tokenizer` read it from, else well-known strings. bos may be None (some models have
+    none; `"bos_token": null` in the config says so); a missing pad falls back to eos."""
+    if config_dir is None and isinstance(recorded := tok.__dict__.get(_ROLES), SpecialIds):
+        return recorded
     config: dict = {}
     if config_dir is not None:
         cfg_path = Path(config_dir)
@@ -169,6 +219,8 @@ def special_ids(tok: Tokenizer, config_dir: str | os.PathLike | None = None) -> 
             config = json.loads(cfg_path.read_text(encoding="utf-8"))
 
     def find(role: str) -> int | None:
+        if role == "bos" and "bos_token" in config and config["bos_token"] is None:
+            return None  # the checkpoint says it has no BOS (Qwen2.5), whatever its vocabulary holds
         for name in (_config_token(config, f"{role}_token"), *_FALLBACK[role]):
             if name is not None and tok.token_to_id(name) is not None:
                 return tok.token_to_id(name)

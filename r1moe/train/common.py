@@ -62,10 +62,10 @@ def read_done(run_dir: str | Path) -> dict[str, Any]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write next to `path`, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write next to `path`, then rename: a reader never sees half a file (mode from the umask: r1moe.atomic)."""
+    from r1moe.atomic import write_text_atomic as _write
+
+    _write(path, text)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -249,20 +249,56 @@ def config_dict(cfg: JobConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+PROGRESS_LINES = 20
+"""Without a terminal, progress_bar prints about this many lines over a run (and at least one a minute)."""
+PROGRESS_SECONDS = 60.0
+
+
 @contextmanager
 def progress_bar(desc: str, total: int, done: int = 0, enabled: bool = True) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar; yields `advance(description)` (a no-op when not enabled, e.g. inside another bar)."""
+    """Progress of a `total`-step loop that starts after step `done`; yields `advance(description)`, called once per
+    step (a no-op when not enabled, e.g. inside another bar).
+
+    On a terminal: a rich bar with the step count and ETA, drawn on rich's shared console, through which the
+    per-step metrics lines (r1moe.tracking) are printed above it. Otherwise (an sbatch log, a pipe): a line
+    `DESC: step N/TOTAL (P%), elapsed H:MM:SS, ETA H:MM:SS, DESCRIPTION` every 1/PROGRESS_LINES of the run, at
+    least every PROGRESS_SECONDS, and at the last step."""
+    from rich import get_console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     if not enabled:
         yield lambda description: None
         return
+    console = get_console()
+    if console.is_terminal:
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), console=console, transient=True)
+        with progress:
+            task = progress.add_task(desc, total=total, completed=done)
+            yield lambda description: progress.update(task, advance=1, description=description)
+        return
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        transient=True)
-    with progress:
-        task = progress.add_task(desc, total=total, completed=done)
-        yield lambda description: progress.update(task, advance=1, description=description)
+    every = max(1, math.ceil(total / PROGRESS_LINES))
+    start = last = time.monotonic()
+    step = done
+
+    def advance(description: str) -> None:
+        nonlocal step, last
+        step += 1
+        now = time.monotonic()
+        if step % every and step != total and now - last < PROGRESS_SECONDS:
+            return
+        last = now
+        eta = (now - start) / (step - done) * (total - step)
+        print(f"{desc}: step {step}/{total} ({100 * step / total:.0f}%), elapsed {_hms(now - start)}, "
+              f"ETA {_hms(eta)}, {description}", flush=True)
+
+    yield advance
+
+
+def _hms(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -285,16 +321,18 @@ def init_checkpoint_dir(cfg: JobConfig) -> Path | None:
 
 
 def load_stage_tokenizer(cfg: JobConfig) -> Tokenizer | None:
-    """data.tokenizer, else the init checkpoint's tokenizer.json; None when neither exists (pretrain builds one)."""
-    from r1moe.data.tokenizer import load_tokenizer
+    """data.tokenizer, else the init checkpoint's tokenizer.json; None when neither exists (pretrain builds one).
+    Its special tokens are those the checkpoint's tokenizer_config.json names, and it holds the R1 chat markers as
+    single tokens (added to a student's tokenizer, e.g. Qwen2.5's or Llama-3's, that lacks them)."""
+    from r1moe.data.tokenizer import add_chat_markers, load_tokenizer
 
     if cfg.data.tokenizer:
-        return load_tokenizer(cfg.data.tokenizer)
+        return add_chat_markers(load_tokenizer(cfg.data.tokenizer))
     init = init_checkpoint_dir(cfg)
     if init is not None:
         if not (init / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{init}: no tokenizer.json (set data.tokenizer)")
-        return load_tokenizer(init)
+        return add_chat_markers(load_tokenizer(init))
     return None
 
 
@@ -306,7 +344,7 @@ def special_ids(tok: Tokenizer) -> tuple[int, int, int]:
 
 
 def check_tokenizer_fits(tok: Tokenizer, mcfg: ModelConfig, where: str) -> None:
-    n = tok.get_vocab_size(with_added_tokens=True)
+    n = max(tok.get_vocab().values()) + 1
     if n > mcfg.vocab_size:
         raise ValueError(f"{where}: tokenizer has {n} tokens but the model's vocab_size is {mcfg.vocab_size}; "
                          f"the tokenizer and the model disagree")
@@ -330,9 +368,48 @@ def build_policy(cfg: JobConfig, tok: Tokenizer, device: torch.device) -> Causal
         except TypeError as e:
             raise ValueError(f"model.overrides: {e}") from None
         model = build_model(mcfg, device=device, dtype=dtype, seed=cfg.train.seed)
+    if init is not None and (n := num_marker_rows(tok, model.cfg.vocab_size)):
+        apply_vocab_size(model, model.cfg.vocab_size + n)
     check_tokenizer_fits(tok, model.cfg, f"model {init or cfg.model.preset}")
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     return model
+
+
+def num_marker_rows(tok: Tokenizer, vocab_size: int) -> int:
+    """How many embedding rows past `vocab_size` the tokenizer needs, when those ids are all R1 chat markers that
+    add_chat_markers appended (0 otherwise: any other excess is a tokenizer/model mismatch, reported as such)."""
+    from r1moe.templates import CHAT_TAGS
+
+    n = max(tok.get_vocab().values()) + 1
+    extra = [tok.id_to_token(i) for i in range(vocab_size, n)]
+    return len(extra) if extra and all(t in CHAT_TAGS for t in extra) else 0
+
+
+def apply_vocab_size(model: CausalLM, vocab_size: int) -> None:
+    """Grow the input embeddings and the output head to `vocab_size` rows; each new row starts as the mean of the
+    old ones (a new token starts as an average token, not as noise that dominates the softmax). Tied heads stay
+    tied."""
+    embed = model.model.embed_tokens
+    old = embed.weight.shape[0]
+    if vocab_size <= old:
+        raise ValueError(f"vocab_size={vocab_size}: the model already has {old} rows")
+
+    def grown(weight: torch.Tensor) -> torch.Tensor:
+        return torch.cat([weight, weight.mean(0, keepdim=True).expand(vocab_size - old, -1)])
+
+    with torch.no_grad():
+        new_embed = torch.nn.Embedding(vocab_size, embed.weight.shape[1], device=embed.weight.device,
+                                       dtype=embed.weight.dtype)
+        new_embed.weight.copy_(grown(embed.weight))
+        model.model.embed_tokens = new_embed
+        if model.cfg.tie_word_embeddings:
+            model.lm_head.weight = new_embed.weight
+        else:
+            head = torch.nn.Linear(model.lm_head.in_features, vocab_size, bias=False,
+                                   device=model.lm_head.weight.device, dtype=model.lm_head.weight.dtype)
+            head.weight.copy_(grown(model.lm_head.weight))
+            model.lm_head = head
+    model.cfg.vocab_size = vocab_size
 
 
 def apply_init_overrides(mcfg: ModelConfig, overrides: dict[str, Any], init: Path) -> None:
@@ -553,6 +630,9 @@ def run_cli(prog: str, fn: Callable[[], int]) -> int:
     except INPUT_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"{prog}: error: {msg}", file=sys.stderr)
+        # under torchrun (slurm/common.sh) the job's status would be torchrun's 1; the launcher reads this one
+        if (status_file := os.environ.get("R1MOE_STATUS_FILE")) and is_main_process():
+            Path(status_file).write_text("2\n")
         return 2
     except NonFiniteError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -581,7 +661,10 @@ def parse_stage_args(argv: list[str] | None, stage: str) -> tuple[JobConfig, boo
 
     p = argparse.ArgumentParser(prog=f"r1moe {stage}", description=f"Run the {stage} stage from a recipe.")
     p.add_argument("recipe", help="recipe YAML (recipes/...)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=10")
+    p.add_argument("overrides", nargs="*",
+                   help="key=value config overrides, e.g. optim.lr=1e-4 logging.run_dir=runs/try1; the run's length "
+                        "is train.steps or train.epochs, never both (train.epochs=null train.steps=5 on a recipe "
+                        "that sets epochs)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.add_argument("--allow-config-change", metavar="KEYS", default="",
                    help="comma-separated config keys (or sections) that --resume may find changed, e.g. "

@@ -17,6 +17,7 @@ from r1moe.data.tokenizer import (
     special_ids,
 )
 from r1moe.templates import TEMPLATES, render
+from r1moe.train.common import encode_prompt
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +94,11 @@ def test_saved_dir_loads_in_transformers(tmp_path, tok):
     assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2)
     text = render("r1_zero", "Compute 12 + 3")
     assert hf(text)["input_ids"] == tok.encode(text).ids
-    chat = hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    assert chat == render("chat", "hi")
+    chat = [{"role": "user", "content": "hi"}]
+    assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == "<bos>" + render("chat", "hi")
+    # token for token what training and rollouts feed the model
+    ids = hf.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert ids == encode_prompt(tok, "chat", "hi")
 
 
 def test_special_ids_of_a_foreign_tokenizer(tmp_path):
@@ -105,8 +109,10 @@ def test_special_ids_of_a_foreign_tokenizer(tmp_path):
     foreign.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"eos_token": {"content": "[END]", "special": True}, "bos_token": None, "pad_token": "a"}))
-    assert tuple(special_ids(foreign, tmp_path)) == (3, 0, 1)
-    assert tuple(special_ids(foreign, tmp_path / "tokenizer.json")) == (3, 0, 1)
+    # the checkpoint's choice wins, an explicit null included: no BOS although "<s>" is in the vocabulary
+    assert tuple(special_ids(foreign, tmp_path)) == (3, None, 1)
+    assert tuple(special_ids(foreign, tmp_path / "tokenizer.json")) == (3, None, 1)
+    assert tuple(special_ids(load_tokenizer(tmp_path))) == (3, None, 1)
     nothing = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     with pytest.raises(ValueError, match="no eos"):
         special_ids(nothing)
