@@ -17,6 +17,14 @@ stays in the solution (a `Remote`: call, attribute, len, iter/next, getitem, in,
 never by a method of the solution). The judge alone writes the result, on a pipe only it and the trainer hold. What
 the solution controls is what it returns to each call, which is exactly what a correct solution controls.
 
+What tests can do (the test source format is unchanged: Python statements, usually asserts, naming the solution's
+functions): call them with plain data, use the objects they return as above, catch the built-in exceptions they
+raise (others arrive as `SolutionError`), see in-place changes to list/dict/set arguments, use a standard module
+the solution imported. What they cannot: pass a function or another non-plain object to the solution; compare an
+object of the solution with `==` (identity only: return plain data); see a solution global change after the start
+(globals are copied once); use a solution name that shadows a built-in (the tests see the built-in, or `def
+abs(x): return 0` would rewrite `assert abs(f(x) - y) < 1e-9`).
+
 Wire format: one JSON object per line. A value is a tagged list: ["N"] None, ["B", b] bool, ["I", hex] int,
 ["F", hex] float, ["C", hex, hex] complex, ["S", s] str, ["Y", latin-1 str] bytes, ["L", [...]] list,
 ["T", [...]] tuple, ["E", [...]] set, ["Z", [...]] frozenset, ["D", [[k, v], ...]] dict, ["H", n] handle,
@@ -38,7 +46,9 @@ WORK_DIR = "/sandbox"
 """The private tmpfs the programs run in (a name no host prefix is likely to use; mounted before them anyway)."""
 MAX_LINE_BYTES = 64 << 20
 """A reply longer than this is a protocol failure (the judge's memory is bounded too)."""
-_PLAIN = (type(None), bool, int, float, complex, str, bytes, list, tuple, set, frozenset, dict)
+_NO_IMPORT = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "ensurepip", "__hello__",
+              "__phello__"}
+"""Standard modules with side effects on import: never imported by the judge on the solution's say."""
 
 
 class ProtocolError(Exception):
@@ -157,7 +167,7 @@ def _decode(data, remote_of):
         return remote_of(arg(int))
     if tag == "M":
         name = arg(str)
-        if name.split(".")[0] not in sys.stdlib_module_names or name in ("antigravity", "this"):
+        if name.split(".")[0] not in sys.stdlib_module_names or name.split(".")[0] in _NO_IMPORT or "__main__" in name:
             raise ProtocolError(f"module {name!r} is not in the standard library")
         import importlib
 
