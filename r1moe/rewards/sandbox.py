@@ -167,18 +167,30 @@ class _UserNamespace:
         self._holder: subprocess.Popen | None = None
         if os.geteuid() != 0:
             return
-        self._holder = subprocess.Popen([shutil.which("unshare") or "unshare", "--user", "cat"],
-                                        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            raise SandboxUnavailable("the code sandbox needs `unshare` (util-linux) when run as root; "
+                                     "install it: `apt-get install -y util-linux`")
+        self._holder = subprocess.Popen([unshare, "--user", "cat"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             own, path = os.readlink("/proc/self/ns/user"), f"/proc/{self._holder.pid}/ns/user"
             deadline = time.monotonic() + 10
-            while os.readlink(path) == own:
-                if self._holder.poll() is not None or time.monotonic() > deadline:
-                    raise SandboxUnavailable(f"`unshare --user` failed: {self._holder.stderr.read().decode()}")
-                time.sleep(0.0002)
-            for kind in ("uid", "gid"):
-                with open(f"/proc/{self._holder.pid}/{kind}_map", "w") as f:
-                    f.write(f"0 0 1\n{_SANDBOX_ID} {_SANDBOX_ID} 1\n")
+            try:
+                while os.readlink(path) == own and time.monotonic() < deadline:
+                    time.sleep(0.0002)
+                if os.readlink(path) == own:
+                    raise SandboxUnavailable("`unshare --user` did not create a user namespace within 10 s")
+            except FileNotFoundError:  # it exited
+                self._holder.wait()
+                raise SandboxUnavailable(f"`unshare --user` failed: {self._holder.stderr.read().decode().strip()}")
+            try:
+                for kind in ("uid", "gid"):
+                    with open(f"/proc/{self._holder.pid}/{kind}_map", "w") as f:
+                        f.write(f"0 0 1\n{_SANDBOX_ID} {_SANDBOX_ID} 1\n")
+            except OSError as e:
+                raise SandboxUnavailable(f"cannot map uids 0 and {_SANDBOX_ID} into a new user namespace ({e}); "
+                                         "the host (or container) must have both ids") from None
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
             self.close()

@@ -3,7 +3,9 @@
 Attacks on the reward and escape attempts are in test_sandbox_exploits.py. These tests need a working `bwrap`
 (`.ci/run` installs it); without one they fail with SandboxUnavailable, never skip."""
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -114,6 +116,29 @@ def test_missing_bwrap_is_a_clear_error(monkeypatch, tmp_path):
             run_python("pass", FAST)
     finally:
         sandbox._bwrap.cache_clear()
+
+
+def test_bwrap_that_cannot_create_namespaces_is_a_clear_error(monkeypatch, tmp_path):
+    # What bwrap prints in a container that forbids namespaces; the real tool is not run.
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    sandbox._bwrap.cache_clear()
+    try:
+        with pytest.raises(SandboxUnavailable, match="cannot run a sandbox here.*No permissions to create new namespace"):
+            run_tests("def add(a, b): return a + b", ADD_TESTS, FAST)
+    finally:
+        sandbox._bwrap.cache_clear()
+
+
+def test_concurrent_calls_do_not_mix():
+    # Each call's pipes and files stay its own: a descriptor leaked into another call's sandbox would keep its
+    # judge waiting, a mixed-up result would give the wrong count.
+    jobs = [("def add(a, b): return a + b", 3), ("def add(a, b): return abs(a) + b", 2), ("def add(a, b): return 0", 1)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        reports = list(pool.map(lambda job: run_tests(job[0], ADD_TESTS, FAST), jobs * 2))
+    assert [r.passed for r in reports] == [passed for _, passed in jobs * 2]
 
 
 CODE = PromptSample(prompt="Write add(a, b).", answer="", kind="code", tests=ADD_TESTS)
