@@ -272,11 +272,17 @@ class _Channel:
                 raise ProtocolError("bad error reply")
             name, msg = err
             cls = getattr(builtins, name, None)
-            if name == "StopIteration":
+            if name == "StopIteration" and req["op"] == "next":
                 raise StopIteration
+            # StopIteration from anything but next() would end a map()/filter() over the solution's answers early
+            # (`all(map(check, cases))` -> True), so it is a SolutionError like the non-built-in exceptions.
+            error = SolutionError(f"{name}: {msg}")
             if isinstance(cls, type) and issubclass(cls, Exception) and cls is not StopIteration:
-                raise cls(msg)
-            raise SolutionError(f"{name}: {msg}")
+                try:
+                    error = cls(msg)
+                except TypeError:  # e.g. UnicodeDecodeError takes five arguments
+                    pass
+            raise error
         if "ok" not in reply or not set(reply) <= {"ok", "after"}:
             raise ProtocolError("bad reply")
         return reply

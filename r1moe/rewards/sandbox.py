@@ -48,10 +48,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from r1moe.rewards.harness import UNPRIVILEGED_ID as _SANDBOX_ID
+from r1moe.rewards.harness import WORK_DIR
+
 INSTALL_HINT = "install bubblewrap: `apt-get install -y bubblewrap` (Debian/Ubuntu; `dnf install bubblewrap` on Fedora)"
 _HARNESS = Path(__file__).with_name("harness.py")
-_SANDBOX_ID = 65534
-WORK_DIR = "/sandbox"  # harness.WORK_DIR
 
 
 class SandboxUnavailable(RuntimeError):
@@ -214,18 +215,13 @@ def _bwrap() -> str:
     exe = shutil.which("bwrap")
     if exe is None:
         raise SandboxUnavailable(f"the code sandbox needs bubblewrap (`bwrap`), which is not on PATH; {INSTALL_HINT}")
-    result = _run(exe, "run", "import sys; sys.exit(42)", None, SandboxLimits(timeout_s=30.0))
+    result = _run(exe, "import sys; sys.exit(42)", SandboxLimits(timeout_s=30.0))
     if result.returncode != 42:
         raise SandboxUnavailable(
-            f"bubblewrap ({exe}) cannot run a sandbox here (exit status {result.returncode}): {result.stderr.strip()} "
-            "-- it needs user namespaces (kernel.unprivileged_userns_clone=1, or root; in a container, one allowed "
-            f"to create namespaces); {INSTALL_HINT}")
+            f"bubblewrap ({exe}) cannot run a sandbox here (exit status {result.returncode}): {result.stderr.strip()}. "
+            "It must be able to create user namespaces (kernel.unprivileged_userns_clone=1, or root; in a container, "
+            f"one allowed to create namespaces); {INSTALL_HINT}")
     return exe
-
-
-def check_sandbox() -> None:
-    """Raise SandboxUnavailable now if code rewards cannot run here (called by the reward before any sample)."""
-    _bwrap()
 
 
 def _preexec(limits: SandboxLimits):
@@ -267,9 +263,13 @@ class _Programs:
 
     def __init__(self, bwrap: str, limits: SandboxLimits):
         self.bwrap, self.limits = bwrap, limits
-        self.root = Path(tempfile.mkdtemp(prefix="r1moe-sandbox-"))
-        self.userns = _UserNamespace()
         self.procs: list[subprocess.Popen] = []
+        self.userns = _UserNamespace()
+        try:
+            self.root = Path(tempfile.mkdtemp(prefix="r1moe-sandbox-"))  # captured stdout/stderr, never mounted
+        except BaseException:
+            self.userns.close()
+            raise
 
     def start(self, name: str, mode: str, files: dict[str, str], fds: tuple[int, ...]) -> subprocess.Popen:
         file_fds = {dest: _data_fd(text) for dest, text in files.items()}
@@ -320,11 +320,11 @@ class _Programs:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _run(bwrap: str, mode: str, source: str, fds: tuple[int, ...] | None, limits: SandboxLimits) -> SandboxResult:
+def _run(bwrap: str, source: str, limits: SandboxLimits) -> SandboxResult:
     programs = _Programs(bwrap, limits)
     try:
         try:
-            proc = programs.start("main", mode, {"main.py": source}, fds or ())
+            proc = programs.start("main", "run", {"main.py": source}, ())
         except OSError as e:
             return SandboxResult(None, "", f"sandbox failed to start: {e}", False)
         timed_out = not programs.wait(time.monotonic() + limits.timeout_s)
@@ -337,7 +337,7 @@ def _run(bwrap: str, mode: str, source: str, fds: tuple[int, ...] | None, limits
 
 def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """Run `source` as `__main__` in the sandbox; report its exit status and output (not a reward: see above)."""
-    return _run(_bwrap(), "run", source, None, limits)
+    return _run(_bwrap(), source, limits)
 
 
 def run_tests(solution: str, tests: str, limits: SandboxLimits = SandboxLimits()) -> TestReport:
@@ -351,16 +351,23 @@ def run_tests(solution: str, tests: str, limits: SandboxLimits = SandboxLimits()
         raise ValueError(f"the tests are not valid Python: {e}") from None
     if not tree.body:
         raise ValueError("the tests have no statement: every solution would pass")
-    bwrap = _bwrap()
-    programs = _Programs(bwrap, limits)
-    pipes = [os.pipe() for _ in range(3)]  # judge -> solution, solution -> judge, judge -> trainer
-    (to_solution_r, to_solution_w), (to_judge_r, to_judge_w), (result_r, result_w) = pipes
+    programs = _Programs(_bwrap(), limits)
+    open_fds: set[int] = set()
+
+    def close(*fds: int) -> None:
+        for fd in fds:
+            if fd in open_fds:
+                open_fds.discard(fd)
+                os.close(fd)
+
     try:
+        # judge -> solution, solution -> judge, judge -> trainer (the result: no other process holds this pipe)
+        (to_solution_r, to_solution_w), (to_judge_r, to_judge_w), (result_r, result_w) = pipes = \
+            [os.pipe() for _ in range(3)]
+        open_fds.update(fd for pair in pipes for fd in pair)
         programs.start("solution", "serve", {"main.py": solution}, (to_solution_r, to_judge_w))
         programs.start("judge", "judge", {"tests.py": tests}, (to_judge_r, to_solution_w, result_w))
-        for fd in (to_solution_r, to_solution_w, to_judge_r, to_judge_w, result_w):
-            os.close(fd)
-        pipes = [(result_r, -1)]
+        close(to_solution_r, to_solution_w, to_judge_r, to_judge_w, result_w)
         deadline = time.monotonic() + limits.timeout_s
         report = _read_result(result_r, deadline)
         timed_out = report is None and time.monotonic() >= deadline
@@ -375,13 +382,7 @@ def run_tests(solution: str, tests: str, limits: SandboxLimits = SandboxLimits()
         report.judge_stderr = programs.output("judge", "err")
         return report
     finally:
-        for pair in pipes:
-            for fd in pair:
-                if fd >= 0:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
+        close(*list(open_fds))
         programs.close()
 
 
