@@ -19,8 +19,8 @@ the solution controls is what it returns to each call, which is exactly what a c
 
 What tests can do (the test source format is unchanged: Python statements, usually asserts, naming the solution's
 functions): call them with plain data, use the objects they return as above, catch the built-in exceptions they
-raise (others arrive as `SolutionError`), see in-place changes to list/dict/set arguments, use a standard module
-the solution imported. What they cannot: pass a function or another non-plain object to the solution; compare an
+raise (others arrive as `SolutionError`), see in-place changes to list/dict/set arguments, capture what a call
+prints (it is written to the judge's stdout), use a standard module the solution imported. What they cannot: pass a function or another non-plain object to the solution; compare an
 object of the solution with `==` (identity only: return plain data); see a solution global change after the start
 (globals are copied once); use a solution name that shadows a built-in (the tests see the built-in, or `def
 abs(x): return 0` would rewrite `assert abs(f(x) - y) < 1e-9`).
@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
+import io
 import json
 import os
 import resource
@@ -222,22 +224,28 @@ def serve(fd_in: int, fd_out: int) -> None:
         "getitem": lambda obj, r: obj[value(r["key"])],
         "contains": lambda obj, r: value(r["item"]) in obj,
     }
+
+    def answer(req: dict) -> dict:
+        if req["op"] == "globals":
+            return {"ok": {n: encode(ns[n], handle_of) for n in req["names"] if n in ns}}
+        if req["op"] == "call":
+            args = [value(a) for a in req["args"]]
+            kwargs = {k: value(v) for k, v in req["kwargs"].items()}
+            result = handles[req["h"]](*args, **kwargs)
+            # In-place changes to list/dict/set arguments go back, so `f(a); assert a == ...` works.
+            after = [encode(a, handle_of) if type(a) in (list, dict, set) else None for a in args]
+            return {"ok": encode(result, handle_of), "after": after}
+        return {"ok": encode(ops[req["op"]](handles[req["h"]], req), handle_of)}
+
     while line := rfile.readline():
-        req = json.loads(line)
+        printed = io.StringIO()  # what a call prints goes to the judge's stdout, which a test may capture
         try:
-            if req["op"] == "globals":
-                reply = {"ok": {n: encode(ns[n], handle_of) for n in req["names"] if n in ns}}
-            elif req["op"] == "call":
-                args = [value(a) for a in req["args"]]
-                kwargs = {k: value(v) for k, v in req["kwargs"].items()}
-                result = handles[req["h"]](*args, **kwargs)
-                # In-place changes to list/dict/set arguments go back, so `f(a); assert a == ...` works.
-                after = [encode(a, handle_of) if type(a) in (list, dict, set) else None for a in args]
-                reply = {"ok": encode(result, handle_of), "after": after}
-            else:
-                reply = {"ok": encode(ops[req["op"]](handles[req["h"]], req), handle_of)}
+            with contextlib.redirect_stdout(printed):
+                reply = answer(json.loads(line))
         except BaseException as e:  # noqa: BLE001 - the judge decides what an exception means
             reply = {"err": [type(e).__name__, str(e)[:2000]]}
+        if printed.getvalue():
+            reply["out"] = printed.getvalue()
         _send(wfile, reply)
 
 
@@ -266,6 +274,10 @@ class _Channel:
         except BrokenPipeError:
             raise ProtocolError("the solution's process has ended") from None
         reply = self.receive()
+        out = reply.pop("out", "")
+        if type(out) is not str:
+            raise ProtocolError("bad printed output")
+        sys.stdout.write(out)
         if set(reply) == {"err"}:
             err = reply["err"]
             if type(err) is not list or len(err) != 2 or not all(type(e) is str for e in err):

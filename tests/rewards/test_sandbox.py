@@ -83,6 +83,10 @@ ADD_TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\nassert add(10, 5) ==
     # expected exceptions
     ("def inv(x):\n    if x == 0:\n        raise ValueError('zero')\n    return 1 / x",
      "try:\n    inv(0)\nexcept ValueError:\n    pass\nelse:\n    raise AssertionError('no error')\nassert inv(2) == 0.5", 2),
+    # what a call prints can be captured by the tests
+    ("def greet(n):\n    print(f'hi {n}')",
+     ("import io, contextlib\nbuf = io.StringIO()\nwith contextlib.redirect_stdout(buf):\n    greet('bo')\n"
+      "assert buf.getvalue() == 'hi bo\\n'"), 4),
     # modules the solution imported, names the tests import themselves
     ("import math\ndef hyp(a, b): return math.hypot(a, b)", "import math\nassert math.isclose(hyp(3, 4), 5.0)", 2),
     ("def f(x): return x", "assert f(1) == 1\nassert g(1) == 1", 1),  # a missing name fails its statement
