@@ -20,10 +20,11 @@ the solution controls is what it returns to each call, which is exactly what a c
 What tests can do (the test source format is unchanged: Python statements, usually asserts, naming the solution's
 functions): call them with plain data, use the objects they return as above, catch the built-in exceptions they
 raise (others arrive as `SolutionError`), see in-place changes to list/dict/set arguments, capture what a call
-prints (it is written to the judge's stdout), use a standard module the solution imported. What they cannot: pass a function or another non-plain object to the solution; compare an
-object of the solution with `==` (identity only: return plain data); see a solution global change after the start
-(globals are copied once); use a solution name that shadows a built-in (the tests see the built-in, or `def
-abs(x): return 0` would rewrite `assert abs(f(x) - y) < 1e-9`).
+prints (it is written to the judge's stdout), use a standard module the solution imported. What they cannot: pass
+a function or another non-plain object to the solution; compare an object of the solution with `==` (identity
+only: return plain data); see a solution global change after the start (globals are copied once, and only the
+names the tests spell out); use a solution name that shadows a built-in (the tests see the built-in, or
+`def abs(x): return 0` would rewrite `assert abs(f(x) - y) < 1e-9`).
 
 Wire format: one JSON object per line. A value is a tagged list: ["N"] None, ["B", b] bool, ["I", hex] int,
 ["F", hex] float, ["C", hex, hex] complex, ["S", s] str, ["Y", latin-1 str] bytes, ["L", [...]] list,
