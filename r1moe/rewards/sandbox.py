@@ -16,8 +16,8 @@ What is guaranteed (Linux):
   processes (`os.getppid()` is bwrap's init, the trainer has no pid in there), no network but an empty loopback
   (no host port, no host AF_UNIX socket: no host path is mounted and abstract sockets are per network namespace);
 - filesystem: a read-only view of /usr, the library dirs and this Python's prefixes only (no /etc, /home, /root,
-  no project checkout); a private tmpfs at /sandbox (the working dir, also HOME) and /tmp, `tmpfs_mb` each; no path
-  of the host is writable. The tests file is only in the judge's sandbox;
+  no project checkout); a private tmpfs at /sandbox (the working dir, also HOME), /tmp and /dev/shm, `tmpfs_mb`
+  each; no path of the host is writable. The tests file is only in the judge's sandbox;
 - an unprivileged uid (65534) with no capability, checked by the harness before any untrusted code runs; when the
   trainer is root, the sandbox gets a fresh user namespace mapped to host uid 65534 (root is exempt from
   RLIMIT_NPROC, so the sandbox must not be host root);
@@ -29,8 +29,8 @@ What is guaranteed (Linux):
 Not covered: a total memory cap (RLIMIT_AS is per process: up to `max_processes` x `memory_mb`; a cgroup would
 be needed) and a seccomp filter (the program may make any system call its namespaces allow).
 
-Cost: one bwrap + Python start-up per program, two in parallel for `run_tests`: a median of 143 ms per call on a
-loaded 2-core CPU host, where the former single `unshare`d process took 101 ms.
+Cost: one bwrap + Python start-up per program, two in parallel for `run_tests`: 1.4-1.6x the former single
+`unshare`d process (medians 92 vs 59 ms and 143 vs 101 ms per call, two runs on a shared 2-core CPU host).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class SandboxLimits:
     file_size_mb: int = 16
     """Largest file a process may write, its captured stdout and stderr included (RLIMIT_FSIZE)."""
     tmpfs_mb: int = 64
-    """Size of each private tmpfs (/sandbox and /tmp): all the program can write."""
+    """Size of each private tmpfs (/sandbox, /tmp, /dev/shm): all the program can write."""
     max_processes: int = 64
     """Processes (threads included) of one sandbox at a time (RLIMIT_NPROC in its user namespace)."""
     max_output_chars: int = 10_000
@@ -152,7 +152,8 @@ def _bwrap_argv(bwrap: str, userns_fd: int | None, files: dict[str, int], limits
     # The tmpfs first: a read-only bind below it (a prefix under /tmp) stays visible.
     argv = [bwrap, *ns, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--perms", "01777", "--size", size, "--tmpfs", "/tmp",
-            "--perms", "01777", "--size", size, "--tmpfs", WORK_DIR, *_ro_mounts(), "--proc", "/proc", "--dev", "/dev"]
+            "--perms", "01777", "--size", size, "--tmpfs", WORK_DIR, *_ro_mounts(), "--proc", "/proc", "--dev", "/dev",
+            "--perms", "01777", "--size", size, "--tmpfs", "/dev/shm"]  # POSIX semaphores (multiprocessing)
     for dest, fd in files.items():
         argv += ["--file", str(fd), f"{WORK_DIR}/{dest}"]
     return argv + ["--chdir", WORK_DIR]

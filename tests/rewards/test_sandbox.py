@@ -23,6 +23,7 @@ FAST = SandboxLimits(timeout_s=5.0, cpu_s=3, memory_mb=512)
     ("raise SystemExit(3)", False),
     ("import sys; sys.exit(0)", True),  # run_python reports the exit status: why it is not the reward
     ("this is not python", False),
+    ("from multiprocessing import Pool\nwith Pool(2) as pool:\n    assert pool.map(abs, [-1, -2]) == [1, 2]", True),
 ])
 def test_run_python_reports_the_exit_status(source, ok):
     assert run_python(source, FAST).ok is ok
