@@ -18,11 +18,12 @@ What is guaranteed (Linux):
 - filesystem: a read-only view of /usr, the library dirs and this Python's prefixes only (no /etc, /home, /root,
   no project checkout); a private tmpfs at /sandbox (the working dir, also HOME), /tmp and /dev/shm, `tmpfs_mb`
   each; no path of the host is writable. The tests file is only in the judge's sandbox;
-- an unprivileged uid (65534) with no capability, checked by the harness before any untrusted code runs; when the
-  trainer is root, the sandbox gets a fresh user namespace mapped to host uid 65534 (root is exempt from
-  RLIMIT_NPROC, so the sandbox must not be host root);
+- an unprivileged uid (65534 inside) with no capability, checked by the harness before any untrusted code runs.
+  On the host it is the trainer's uid, or 65534 when the trainer is root: then the sandbox gets a fresh user
+  namespace mapping 65534 to host 65534, since host root is exempt from RLIMIT_NPROC;
 - limits: wall clock (`timeout_s`, then everything is SIGKILLed), CPU seconds, address space, file size, no core
-  dumps, and at most `max_processes` processes counted per sandbox (RLIMIT_NPROC in its own user namespace);
+  dumps, and at most `max_processes` processes (threads included) counted per call (RLIMIT_NPROC in the call's
+  own user namespace);
 - nothing outlives a call: when the program ends (or is killed) bwrap's init dies and with it the whole pid
   namespace, double-forked `setsid` daemons included (`--die-with-parent` also covers a dying trainer).
 
