@@ -28,7 +28,8 @@ names the tests spell out); use a solution name that shadows a built-in (the tes
 
 Wire format: one JSON object per line. A value is a tagged list: ["N"] None, ["B", b] bool, ["I", hex] int,
 ["F", hex] float, ["C", hex, hex] complex, ["S", s] str, ["Y", latin-1 str] bytes, ["L", [...]] list,
-["T", [...]] tuple, ["E", [...]] set, ["Z", [...]] frozenset, ["D", [[k, v], ...]] dict, ["H", n] handle,
+["T", [...]] tuple, ["E", [...]] set, ["Z", [...]] frozenset, ["D", [[k, v], ...]] dict, ["R", hex, hex, hex]
+range, ["H", n] handle,
 ["M", name] a module of the standard library (the judge imports its own copy).
 """
 
@@ -115,9 +116,11 @@ def encode(value, handle_of=None):
         return [tag, [encode(v, handle_of) for v in value]]
     if isinstance(value, dict):
         return ["D", [[encode(k, handle_of), encode(v, handle_of)] for k, v in value.items()]]
+    if t is range:
+        return ["R", hex(value.start), hex(value.stop), hex(value.step)]
     if handle_of is None:
         raise TypeError(f"cannot send a {t.__name__} across the sandbox: only plain data (None, bool, int, float, "
-                        "complex, str, bytes, list, tuple, set, frozenset, dict) and handles from the solution")
+                        "complex, str, bytes, list, tuple, set, frozenset, dict, range) and handles from the solution")
     return handle_of(value)
 
 
@@ -153,6 +156,10 @@ def _decode(data, remote_of):
         if len(args) != 2 or not all(type(a) is str for a in args):
             raise ProtocolError("bad complex")
         return complex(float.fromhex(args[0]), float.fromhex(args[1]))
+    if tag == "R":
+        if len(args) != 3 or not all(type(a) is str for a in args):
+            raise ProtocolError("bad range")
+        return range(*(int(a, 16) for a in args))
     if tag == "S":
         return arg(str)
     if tag == "Y":
@@ -350,7 +357,7 @@ class Remote:
         return decode(reply["ok"], _remote_of)
 
     def __getattr__(self, name: str):
-        if name.startswith("__"):
+        if name.startswith("__") and name not in ("__name__", "__qualname__"):  # no protocol goes to the solution
             raise AttributeError(name)
         return _request(self._h, "getattr", name=name)
 

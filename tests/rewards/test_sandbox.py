@@ -79,6 +79,8 @@ ADD_TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\nassert add(10, 5) ==
      ("s = Stack()\ns.push(1)\ns.push(2)\nassert len(s) == 2 and list(s) == [1, 2] and s[0] == 1 and 2 in s\n"
       "assert str(s) == 'Stack[1, 2]'\nassert s.pop() == 2 and s.items == [1]"), 6),
     ("def gen(n):\n    yield from range(n)", "assert list(gen(3)) == [0, 1, 2]\nassert sum(gen(4)) == 6", 2),
+    ("def evens(r):\n    return r[::2]",
+     "assert evens(range(6)) == range(0, 6, 2)\nassert evens.__name__ == 'evens'", 2),
     # in-place changes to arguments come back
     ("def rotate(xs):\n    xs[:] = xs[1:] + xs[:1]", "a = [1, 2, 3]\nrotate(a)\nassert a == [2, 3, 1]", 3),
     # expected exceptions
