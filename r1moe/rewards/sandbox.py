@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,14 +239,6 @@ def _preexec(limits: SandboxLimits):
     return apply
 
 
-def _read(path: Path, limit: int) -> str:
-    try:
-        with path.open("rb") as f:
-            return f.read(limit * 4).decode("utf-8", errors="replace")[:limit]
-    except OSError:
-        return ""
-
-
 def _data_fd(text: str) -> int:
     """A descriptor of an unlinked file holding `text`, at offset 0 (bwrap --file copies it into the tmpfs)."""
     with tempfile.TemporaryFile() as f:
@@ -261,17 +254,14 @@ _ENV = {"PATH": "/usr/bin:/bin", "HOME": WORK_DIR, "TMPDIR": "/tmp", "LANG": "C.
 
 
 class _Programs:
-    """The bwrap processes of one call: started together, killed together, output captured to files."""
+    """The bwrap processes of one call: started together, killed together, output captured to unlinked files
+    (nothing is left on disk even if the trainer is killed)."""
 
     def __init__(self, bwrap: str, limits: SandboxLimits):
         self.bwrap, self.limits = bwrap, limits
         self.procs: list[subprocess.Popen] = []
+        self.captured: dict[str, typing.BinaryIO] = {}
         self.userns = _UserNamespace()
-        try:
-            self.root = Path(tempfile.mkdtemp(prefix="r1moe-sandbox-"))  # captured stdout/stderr, never mounted
-        except BaseException:
-            self.userns.close()
-            raise
 
     def start(self, name: str, mode: str, files: dict[str, str], fds: tuple[int, ...]) -> subprocess.Popen:
         file_fds = {dest: _data_fd(text) for dest, text in files.items()}
@@ -279,12 +269,13 @@ class _Programs:
         argv = [*_bwrap_argv(self.bwrap, self.userns.fd, file_fds, self.limits), sys.executable, "-I",
                 "/opt/r1moe/harness.py", mode, str(self.limits.max_processes), *map(str, fds)]
         try:
-            with (self.root / f"{name}.out").open("wb") as out, (self.root / f"{name}.err").open("wb") as err:
-                # preexec_fn only calls setrlimit (async-signal-safe in practice): the limits apply to bwrap and so
-                # to everything in the sandbox before any of it runs.
-                proc = subprocess.Popen(argv, env=_ENV, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                        pass_fds=passed, preexec_fn=_preexec(self.limits),  # noqa: PLW1509
-                                        start_new_session=True)
+            for stream in ("out", "err"):
+                self.captured[f"{name}.{stream}"] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+            # preexec_fn only calls setrlimit (async-signal-safe in practice): the limits apply to bwrap and so to
+            # everything in the sandbox before any of it runs.
+            proc = subprocess.Popen(argv, env=_ENV, stdin=subprocess.DEVNULL, stdout=self.captured[f"{name}.out"],
+                                    stderr=self.captured[f"{name}.err"], pass_fds=passed,
+                                    preexec_fn=_preexec(self.limits), start_new_session=True)  # noqa: PLW1509
         finally:
             for fd in file_fds.values():
                 os.close(fd)
@@ -303,7 +294,12 @@ class _Programs:
         return finished
 
     def output(self, name: str, stream: str) -> str:
-        return _read(self.root / f"{name}.{stream}", self.limits.max_output_chars)
+        f = self.captured.get(f"{name}.{stream}")
+        if f is None:
+            return ""
+        f.seek(0)
+        limit = self.limits.max_output_chars
+        return f.read(limit * 4).decode("utf-8", errors="replace")[:limit]
 
     def stop(self) -> None:
         """Kill whatever still runs and release the user namespace; the captured output stays readable."""
@@ -319,7 +315,8 @@ class _Programs:
 
     def close(self) -> None:
         self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        for f in self.captured.values():
+            f.close()
 
 
 def _run(bwrap: str, source: str, limits: SandboxLimits) -> SandboxResult:
