@@ -30,8 +30,9 @@ What is guaranteed (Linux):
 Not covered: a total memory cap (RLIMIT_AS is per process: up to `max_processes` x `memory_mb`; a cgroup would
 be needed) and a seccomp filter (the program may make any system call its namespaces allow).
 
-Cost: one bwrap + Python start-up per program, two in parallel for `run_tests`: 1.4-1.6x the former single
-`unshare`d process (medians 92 vs 59 ms and 143 vs 101 ms per call, two runs on a shared 2-core CPU host).
+Cost: one bwrap + Python start-up per program, two in parallel for `run_tests`: 1.1-1.6x the former single
+`unshare`d process (medians 65 vs 58, 92 vs 59 and 143 vs 101 ms per call in three runs on a shared 2-core CPU
+host; the spread is the host's load).
 """
 
 from __future__ import annotations
