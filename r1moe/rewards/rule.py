@@ -5,7 +5,8 @@ Every reward is a pure function `(completion, sample) -> float` registered in `R
 forces a prefix (chat: "<think>\\n") prepend `r1moe.templates.completion_prefix(name)` first.
 
 - accuracy (R1 v2 §2.1 / eq. 4 "rule-based accuracy reward"): procedural task -> that task's verifier; other math ->
-  math-verify on the answer; code -> the sandbox runs the code with `sample.tests`; general -> exact match after
+  math-verify on the answer; code -> 1 iff every statement of `sample.tests` passes against the code, judged
+  outside the code's process (`sandbox.run_tests`); general -> exact match after
   whitespace normalisation (open-ended general prompts get the reward model in a later stage, passed as `extra`).
 - format: exactly `<think>...</think>` then `<answer>...</answer>`, only whitespace around (empty content allowed).
 - length (not R1's; a shaping term): the completion's length in thousands of characters.
@@ -15,7 +16,7 @@ forces a prefix (chat: "<think>\\n") prepend `r1moe.templates.completion_prefix(
   LaTeX commands, names) are not counted (`word_language_vote`).
 
 `compute_rewards` scores a batch with weights, keeping each component for logging. Costs: math-verify takes a few
-milliseconds per call (sympy), a code sample one Python start-up in the sandbox (~50 ms).
+milliseconds per call (sympy), a code sample two sandboxed Python start-ups in parallel (`sandbox.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 from r1moe.data.schema import PromptSample
 from r1moe.data.tasks import TASKS
-from r1moe.rewards.sandbox import SandboxLimits, run_python
+from r1moe.rewards.sandbox import SandboxLimits, run_tests
 from r1moe.templates import ANSWER_CLOSE, ANSWER_OPEN, REASONING_TAGS, THINK_CLOSE, THINK_OPEN
 
 RewardFunc = Callable[[str, PromptSample], float]
@@ -163,7 +164,11 @@ def accuracy_reward(completion: str, sample: PromptSample) -> float:
         code = extract_code(completion)
         if code is None:
             return 0.0
-        return float(run_python(code + "\n\n" + sample.tests, CODE_LIMITS).ok)
+        # Not the exit status of code + tests as one program (sys.exit(0) would win): the judge runs the tests.
+        try:
+            return float(run_tests(code, sample.tests, CODE_LIMITS).ok)
+        except ValueError as e:
+            raise ValueError(f"code sample {sample.id!r}: {e}") from None
     answer = extract_answer(completion)
     if sample.kind == "general" and answer is None:
         # Non-reasoning replies may skip the tags: judge what follows the reasoning.
