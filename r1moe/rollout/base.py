@@ -16,6 +16,11 @@ import torch
 FinishReason = Literal["eos", "stop", "length"]
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced NaN/inf (loss, gradients, weights, or the policy's logits in a rollout) and cannot continue;
+    nothing non-finite was saved. (Raised by r1moe.train.guard and by the rollout engines.)"""
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from r1moe.model import CausalLM, load_hf_tensor
 
-from .base import Generation, SamplingParams
+from .base import Generation, NonFiniteError, SamplingParams
 
 
 def sample_next(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -114,6 +114,9 @@ class BuiltinEngine:
         finish: list[str | None] = [None] * B
         ones = torch.ones(B, 1, dtype=torch.long, device=device)
         for _ in range(params.max_new_tokens):
+            if not torch.isfinite(logits).all():
+                raise NonFiniteError("rollout: the policy's logits are NaN/inf (its weights are non-finite or "
+                                     "overflow); stopping before sampling from them")
             nxt = sample_next(logits, params, gen)
             lp = F.log_softmax(logits.float() / (params.temperature or 1.0), -1).gather(-1, nxt[:, None]).squeeze(-1)
             nxt_l, lp_l = nxt.tolist(), lp.tolist()

@@ -29,6 +29,7 @@ from r1moe.plots import plot_run
 from r1moe.rollout import BuiltinEngine, RolloutEngine, SamplingParams
 
 from . import common
+from .guard import NonFiniteGuard
 from .policy import Policy, ReferencePolicy, build_rl_batch
 
 
@@ -133,6 +134,8 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
     run_dir = common.prepare_run_dir(cfg, resume)
     policy = (policy_factory or build_policy)(cfg, tok, device)
     start = policy.restore(run_dir) if resume else 0
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, what="grpo")
+    guard.load_state_dict(policy.trainer_extra.get("nonfinite", {}))
     engine = (engine_factory or build_engine)(cfg, policy, tok, run_dir)
     policy.export_to(engine)  # the engine starts from the policy's weights (resumed ones included)
     pad = common.special_ids(tok)[0]
@@ -177,7 +180,9 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
             t1 = time.perf_counter()
             if kept:
                 batch = build_rl_batch([gens[i] for i in kept], pad, device)
-                metrics.update(policy.train_grpo(batch, adv_N[kept].to(device), a, norm_const, ro.temperature))
+                metrics.update(policy.train_grpo(batch, adv_N[kept].to(device), a, norm_const, ro.temperature,
+                                                 guard=guard, step=step))
+            metrics["train/nonfinite_skipped"] = guard.num_skipped
             t2 = time.perf_counter()
             policy.export_to(engine)  # also when nothing trained: a colocated engine released its weights
             t3 = time.perf_counter()
@@ -199,7 +204,7 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 run_eval(step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
-                policy.save_checkpoint(run_dir, step)
+                policy.save_checkpoint(run_dir, step, extra={"nonfinite": guard.state_dict()})
             advance(f"grpo reward {metrics['reward/total']:.2f}")
         run_eval(cfg.train.steps)
     if engine is not None:

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
+from r1moe.rollout.base import NonFiniteError  # one class for the trainers and the rollout engines
 
-class NonFiniteError(RuntimeError):
-    """Training produced NaN/inf (loss, gradients or weights) and cannot continue; nothing non-finite was saved."""
+
 
 
 @dataclass

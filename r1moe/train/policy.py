@@ -28,6 +28,7 @@ from r1moe.rollout import Generation
 from r1moe.tracking import MetricsLogger
 
 from . import common
+from .guard import NonFiniteGuard
 
 
 @dataclass
@@ -94,8 +95,9 @@ class Policy(Protocol):
     def lr(self) -> float: ...
 
     def train_grpo(self, batch: RLBatch, adv_N: torch.Tensor, a: AlgoSection, norm_const: float,
-                   temperature: float) -> dict[str, float]:
-        """log pi_old and log pi_ref before any update, then one optimizer step per mini-batch (R1 eq. 1)."""
+                   temperature: float, guard: NonFiniteGuard | None = None, step: int = 0) -> dict[str, float]:
+        """log pi_old and log pi_ref before any update, then one optimizer step per mini-batch (R1 eq. 1); a
+        mini-batch whose loss or gradient is NaN/inf is skipped and counted by `guard` (train/guard.py)."""
         ...
 
     def refresh_ref(self) -> None: ...
@@ -110,9 +112,11 @@ class Policy(Protocol):
 
     def broadcast(self, obj: Any) -> Any: ...
 
-    def save_checkpoint(self, run_dir: Path, step: int) -> None: ...
+    def save_checkpoint(self, run_dir: Path, step: int, extra: dict | None = None) -> None: ...
 
-    def restore(self, run_dir: Path) -> int: ...
+    def restore(self, run_dir: Path) -> int:
+        """The step of the newest checkpoint (0: none); its `extra` is left in `self.trainer_extra`."""
+        ...
 
     def save_final(self, run_dir: Path, tok: Tokenizer, summary: dict[str, Any]) -> None: ...
 
@@ -130,14 +134,17 @@ class ReferencePolicy:
         self.model_cfg = self.model.cfg
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.algo.beta > 0 else None
         self.opt, self.sched = common.build_optimizer(self.model, cfg.optim, total_updates)
+        self.trainer_extra: dict = {}
 
     @property
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
 
     def train_grpo(self, batch: RLBatch, adv_N: torch.Tensor, a: AlgoSection, norm_const: float,
-                   temperature: float) -> dict[str, float]:
+                   temperature: float, guard: NonFiniteGuard | None = None, step: int = 0) -> dict[str, float]:
         model, n = self.model, batch.input_ids_NT.shape[0]
+        guard = guard or NonFiniteGuard(1, unit="optimizer update")
+        skipped = 0
         with torch.no_grad():
             old = sequence_logprobs(model, batch, temperature)[0] if a.num_minibatches > 1 else None
             ref_lp = sequence_logprobs(self.ref, batch, temperature)[0] if self.ref is not None else None
@@ -155,13 +162,17 @@ class ReferencePolicy:
                 eps_high=a.eps_high, agg=a.agg, norm_const=norm_const,
                 loss_denominator=compute_loss_denominator(mb.response_mask_NT, a.agg).clamp(min=1))
             loss.backward()
-            metrics["train/grad_norm"] = common.clip_and_step(model, self.opt, self.sched, self.cfg.optim.grad_clip)
+            outcome = common.guarded_step(model, self.opt, self.sched, self.cfg.optim.grad_clip, guard, step,
+                                          loss=loss)
+            metrics["train/grad_norm"] = outcome.grad_norm
+            skipped += outcome.skipped
             stats.append(st)
             if c is not None:
                 counts = c if counts is None else counts + c
-        if a.update_expert_bias:
+        if a.update_expert_bias and not skipped:
             common.apply_expert_bias_update(model, counts, self.cfg.train.expert_bias_rate)
         metrics.update(type(stats[0]).merge(stats).to_dict("train/"))
+        metrics["train/skipped"] = skipped
         return metrics
 
     def refresh_ref(self) -> None:
@@ -180,8 +191,10 @@ class ReferencePolicy:
     def broadcast(self, obj: Any) -> Any:
         return obj
 
-    def save_checkpoint(self, run_dir: Path, step: int) -> None:
-        extra = {"ref": self.ref.state_dict()} if self.ref is not None and self.cfg.algo.ref_refresh_every else {}
+    def save_checkpoint(self, run_dir: Path, step: int, extra: dict | None = None) -> None:
+        extra = dict(extra or {})
+        if self.ref is not None and self.cfg.algo.ref_refresh_every:
+            extra["ref"] = self.ref.state_dict()
         common.save_checkpoint(run_dir, step, self.model, self.tok, self.opt, self.sched, extra,
                                self.cfg.checkpoint.keep)
 
@@ -190,6 +203,7 @@ class ReferencePolicy:
         if ckpt is None:
             return 0
         state = common.restore_checkpoint(ckpt, self.model, self.opt, self.sched)
+        self.trainer_extra = state.extra
         if self.ref is not None and "ref" in state.extra:
             self.ref.load_state_dict(state.extra["ref"])
         return state.step

@@ -57,7 +57,9 @@ class RecordingPolicy:
     def lr(self):
         return 1e-3
 
-    def train_grpo(self, batch, adv_N, a, norm_const, temperature):
+    trainer_extra: dict = {}
+
+    def train_grpo(self, batch, adv_N, a, norm_const, temperature, guard=None, step=0):
         self.batches.append((batch, adv_N.clone(), temperature))
         self.events.append("train")
         return {"train/kl": 0.0}
@@ -75,7 +77,7 @@ class RecordingPolicy:
     def broadcast(self, obj):
         return obj
 
-    def save_checkpoint(self, run_dir, step):
+    def save_checkpoint(self, run_dir, step, extra=None):
         self.events.append(f"ckpt{step}")
 
     def restore(self, run_dir):
@@ -168,3 +170,23 @@ def test_eval_with_sglang_on_cpu_is_a_clear_error(tmp_path, tiny_data, tiny_base
     p = subprocess.run([*base, "--tp", "2"], capture_output=True, text=True)
     assert p.returncode == 2 and "--tp/--dp apply only with --engine sglang" in p.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_grpo_that_diverges_stops_without_saving_nan(tmp_path, tiny_data, tiny_base):
+    """lr=1e30 and a reward that always moves the policy (length): the first update leaves weights of ~1e30, whose
+    logits overflow. The run stops at the next rollout with NonFiniteError (an applied update cannot be skipped),
+    with no DONE.json and no final/; the checkpoint of step 1 holds finite weights."""
+    from r1moe.train.guard import NonFiniteError
+
+    cfg = load_config("recipes/tiny/r1_zero/grpo.yaml", tiny_overrides(tmp_path / "run", **{
+        "model.init": tiny_base, "data.train": tiny_data / "train.jsonl", "data.eval": "null", "stage": "grpo",
+        "train.steps": 8, "train.batch_size": 2, "rollout.group_size": 4, "rollout.max_new_tokens": 8,
+        "optim.lr": 1e30, "rewards.weights": "{length: 1.0}", "checkpoint.every": 1,
+        "train.max_nonfinite_steps": 2}))
+    with pytest.raises(NonFiniteError):
+        grpo.run(cfg)
+    assert not is_complete(cfg.run_dir) and not (cfg.run_dir / "final").exists()
+    from r1moe.model import from_pretrained
+
+    ckpts = sorted((cfg.run_dir / "checkpoints").glob("step_*"))
+    assert ckpts and all(torch.isfinite(p).all() for p in from_pretrained(ckpts[-1]).parameters())
