@@ -48,6 +48,8 @@ class Env:
             base.append(f"model.init={self.ckpt}")
         if stage == "grpo":
             base.append("data.eval=null")
+        if stage in ("sft", "rm"):
+            base.append("train.epochs=null")  # the tiny recipes count epochs; train.steps=1 decides here
         return [stage, str(ROOT / recipe), *base, *overrides]
 
     def eval(self, *flags: str, checkpoint: Path | None = None, data: Path | None = None) -> list[str]:
