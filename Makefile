@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint clean
+.PHONY: run test lint clean sandbox-tool
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,14 @@ $(STAMP): $(VPY) pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/r1moe pipeline recipes/tiny/r1.yaml
 
-test: $(STAMP)
+# The code reward's sandbox (and its tests) need bubblewrap: installed here when missing and we may (root + apt).
+sandbox-tool:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; \
+	  else echo "make: bubblewrap (bwrap) is missing: install it (Debian/Ubuntu: sudo apt-get install -y bubblewrap)" >&2; exit 2; fi; }
+
+test: $(STAMP) sandbox-tool
 	$(VPY) -m pytest -q tests
 
 lint: $(STAMP)
