@@ -65,6 +65,9 @@ class DataSection:
     seq_len: int = 512
     """Packed sequence length (pretrain/sft/rm)."""
     max_prompt_tokens: int = 256
+    train_schedule: dict[int, str] = field(default_factory=dict)
+    """grpo: rollout step -> prompts JSONL used from that step on, in place of `train` (one job; resumable across
+    the switch). R1 stage 4 adds general prompts only in its last 400 steps: `{82: rl_all_scenario.jsonl}`."""
 
 
 @dataclass
@@ -165,6 +168,9 @@ class RolloutSection:
     """Generation stops at EOS or after any of these strings (kept in the output)."""
     micro_batch_size: int = 0
     """Sequences generated at once; 0 = all of a step's questions x G together."""
+    max_new_tokens_schedule: dict[int, int] = field(default_factory=dict)
+    """Rollout step -> max_new_tokens from that step on (one job; resumable across the switch). R1-Zero raises
+    32,768 to 65,536 at update 8.2k: `{514: 65536}` in rollouts of 16 updates."""
 
 
 @dataclass
@@ -284,6 +290,16 @@ class JobConfig:
         if self.algo.num_minibatches < 1 or self.train.batch_size % self.algo.num_minibatches:
             raise ValueError(f"algo.num_minibatches={self.algo.num_minibatches} must divide "
                              f"train.batch_size={self.train.batch_size}")
+        for name, sched in (("rollout.max_new_tokens_schedule", self.rollout.max_new_tokens_schedule),
+                            ("data.train_schedule", self.data.train_schedule)):
+            if sched and self.stage != "grpo":
+                raise ValueError(f"{name} is set but stage={self.stage!r}: schedules apply to grpo only")
+            for step, value in sched.items():
+                if not 2 <= int(step) <= self.train.steps:
+                    raise ValueError(f"{name}: step {step} has no effect: it must be in 2..train.steps="
+                                     f"{self.train.steps} (step 1 is the recipe's own value)")
+                if name.startswith("rollout") and int(value) <= 0:
+                    raise ValueError(f"{name}.{step}={value} must be > 0")
         if self.rollout.engine != "sglang" and self.rollout.sglang != SGLangSection():
             changed = [f"rollout.sglang.{f.name}" for f in dataclasses.fields(SGLangSection)
                        if getattr(self.rollout.sglang, f.name) != getattr(SGLangSection(), f.name)]

@@ -14,6 +14,7 @@ Legend: Q questions per step, G group size, N = Q*G sequences, T padded sequence
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 import sys
@@ -58,17 +59,37 @@ def _load(cfg: JobConfig):
     for name in cfg.rewards.weights:
         if name not in REWARD_FUNCS:
             raise ValueError(f"rewards.weights: unknown reward {name!r}; known: {sorted(REWARD_FUNCS)}")
-    train = read_prompts(cfg.data.train)
+    files = {1: cfg.data.train, **{int(k): v for k, v in cfg.data.train_schedule.items()}}
+    phases = {step: read_prompts(path) for step, path in sorted(files.items())}
     held_out = read_prompts(cfg.data.eval) if cfg.data.eval else []
     tok = common.load_stage_tokenizer(cfg)
     if tok is None:
         raise ValueError("grpo needs a tokenizer: set model.init to a checkpoint with tokenizer.json")
-    for s in train[:1000]:
-        n = len(common.encode_prompt(tok, cfg.data.template, s.prompt))
-        if n > cfg.data.max_prompt_tokens:
-            raise ValueError(f"{cfg.data.train}: prompt {s.id or s.prompt[:40]!r} is {n} tokens > "
-                             f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
-    return train, held_out, tok
+    for step, train in phases.items():
+        for s in train[:1000]:
+            n = len(common.encode_prompt(tok, cfg.data.template, s.prompt))
+            if n > cfg.data.max_prompt_tokens:
+                raise ValueError(f"{files[step]}: prompt {s.id or s.prompt[:40]!r} is {n} tokens > "
+                                 f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
+    return ScheduledSampler(phases, cfg.train.seed), held_out, tok
+
+
+def value_at(schedule: dict[int, int], step: int, first: int) -> int:
+    """The scheduled value in force at `step`: the entry with the largest start <= step, else `first`."""
+    starts = [int(k) for k in schedule if int(k) <= step]
+    return schedule[max(starts)] if starts else first
+
+
+class ScheduledSampler:
+    """Questions of the phase in force at each step (data.train_schedule), each phase its own seeded order from
+    its first step on: the batch of a step depends on the step alone, so a resume across a switch is exact."""
+
+    def __init__(self, phases: dict[int, list[PromptSample]], seed: int):
+        self.samplers = {start: QuestionSampler(samples, seed) for start, samples in phases.items()}
+
+    def batch(self, step: int, q: int) -> list[PromptSample]:
+        start = max(s for s in self.samplers if s <= step)
+        return self.samplers[start].batch(step - start + 1, q)
 
 
 def check_backends(cfg: JobConfig) -> None:
@@ -109,7 +130,8 @@ def build_engine(cfg: JobConfig, policy: Policy, tok, run_dir) -> RolloutEngine 
 
     init = common.init_checkpoint_dir(cfg)
     path = init if init is not None else write_engine_dir(policy.model_cfg, run_dir / "rollout_engine")
-    ctx = cfg.data.max_prompt_tokens + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+    longest = max([cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens, *cfg.rollout.max_new_tokens_schedule.values()])
+    ctx = cfg.data.max_prompt_tokens + longest
     return SGLangEngine(path, tok, eos_ids, cfg.rollout.sglang, context_length=ctx, seed=cfg.train.seed,
                         dummy_weights=init is None)
 
@@ -122,7 +144,7 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
 
     if policy_factory is None:
         check_backends(cfg)  # before anything is read or written
-    train, held_out, tok = _load(cfg)
+    sampler, held_out, tok = _load(cfg)
     extra_rewards, weights = {}, dict(cfg.rewards.weights)
     if cfg.rewards.reward_model:  # general prompts: R = R_rule + (R_RM + R_format) + R_language (v2 eq. 8-10)
         from .rm import load_reward_fn
@@ -146,15 +168,15 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
                       max_new_tokens=cfg.eval.max_new_tokens or ro.max_new_tokens, template=cfg.data.template,
                       stop=tuple(ro.stop), seed=cfg.train.seed)
     eval_set = held_out[:cfg.eval.max_questions] if cfg.eval.max_questions else held_out
-    sampler = QuestionSampler(train, cfg.train.seed)
     G, Q = ro.group_size, cfg.train.batch_size
-    norm_const = a.norm_const or float(ro.max_new_tokens)
     logger = policy.build_logger(cfg, run_dir)
     evals: dict[int, dict] = {}
 
     def run_eval(step: int) -> None:
         if eval_set:
-            result = evaluate(engine, tok, eval_set, ev, show_progress=False) if engine is not None else None
+            now = dataclasses.replace(ev, max_new_tokens=cfg.eval.max_new_tokens or value_at(
+                ro.max_new_tokens_schedule, max(step, 1), ro.max_new_tokens))
+            result = evaluate(engine, tok, eval_set, now, show_progress=False) if engine is not None else None
             evals[step] = policy.broadcast(result)
             logger.log(step, {f"eval/{k}": v for k, v in evals[step].items()})
 
@@ -163,6 +185,8 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
             run_eval(0)
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
+            params.max_new_tokens = value_at(ro.max_new_tokens_schedule, step, ro.max_new_tokens)
+            norm_const = a.norm_const or float(params.max_new_tokens)
             questions = sampler.batch(step, Q)
             owners = [q for q in questions for _ in range(G)]
             prompts = [common.encode_prompt(tok, cfg.data.template, q.prompt) for q in owners]
@@ -196,7 +220,8 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
                 "rollout/response_length_std": statistics.pstdev(lengths),
                 **{f"rollout/finish_{r}": sum(g.finish_reason == r for g in gens) / len(gens)
                    for r in ("eos", "stop", "length")},
-                "rollout/groups_kept": len(kept) / G, "train/lr": policy.lr,
+                "rollout/groups_kept": len(kept) / G, "rollout/max_new_tokens": params.max_new_tokens,
+                "train/lr": policy.lr,
                 "perf/rollout_s": t_rollout, "perf/train_s": t2 - t1, "perf/sync_s": t3 - t2,
                 "perf/step_s": time.perf_counter() - t0,
                 "perf/rollout_tokens_per_s": sum(lengths) / max(t_rollout, 1e-9)})

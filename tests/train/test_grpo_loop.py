@@ -190,3 +190,64 @@ def test_grpo_that_diverges_stops_without_saving_nan(tmp_path, tiny_data, tiny_b
 
     ckpts = sorted((cfg.run_dir / "checkpoints").glob("step_*"))
     assert ckpts and all(torch.isfinite(p).all() for p in from_pretrained(ckpts[-1]).parameters())
+
+
+def test_length_and_data_schedules_switch_inside_one_resumable_run(tmp_path, tiny_data, tiny_base):
+    """rollout.max_new_tokens_schedule and data.train_schedule: the switch happens at its step in one job, and a run
+    resumed after the switch draws the same questions as the uninterrupted one."""
+    from r1moe.data import make_dataset, read_prompts, write_jsonl
+
+    write_jsonl(tmp_path / "late.jsonl", make_dataset("digits", 16, seed=7))
+    late = {s.prompt for s in read_prompts(tmp_path / "late.jsonl")}
+    early = {s.prompt for s in read_prompts(tiny_data / "train.jsonl")}
+
+    def run(name):
+        cfg = load_config("recipes/tiny/r1_zero/grpo.yaml", tiny_overrides(tmp_path / name, **{
+            "model.init": tiny_base, "data.train": tiny_data / "train.jsonl", "data.eval": "null", "stage": "grpo",
+            "train.steps": 4, "train.batch_size": 2, "rollout.group_size": 2, "rollout.max_new_tokens": 4,
+            "rollout.max_new_tokens_schedule": "{3: 9}", "data.train_schedule": f"{{3: {tmp_path / 'late.jsonl'}}}",
+            "checkpoint.every": 1}))
+        seen = []
+
+        def make_engine(c, pol, tok, run_dir):
+            eng = grpo.build_engine(c, pol, tok, run_dir)
+            inner = eng.generate
+
+            def generate(prompts, params):
+                seen.append((params.max_new_tokens, [tok.decode(p) for p in prompts]))
+                return inner(prompts, params)
+
+            eng.generate = generate
+            return eng
+
+        grpo.run(cfg, policy_factory=grpo.build_policy, engine_factory=make_engine)
+        return cfg, seen
+
+    cfg, seen = run("a")
+    assert [m for m, _ in seen] == [4, 4, 9, 9]
+    assert all(any(q in p for q in early) for p in seen[1][1]) and all(any(q in p for q in late) for p in seen[2][1])
+    assert [m["rollout/max_new_tokens"] for m in read_metrics(cfg.run_dir) if "reward/total" in m] == [4, 4, 9, 9]
+    # resume after the switch: drop steps 4 onwards and continue from the step-3 checkpoint
+    import shutil
+
+    for extra in ("final", "DONE.json"):
+        p = cfg.run_dir / extra
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    shutil.rmtree(cfg.run_dir / "checkpoints" / "step_0000004", ignore_errors=True)
+    resumed = load_config(cfg.run_dir / "config.yaml", [])
+    seen_r = []
+    inner_factory = grpo.build_engine
+
+    def make_engine(c, pol, tok, run_dir):
+        eng = inner_factory(c, pol, tok, run_dir)
+        inner = eng.generate
+
+        def generate(prompts, params):
+            seen_r.append((params.max_new_tokens, [tok.decode(p) for p in prompts]))
+            return inner(prompts, params)
+
+        eng.generate = generate
+        return eng
+
+    grpo.run(resumed, resume=True, policy_factory=grpo.build_policy, engine_factory=make_engine)
+    assert seen_r == seen[3:]
