@@ -21,8 +21,9 @@ What SGLang returns and what we make of it (SGLang 0.5.17, sglang/srt/layers/sam
   token id, and SGLang stops there. A stop string of several tokens is applied to the returned tokens: the
   completion is cut after the first token whose text completes the string. The tokens before it are what an
   engine stopping there would have produced (sampling is left to right); only the compute after it is wasted.
-- `seed`: SGLang's per-request `sampling_seed` is derived from it (seed + request index), so a step's rollouts
-  are reproducible for the same engine layout.
+- `seed`: passed as SGLang's per-request `sampling_seed` (seed + request index). Whether SGLang's sampling
+  backends make a step's rollouts bitwise reproducible with it has not been measured; runs with SGLang are not
+  claimed to resume bit for bit (the built-in engine's are).
 
 The constructor fails with a clear message (no fallback) where SGLang cannot run: `check_sglang`.
 """
