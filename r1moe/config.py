@@ -206,6 +206,19 @@ class RewardsSection:
     reward_model: str | None = None
     """Bradley-Terry reward model checkpoint scoring `general` prompts (all-scenario RL, stage 4)."""
     reward_model_weight: float = 1.0
+    safety_model: str | None = None
+    """Safety reward model checkpoint (`r1moe rm` with rm.kind=safety) scoring `general` prompts' whole responses:
+    sigmoid(score) = P(safe), added to the helpful R_RM (v2 §3.1, eq. 8)."""
+    safety_model_weight: float = 1.0
+
+
+@dataclass
+class RMSection:
+    """The reward model `r1moe rm` trains (DeepSeek-R1 v2 §3.1)."""
+
+    kind: Literal["helpful", "safety"] = "helpful"
+    """helpful: Bradley-Terry on preference pairs (PreferencePair JSONL), reading the final summary only;
+    safety: pointwise safe/unsafe labels (SafetySample JSONL), binary cross-entropy, reading the whole response."""
 
 
 @dataclass
@@ -253,6 +266,7 @@ class JobConfig:
     rollout: RolloutSection = field(default_factory=RolloutSection)
     algo: AlgoSection = field(default_factory=AlgoSection)
     rewards: RewardsSection = field(default_factory=RewardsSection)
+    rm: RMSection = field(default_factory=RMSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -300,6 +314,12 @@ class JobConfig:
                                      f"{self.train.steps} (step 1 is the recipe's own value)")
                 if name.startswith("rollout") and int(value) <= 0:
                     raise ValueError(f"{name}.{step}={value} must be > 0")
+        for model_key, weight_key in (("reward_model", "reward_model_weight"), ("safety_model", "safety_model_weight")):
+            if getattr(self.rewards, model_key) is None and getattr(self.rewards, weight_key) != 1.0:
+                raise ValueError(f"rewards.{weight_key}={getattr(self.rewards, weight_key)} has no effect without "
+                                 f"rewards.{model_key}")
+        if self.rm != RMSection() and self.stage != "rm":
+            raise ValueError(f"rm.kind={self.rm.kind!r} is set but stage={self.stage!r}: it applies to `r1moe rm` only")
         if self.rollout.engine != "sglang" and self.rollout.sglang != SGLangSection():
             changed = [f"rollout.sglang.{f.name}" for f in dataclasses.fields(SGLangSection)
                        if getattr(self.rollout.sglang, f.name) != getattr(SGLangSection(), f.name)]

@@ -4,6 +4,7 @@
     r1moe data make countdown --n 200 --seed 1 --out data/eval.jsonl --difficulty 2
     r1moe data make general --n 500 --seed 0 --out data/general.jsonl        # kind="general" prompts
     r1moe data make pairs --n 1000 --seed 0 --out data/pairs.jsonl           # PreferencePair lines (reward model)
+    r1moe data make safety --n 1000 --seed 5 --out data/safety.jsonl         # SafetySample lines (safety RM)
     r1moe data make cold_start --task arithmetic --n 500 --seed 0 --out data/cold.jsonl   # SFTSample lines
     r1moe data make corpus --task digits --n 40000 --seeds 2,3,4,5,6,7 --slip-rate 0 --out data/corpus.jsonl
                                                                              # a pretraining corpus (data/corpus.py)
@@ -28,20 +29,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from r1moe.data.cold_start import make_cold_start
 from r1moe.data.corpus import make_corpus
 from r1moe.data.general import iter_general, iter_preference_pairs
+from r1moe.data.safety import iter_safety
 from r1moe.data.schema import write_jsonl
 from r1moe.data.splits import NUM_SPLITS
 from r1moe.data.tasks import TASKS, iter_dataset
 from r1moe.templates import TEMPLATES
 
-SPECIAL = ("general", "pairs", "cold_start", "corpus")
+SPECIAL = ("general", "pairs", "safety", "cold_start", "corpus")
 PROGRESS_MIN_N = 1000
 T = TypeVar("T")
 CORPUS_RATES = ("slip_rate", "untagged_rate", "template_rate", "drill_rate", "direct_rate")
 APPLIES = {  # option -> the TASKs it applies to
-    "seed": [*TASKS, "general", "pairs", "cold_start"],
+    "seed": [*TASKS, "general", "pairs", "safety", "cold_start"],
     "difficulty": [*TASKS, "cold_start", "corpus"],
     "source": ["cold_start", "corpus"],
-    "template": ["pairs", "cold_start"],
+    "template": ["pairs", "safety", "cold_start"],
     "seeds": ["corpus"],
     **{rate: ["corpus"] for rate in CORPUS_RATES},
 }
@@ -125,6 +127,8 @@ def data_make_main(argv: list[str] | None = None) -> int:
             records = iter_general(args.n, args.seed)
         elif args.task == "pairs":
             records = iter_preference_pairs(args.n, args.seed, template)
+        elif args.task == "safety":
+            records = iter_safety(args.n, args.seed, template)
         elif args.task == "corpus":
             if args.source == "general":
                 return _usage_error(parser, "corpus needs a procedural --task (general prompts have no solutions)")

@@ -68,7 +68,18 @@ class PreferencePair:
     id: str | None = None
 
 
-Record = TypeVar("Record", PromptSample, SFTSample, PreferencePair)
+@dataclass
+class SafetySample:
+    """A pointwise safety label (DeepSeek-R1 v2 §3.1, the safety reward model): `response` to the rendered `prompt`
+    is safe (True) or unsafe (False), judged on the whole response, reasoning included."""
+
+    prompt: str
+    response: str
+    safe: bool
+    id: str | None = None
+
+
+Record = TypeVar("Record", PromptSample, SFTSample, PreferencePair, SafetySample)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -97,7 +108,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
-    return {str: "string", dict: "object", int: "integer", float: "number"}.get(origin or tp, str(tp))
+    return {str: "string", dict: "object", int: "integer", float: "number", bool: "boolean"}.get(origin or tp, str(tp))
 
 
 def _from_dict(cls: type[Record], obj: Any, where: str) -> Record:
@@ -163,6 +174,10 @@ def read_sft(path: str | os.PathLike) -> list[SFTSample]:
 
 def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
     return _read(path, PreferencePair)
+
+
+def read_safety(path: str | os.PathLike) -> list[SafetySample]:
+    return _read(path, SafetySample)
 
 
 def to_dict(record: Any) -> dict[str, Any]:

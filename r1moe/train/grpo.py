@@ -151,6 +151,11 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
 
         extra_rewards["reward_model"] = load_reward_fn(cfg.rewards.reward_model, cfg.data.template)
         weights["reward_model"] = cfg.rewards.reward_model_weight
+    if cfg.rewards.safety_model:  # the safety RM reads the whole response (v2 §3.1)
+        from .rm import load_reward_fn
+
+        extra_rewards["safety_model"] = load_reward_fn(cfg.rewards.safety_model, cfg.data.template)
+        weights["safety_model"] = cfg.rewards.safety_model_weight
     a, ro = cfg.algo, cfg.rollout
     device = common.setup_torch(cfg)
     run_dir = common.prepare_run_dir(cfg, resume)

@@ -1,6 +1,8 @@
-"""Bradley-Terry reward model (DeepSeek-R1 v2 §3.1, helpful RM): the R1 architecture with a scalar head, trained on
-preference pairs with -log sigmoid(s_chosen - s_rejected); used by all-scenario RL (stage 4, v2 §3.2.2 eq. 8-10) to
-score `general` prompts, whose replies no rule can check.
+"""The reward models of DeepSeek-R1 (v2 §3.1): the R1 architecture with a scalar head, used by all-scenario RL
+(stage 4, v2 §3.2.2 eq. 8-10) to score `general` prompts, whose replies no rule can check. `rm.kind`:
+- helpful: Bradley-Terry on preference pairs, -log sigmoid(s_chosen - s_rejected), reading the final summary;
+- safety: pointwise safe/unsafe labels (SafetySample JSONL, v2: "106k prompts ... labelled safe/unsafe, pointwise"),
+  binary cross-entropy on the score (label 1 = safe), reading the whole response, reasoning included.
 
     r1moe rm recipes/tiny/r1/rm.yaml [key=value ...] [--resume]
     python -m r1moe.train.rm recipes/tiny/r1/rm.yaml
@@ -49,7 +51,7 @@ from torch import nn
 
 from r1moe.algorithms import compute_bradley_terry_loss
 from r1moe.config import JobConfig
-from r1moe.data import PreferencePair, PromptSample, read_pairs
+from r1moe.data import PreferencePair, PromptSample, SafetySample, read_pairs, read_safety
 from r1moe.model import CausalLM
 from r1moe.templates import THINK_CLOSE, completion_prefix
 from r1moe.tracking import MetricsLogger
@@ -59,7 +61,8 @@ from .guard import NonFiniteGuard, check_finite_state_dict, nonfinite_tensor
 
 Scope = Literal["summary", "full"]
 DEFAULT_SCOPE: Scope = "summary"
-"""The paper's helpful RM. JobConfig has no scope field yet: a "full" RM is trained with `run(cfg, scope="full")`."""
+"""The paper's helpful RM; the safety RM (rm.kind=safety) reads the whole response ("full")."""
+SCOPE_OF_KIND: dict[str, Scope] = {"helpful": "summary", "safety": "full"}
 SCORE_HEAD_FILE = "score_head.safetensors"
 META_FILE = "reward_model.json"
 EVAL_BATCH = 64
@@ -228,13 +231,66 @@ def evaluate_pairs(rm: RewardModel, pairs: Sequence[tuple[list[int], list[int]]]
             "margin": float((chosen - rejected).mean())}
 
 
+# ---------------------------------------------------------------------------------------------- objectives
+class PairwiseObjective:
+    """Helpful RM: examples are (chosen ids, rejected ids); Bradley-Terry loss, pairwise accuracy and margin."""
+
+    kind, unit = "bradley_terry", "pairs"
+
+    def sequences(self, part):
+        return [c for c, _ in part] + [r for _, r in part]
+
+    def loss(self, scores_N: torch.Tensor, part) -> tuple[torch.Tensor, list[bool], list[float]]:
+        chosen, rejected = scores_N[:len(part)], scores_N[len(part):]
+        return (compute_bradley_terry_loss(chosen, rejected), (chosen > rejected).tolist(),
+                (chosen - rejected).detach().tolist())
+
+    def evaluate(self, rm: RewardModel, data, pad_id: int) -> dict[str, float]:
+        return evaluate_pairs(rm, data, pad_id)
+
+
+class PointwiseObjective:
+    """Safety RM: examples are (ids, safe); binary cross-entropy of sigmoid(score) against the label, accuracy of
+    score > 0, and the margin mean(score | safe) - mean(score | unsafe)."""
+
+    kind, unit = "pointwise_bce", "samples"
+
+    def sequences(self, part):
+        return [ids for ids, _ in part]
+
+    def loss(self, scores_N: torch.Tensor, part) -> tuple[torch.Tensor, list[bool], list[float]]:
+        labels = torch.tensor([float(safe) for _, safe in part], device=scores_N.device)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(scores_N, labels)
+        return loss, ((scores_N > 0) == labels.bool()).tolist(), (scores_N.detach() * (2 * labels - 1)).tolist()
+
+    def evaluate(self, rm: RewardModel, data, pad_id: int) -> dict[str, float]:
+        s = score_sequences(rm, self.sequences(data), pad_id)
+        loss, correct, _ = self.loss(s, data)
+        safe = torch.tensor([safe for _, safe in data])
+        margin = (float(s[safe].mean() - s[~safe].mean()) if safe.any() and (~safe).any() else float("nan"))
+        return {"accuracy": statistics.fmean(correct), "loss": float(loss), "margin": margin}
+
+
+def encode_safety(samples: Sequence[SafetySample], tok: Tokenizer, template: str, seq_len: int
+                  ) -> list[tuple[list[int], bool]]:
+    return [(encode_scored(tok, template, s.prompt, s.response, "full", seq_len), s.safe) for s in samples]
+
+
 def _load(cfg: JobConfig, scope: Scope):
-    """Inputs checked before a run directory exists: init checkpoint, tokenizer, pairs."""
+    """Inputs checked before a run directory exists: init checkpoint, tokenizer, pairs (or safety labels)."""
     checks.validate(cfg)  # data.train, model.init, the reference backend
     if scope not in ("summary", "full"):
         raise ValueError(f"reward model scope {scope!r}: expected 'summary' or 'full'")
     common.init_checkpoint_dir(cfg)
     tok = common.load_stage_tokenizer(cfg)
+    if cfg.rm.kind == "safety":
+        train = encode_safety(read_safety(cfg.data.train), tok, cfg.data.template, cfg.data.seq_len)
+        if len({safe for _, safe in train}) < 2:
+            raise ValueError(f"data.train={cfg.data.train}: every sample has the same `safe` label; a pointwise "
+                             f"safety model needs both safe and unsafe samples")
+        held_out = encode_safety(read_safety(cfg.data.eval), tok, cfg.data.template, cfg.data.seq_len) \
+            if cfg.data.eval else []
+        return PointwiseObjective(), train, 0, (held_out, 0), tok
     train, dropped = encode_pairs(read_pairs(cfg.data.train), tok, cfg.data.template, scope, cfg.data.seq_len)
     if not train:
         raise ValueError(f"data.train={cfg.data.train}: all {dropped} pairs read the same for chosen and rejected "
@@ -242,11 +298,16 @@ def _load(cfg: JobConfig, scope: Scope):
     held_out = ([], 0)
     if cfg.data.eval:
         held_out = encode_pairs(read_pairs(cfg.data.eval), tok, cfg.data.template, scope, cfg.data.seq_len)
-    return train, dropped, held_out, tok
+    return PairwiseObjective(), train, dropped, held_out, tok
 
 
-def run(cfg: JobConfig, resume: bool = False, scope: Scope = DEFAULT_SCOPE) -> dict:
-    train, dropped, (held_out, eval_dropped), tok = _load(cfg, scope)
+def run(cfg: JobConfig, resume: bool = False, scope: Scope | None = None) -> dict:
+    """Train the reward model of `cfg.rm.kind`. `scope` overrides what a helpful RM reads ("full": the whole reply);
+    the safety RM always reads the whole response."""
+    if scope is not None and cfg.rm.kind == "safety" and scope != "full":
+        raise ValueError(f"rm.kind=safety reads the whole response; scope={scope!r} contradicts it")
+    scope = scope or SCOPE_OF_KIND[cfg.rm.kind]
+    objective, train, dropped, (held_out, eval_dropped), tok = _load(cfg, scope)
     device = common.setup_torch(cfg)
     rm = RewardModel(common.build_policy(cfg, tok, device)).train()  # a bad model.init fails before the run dir
     run_dir = common.prepare_run_dir(cfg, resume)
@@ -271,12 +332,12 @@ def run(cfg: JobConfig, resume: bool = False, scope: Scope = DEFAULT_SCOPE) -> d
 
     def run_eval(step: int) -> None:
         if held_out:
-            evals[step] = evaluate_pairs(rm, held_out, pad)
+            evals[step] = objective.evaluate(rm, held_out, pad)
             logger.log(step, {f"eval/rm_{k}": v for k, v in evals[step].items()})
 
     with logger, common.progress_bar("rm", steps, start) as advance:
-        logger.log(start, {"rm/pairs": len(train), "rm/pairs_dropped_identical": dropped,
-                           "eval/rm_pairs": len(held_out), "eval/rm_pairs_dropped_identical": eval_dropped})
+        logger.log(start, {f"rm/{objective.unit}": len(train), "rm/pairs_dropped_identical": dropped,
+                           f"eval/rm_{objective.unit}": len(held_out), "eval/rm_pairs_dropped_identical": eval_dropped})
         if start == 0:
             run_eval(0)
         for step in range(start + 1, steps + 1):
@@ -285,13 +346,12 @@ def run(cfg: JobConfig, resume: bool = False, scope: Scope = DEFAULT_SCOPE) -> d
             losses, correct, margins, counts = [], [], [], None
             for i in range(0, B, mb):
                 part = [train[j] for j in idx[i:i + mb]]
-                out = rm(*build_rm_batch([c for c, _ in part] + [r for _, r in part], pad, device))
-                chosen, rejected = out.scores_N[:len(part)], out.scores_N[len(part):]
-                loss = compute_bradley_terry_loss(chosen, rejected)
+                out = rm(*build_rm_batch(objective.sequences(part), pad, device))
+                loss, ok, margin = objective.loss(out.scores_N, part)
                 ((loss + out.aux_loss) * len(part) / B).backward()
                 losses.append(float(loss.detach()) * len(part) / B)
-                correct += (chosen > rejected).tolist()
-                margins += (chosen - rejected).detach().tolist()
+                correct += ok
+                margins += margin
                 if out.expert_counts is not None:
                     counts = out.expert_counts if counts is None else counts + out.expert_counts
             outcome = common.guarded_step(rm, opt, sched, cfg.optim.grad_clip, guard, step, loss=sum(losses))
@@ -312,9 +372,9 @@ def run(cfg: JobConfig, resume: bool = False, scope: Scope = DEFAULT_SCOPE) -> d
                                        cfg.checkpoint.keep)
             advance(f"rm loss {last['rm/loss']:.3f} acc {last['rm/accuracy']:.2f}")
         run_eval(steps)
-    meta = {"kind": "bradley_terry", "template": cfg.data.template, "scope": scope, "seq_len": cfg.data.seq_len,
+    meta = {"kind": objective.kind, "rm_kind": cfg.rm.kind, "template": cfg.data.template, "scope": scope, "seq_len": cfg.data.seq_len,
             "squash": "sigmoid", "init": cfg.model.init, "reference": "DeepSeek-R1 v2 §3.1"}
-    summary = {"stage": "rm", "steps": steps, "pairs": len(train), "pairs_dropped_identical": dropped,
+    summary = {"stage": "rm", "rm_kind": cfg.rm.kind, "steps": steps, objective.unit: len(train), "pairs_dropped_identical": dropped,
                "final_loss": last.get("rm/loss"), "nonfinite_steps_skipped": guard.num_skipped,
                "eval_base": evals.get(0), "eval_final": evals.get(steps)}
     # common.finalize writes a plain HF directory; a reward model needs its head in final/ as well.
