@@ -119,9 +119,9 @@ class CausalLM(nn.Module):
     def _drop_hf_copies(module, state_dict, prefix, *args):
         for copy_name in module._mtp_copies():
             state_dict.pop(prefix + copy_name, None)
-        if module.cfg.tie_word_embeddings and prefix + "lm_head.weight" not in state_dict:
-            if prefix + "model.embed_tokens.weight" in state_dict:
-                state_dict[prefix + "lm_head.weight"] = state_dict[prefix + "model.embed_tokens.weight"]
+        if (module.cfg.tie_word_embeddings and prefix + "lm_head.weight" not in state_dict
+                and prefix + "model.embed_tokens.weight" in state_dict):
+            state_dict[prefix + "lm_head.weight"] = state_dict[prefix + "model.embed_tokens.weight"]
 
     # -------------------------------------------------------------------- forward
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:

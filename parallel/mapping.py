@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
 from r1moe.model import ModelConfig
 
 from .config import ParallelConfig

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+
 from r1moe.model import ModelConfig
 
 from .config import ParallelConfig

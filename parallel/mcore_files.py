@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from r1moe.model import ModelConfig
 
 from .config import ParallelConfig

@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable
 
 import torch
+
 from r1moe.model import ModelConfig
 
 from .config import ParallelConfig

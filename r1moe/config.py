@@ -293,7 +293,7 @@ class JobConfig:
             raise ValueError(f"algo.beta={self.algo.beta} must be >= 0")
         for name, w in self.rewards.weights.items():
             if not isinstance(w, (int, float)):
-                raise ValueError(f"rewards.weights.{name}={w!r} must be a number")
+                raise ValueError(f"rewards.weights.{name}={w!r} must be a number")  # noqa: TRY004 -- a recipe error
 
     @property
     def run_dir(self) -> Path:
@@ -344,7 +344,7 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
             raise FileNotFoundError(f"recipe not found: {path}")
         try:
             layers.append(OmegaConf.load(path))
-        except Exception as e:  # yaml errors carry line numbers in their text
+        except Exception as e:  # noqa: BLE001 -- yaml's and omegaconf's errors both; they carry line numbers
             raise ValueError(f"{path}: invalid YAML: {e}") from None
     try:
         merged = OmegaConf.merge(*layers)

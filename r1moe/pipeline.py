@@ -227,7 +227,7 @@ def general_sft(samples, template: str):
     out = []
     for s in samples:
         full = format_completion("", s.answer)
-        out.append(SFTSample(prompt=s.prompt, response=full[len(prefix):] if full.startswith(prefix) else full,
+        out.append(SFTSample(prompt=s.prompt, response=full.removeprefix(prefix),
                              id=s.id, kind="general", language=s.language, meta={"template": template}))
     return out
 

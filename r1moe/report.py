@@ -100,7 +100,7 @@ def check_claims(results: dict[str, dict[str, Any]], roles: dict[str, str]) -> l
     return claims
 
 
-def _curves(p: "PipelineConfig", out: Path) -> list[str]:
+def _curves(p: PipelineConfig, out: Path) -> list[str]:
     """Copy each training stage's PNG curves next to the report; returns markdown lines."""
     from r1moe.pipeline import stage_output
 
@@ -138,7 +138,7 @@ def _rl_summary(run_dir: Path) -> list[str]:
     return [f"- {line}" for line in out]
 
 
-def write_report(p: "PipelineConfig", out: Path) -> dict[str, Any]:
+def write_report(p: PipelineConfig, out: Path) -> dict[str, Any]:
     eval_stage = p.report.get("eval_stage", "eval")
     results_path = Path(p.root) / eval_stage / "results.json"
     if not results_path.is_file():

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from r1moe.model import build_model, get_preset, save_pretrained
 
 from r1moe.algorithms import compute_sft_loss
 from r1moe.config import SGLangSection
 from r1moe.data import PromptSample, SFTSample, make_cold_start, make_dataset, make_general, read_sft, write_jsonl
 from r1moe.data.tokenizer import build_tiny_tokenizer, default_corpus
+from r1moe.model import build_model, get_preset, save_pretrained
 from r1moe.pipeline import RejectionSpec
 from r1moe.rejection import (
     FILTERS,

@@ -44,7 +44,7 @@ def read_corpus(path: str | Path, template: str) -> list[tuple[str, str]]:
             elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
                 docs.append((common.render_prompt(template, rec["prompt"]), rec["response"]))
             else:
-                raise ValueError(f"{where}: expected a string field 'text' or 'prompt' + 'response'")
+                raise ValueError(f"{where}: expected a string field 'text' or 'prompt' + 'response'")  # noqa: TRY004
     else:
         text = "".join(line for _, line in lines).replace("\r\n", "\n")
         docs = [("", d.strip()) for d in text.split("\n\n") if d.strip()]

@@ -69,9 +69,8 @@ def data(tmp_path_factory):
 def test_pretrain_from_random_init_checkpoints_and_resumes(data, tmp_path):
     import shutil
 
-    from r1moe.model import from_pretrained
-
     from r1moe.config import load_config
+    from r1moe.model import from_pretrained
     from r1moe.train import pretrain
     from r1moe.train.common import DONE_FILE, is_complete, read_done
 
@@ -179,9 +178,8 @@ def test_sft_mtp_loss_matches_the_reference_backend(data, tmp_path):
 
 
 def test_sft_runs_to_a_complete_checkpoint(data, tmp_path):
-    from r1moe.model import from_pretrained
-
     from r1moe.config import load_config
+    from r1moe.model import from_pretrained
     from r1moe.train import sft
     from r1moe.train.common import is_complete
 
@@ -198,7 +196,6 @@ def test_sft_runs_to_a_complete_checkpoint(data, tmp_path):
 
 def test_grpo_through_torchrun_updates_the_policy(data, tmp_path):
     from r1moe.model import from_pretrained
-
     from r1moe.tracking import read_metrics
     from r1moe.train.common import is_complete
 

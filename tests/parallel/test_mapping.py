@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+
 from r1moe.model import build_model, get_preset
 from r1moe.parallel import HFReader, HFShardWriter, ParallelConfig, dequantize_fp8_blockwise, hf_names
 from r1moe.parallel.mapping import Entry, shard, stage_entries, unshard

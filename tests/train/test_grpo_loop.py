@@ -153,7 +153,7 @@ def test_grpo_with_sglang_on_cpu_stops_before_anything(tmp_path, tiny_data, tiny
     args = tiny_overrides(run, **{"model.init": tiny_base, "data.train": tiny_data / "train.jsonl",
                                   "rollout.engine": "sglang"})
     p = subprocess.run([sys.executable, "-m", "r1moe.train.grpo", "recipes/tiny/r1_zero/grpo.yaml", *args],
-                       capture_output=True, text=True)
+                       check=False, capture_output=True, text=True)
     assert p.returncode == 2, p.stderr
     assert "rollout.engine=sglang needs CUDA" in p.stderr and "rollout.engine=builtin" in p.stderr
     assert not run.exists()
@@ -163,8 +163,8 @@ def test_grpo_with_sglang_on_cpu_stops_before_anything(tmp_path, tiny_data, tiny
 def test_eval_with_sglang_on_cpu_is_a_clear_error(tmp_path, tiny_data, tiny_base):
     base = [sys.executable, "-m", "r1moe.evaluate", "--checkpoint", str(tiny_base), "--data",
             str(tiny_data / "eval.jsonl"), "--out", str(tmp_path / "r.json")]
-    p = subprocess.run([*base, "--engine", "sglang", "--dp", "2"], capture_output=True, text=True)
+    p = subprocess.run([*base, "--engine", "sglang", "--dp", "2"], check=False, capture_output=True, text=True)
     assert p.returncode == 2 and "engine=sglang needs CUDA" in p.stderr, p.stderr
-    p = subprocess.run([*base, "--tp", "2"], capture_output=True, text=True)
+    p = subprocess.run([*base, "--tp", "2"], check=False, capture_output=True, text=True)
     assert p.returncode == 2 and "--tp/--dp apply only with --engine sglang" in p.stderr
     assert not (tmp_path / "r.json").exists()

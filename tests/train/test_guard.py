@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_overrides
-from r1moe.model import build_model, from_pretrained, get_preset
-from r1moe.parallel.train import StepResult, all_finite
 
+from conftest import tiny_overrides
 from r1moe import cli
 from r1moe.config import load_config
+from r1moe.model import build_model, from_pretrained, get_preset
+from r1moe.parallel.train import StepResult, all_finite
 from r1moe.tracking import read_metrics
 from r1moe.train import common
 from r1moe.train.guard import NonFiniteError, NonFiniteGuard, check_finite_state_dict

@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tiny_overrides
 
+from conftest import tiny_overrides
 from r1moe import cli
 from r1moe.tracking import read_metrics
 from r1moe.train.common import DONE_FILE, LOCK_FILE, is_complete
