@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from r1moe.train.common import write_json_atomic, write_text_atomic
+from r1moe.atomic import write_json_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from r1moe.atomic import write_json_atomic
 from r1moe.tracking import read_metrics
-from r1moe.train.common import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -23,8 +23,6 @@ import json
 import math
 import os
 import re
-import secrets
-import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from r1moe.atomic import file_mode
+from r1moe.atomic import atomic_dir, file_mode
 
 from .config import ModelConfig
 from .transformer import CausalLM, build_model, hf_tensor_slot, load_hf_tensor
@@ -292,9 +290,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: st
         raise ValueError(f"dtype={dtype}: expected one of {sorted(_DTYPES)}")
     limit = parse_size(max_shard_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()  # not tempfile.mkdtemp: that makes it 0700, and the checkpoint must be readable like any other dir
-    try:
+    with atomic_dir(path) as tmp:
         _write_weights(model, tmp, dtype, limit)
         config = cfg.to_hf_dict()
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -307,11 +303,6 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: st
             _write_tokenizer(tokenizer, tmp)
         for name, content in (extra_files or {}).items():
             _write_extra(tmp, name, content)
-        _fsync_tree(tmp)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -401,36 +392,3 @@ def _write_extra(out: Path, name: str, content: bytes | str) -> None:
 
 def _write_json(file: Path, obj: Any) -> None:
     file.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush file contents and directory entries before the rename publishes them (else a crash right after the
-    rename can leave a complete-looking directory of empty files)."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Rename `tmp` to `path`; an existing `path` is renamed away first and deleted only once the new one is in."""
-    if not path.exists():
-        os.rename(tmp, path)
-        return
-    old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
-    os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-

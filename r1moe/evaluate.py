@@ -206,7 +206,7 @@ def _main(argv: list[str] | None) -> int:
               **evaluate_checkpoint(a.checkpoint, a.data, s, a.max_questions, a.device, a.engine, sglang)}
     print(json.dumps(result, indent=2))
     if a.out:
-        from r1moe.train.common import write_json_atomic
+        from r1moe.atomic import write_json_atomic
 
         try:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -30,8 +30,9 @@ from typing import Literal
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from r1moe.atomic import write_json_atomic
 from r1moe.config import SGLangSection
-from r1moe.train.common import DONE_FILE, is_complete, write_json_atomic
+from r1moe.train.common import DONE_FILE, is_complete
 
 StageKind = Literal["data", "pretrain", "sft", "grpo", "rm", "rejection", "eval", "report"]
 

@@ -34,6 +34,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from r1moe.atomic import write_json_atomic
 from r1moe.config import SGLangSection
 from r1moe.data import PromptSample, SFTSample, read_prompts, read_sft, write_jsonl
 from r1moe.pipeline import RejectionSpec
@@ -230,5 +231,5 @@ def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
              "sft": str(out_dir / "sft.jsonl")}
     engine.shutdown()
     write_jsonl(out_dir / "sft.jsonl", mixed)
-    common.write_json_atomic(out_dir / "stats.json", stats)
+    write_json_atomic(out_dir / "stats.json", stats)
     return stats

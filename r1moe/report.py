@@ -17,8 +17,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from r1moe.atomic import write_text_atomic
 from r1moe.tracking import read_metrics
-from r1moe.train.common import write_text_atomic
 
 if TYPE_CHECKING:
     from r1moe.pipeline import PipelineConfig

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from r1moe.atomic import write_json_atomic, write_text_atomic
 from r1moe.config import JobConfig, OptimSection, save_config
 from r1moe.model import CausalLM, ModelConfig, build_model, get_preset
 
@@ -59,17 +60,6 @@ def is_complete(run_dir: str | Path) -> bool:
 
 def read_done(run_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / DONE_FILE).read_text())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write next to `path`, then rename: a reader never sees half a file (mode from the umask: r1moe.atomic)."""
-    from r1moe.atomic import write_text_atomic as _write
-
-    _write(path, text)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 LOCK_FILE = "run.lock"
@@ -549,9 +539,7 @@ def truncate_metrics(run_dir: Path, step: int | None) -> None:
         return
     kept = [line for line in path.read_text(errors="replace").splitlines()
             if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _step_of(line: str) -> int | None:

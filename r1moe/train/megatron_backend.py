@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -51,6 +50,7 @@ import torch
 from tokenizers import Tokenizer
 
 from r1moe.algorithms import compute_grpo_loss, compute_loss_denominator, compute_sft_loss, compute_token_logprobs
+from r1moe.atomic import publish_dir
 from r1moe.config import AlgoSection, JobConfig
 from r1moe.model import ModelConfig
 from r1moe.tracking import MetricsLogger
@@ -475,8 +475,7 @@ class MegatronPolicy:
         if self.rank == 0:
             torch.save({"step": step, "num_updates": self.num_updates, "rng": common._rng_state(),
                         "backend": "megatron", "extra": extra or {}}, tmp / common.TRAINER_STATE)
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
+            publish_dir(tmp, path)
             for old in sorted(root.glob("step_*"))[:-max(1, self.cfg.checkpoint.keep)]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()

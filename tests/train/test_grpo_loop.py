@@ -82,7 +82,7 @@ class RecordingPolicy:
         return 0
 
     def save_final(self, run_dir, tok, summary):
-        from r1moe.train.common import write_json_atomic
+        from r1moe.atomic import write_json_atomic
 
         self.events.append("final")
         write_json_atomic(run_dir / "DONE.json", summary)
