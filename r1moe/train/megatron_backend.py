@@ -164,7 +164,7 @@ def _num(x: float | None) -> float:
 def _model_config_and_weights(cfg: JobConfig, tok: Tokenizer, device: torch.device
                               ) -> tuple[ModelConfig, Callable[[str], torch.Tensor]]:
     """The architecture and a `get(hf_name) -> tensor` for its initial weights."""
-    from r1moe.parallel import HFReader
+    from r1moe.model.hf_io import HFReader
 
     init = common.init_checkpoint_dir(cfg)
     if init is None:  # random init: exactly the reference backend's (same preset, overrides, seed, device)
