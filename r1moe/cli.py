@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from r1moe.config import JobConfig
 
 STAGES = {
     "pretrain": "r1moe.train.pretrain",
@@ -27,6 +34,75 @@ STAGES = {
     "eval": "r1moe.evaluate",
     "pipeline": "r1moe.pipeline",
 }
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+# Shared by every command: the stage modules' `main`, `r1moe eval`, `r1moe pipeline`, `r1moe model info`.
+INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+
+
+def run_cli(prog: str, fn: Callable[[], int]) -> int:
+    """Run an entry point: bad input (recipe, data, checkpoint, run directory) prints one line naming it and
+    returns 2; training that turned NaN/inf (NonFiniteError: nothing non-finite was saved) prints one line and
+    returns 1."""
+    from r1moe.train.guard import NonFiniteError
+    from r1moe.train.rundir import is_main_process
+
+    try:
+        return fn()
+    except INPUT_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        # under torchrun (slurm/common.sh) the job's status would be torchrun's 1; the launcher reads this one
+        if (status_file := os.environ.get("R1MOE_STATUS_FILE")) and is_main_process():
+            Path(status_file).write_text("2\n")
+        return 2
+    except NonFiniteError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def stage_main(stage: str, run: Callable[[JobConfig, bool], Any], argv: list[str] | None) -> int:
+    """`main` of a stage module: parse RECIPE + overrides, run, map input errors to exit status 2."""
+    from r1moe.train.rundir import release_run_lock
+
+    def go() -> int:
+        cfg, resume = parse_stage_args(argv, stage)
+        try:
+            run(cfg, resume)
+        finally:  # a run that failed lets go of its directory at once, not only when the process ends
+            release_run_lock(cfg.run_dir)
+        return 0
+
+    return run_cli(f"r1moe {stage}", go)
+
+
+def parse_stage_args(argv: list[str] | None, stage: str) -> tuple[JobConfig, bool]:
+    """`r1moe STAGE RECIPE [key=value ...] [--resume]` -> (config, resume)."""
+    import argparse
+
+    from r1moe.config import load_config
+
+    p = argparse.ArgumentParser(prog=f"r1moe {stage}", description=f"Run the {stage} stage from a recipe.")
+    p.add_argument("recipe", help="recipe YAML (recipes/...)")
+    p.add_argument("overrides", nargs="*",
+                   help="key=value config overrides, e.g. optim.lr=1e-4 logging.run_dir=runs/try1; the run's length "
+                        "is train.steps or train.epochs, never both (train.epochs=null train.steps=5 on a recipe "
+                        "that sets epochs)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--allow-config-change", metavar="KEYS", default="",
+                   help="comma-separated config keys (or sections) that --resume may find changed, e.g. "
+                        "train.steps,logging.wandb; any other difference stops the resume")
+    args = p.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        p.error(f"overrides must look like key=value: {bad}")
+    extra = [f"stage={stage}"]
+    if args.allow_config_change:
+        keys = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
+        extra.append(f"checkpoint.allow_config_change=[{','.join(keys)}]")
+    cfg = load_config(args.recipe, [*args.overrides, *extra])
+    return cfg, args.resume or cfg.checkpoint.resume
 
 
 def model_info(argv: list[str]) -> int:
@@ -80,8 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_group_usage(cmd), file=sys.stdout if rest else sys.stderr)
         return 0 if rest else 2
     if cmd == "model" and rest[:1] == ["info"]:
-        from r1moe.train.common import run_cli
-
         return run_cli("r1moe model info", lambda: model_info(rest[1:]))
     if cmd == "data" and rest[:1] == ["make"]:
         from r1moe.data.make import data_make_main

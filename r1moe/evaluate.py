@@ -66,7 +66,8 @@ def grade(completion: str, sample: PromptSample, template: str, num_tokens: int)
 
 def evaluate(engine: RolloutEngine, tok: Tokenizer, samples: list[PromptSample], s: EvalSettings,
              show_progress: bool = True) -> dict[str, float]:
-    from r1moe.train.common import encode_prompt, progress_bar
+    from r1moe.data.prompts import encode_prompt
+    from r1moe.progress import progress_bar
 
     if not samples:
         raise ValueError("evaluation set is empty")
@@ -115,7 +116,7 @@ def check_prompts_fit(tok: Tokenizer, samples: list[PromptSample], s: EvalSettin
                       data: str | Path) -> None:
     """ValueError naming the question when its prompt + max_new_tokens exceeds the model's context (generation
     would run past the positions the model has, after allocating a cache that size)."""
-    from r1moe.train.common import encode_prompt
+    from r1moe.data.prompts import encode_prompt
 
     for i, q in enumerate(samples, 1):
         n = len(encode_prompt(tok, s.template, q.prompt))
@@ -168,7 +169,7 @@ def _check_out(p: argparse.ArgumentParser, out: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from r1moe.train.common import run_cli
+    from r1moe.cli import run_cli
 
     return run_cli("r1moe eval", lambda: _main(argv))
 

@@ -32,7 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from r1moe.atomic import write_json_atomic
 from r1moe.config import SGLangSection
-from r1moe.train.common import DONE_FILE, is_complete
+from r1moe.train.rundir import DONE_FILE, is_complete
 
 StageKind = Literal["data", "pretrain", "sft", "grpo", "rm", "rejection", "eval", "report"]
 
@@ -273,7 +273,7 @@ def run_pipeline(p: PipelineConfig, force: set[str] = frozenset()) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from r1moe.train.common import run_cli
+    from r1moe.cli import run_cli
 
     return run_cli("r1moe pipeline", lambda: _main(argv))
 

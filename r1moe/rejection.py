@@ -37,13 +37,14 @@ from pathlib import Path
 from r1moe.atomic import write_json_atomic
 from r1moe.config import SGLangSection
 from r1moe.data import PromptSample, SFTSample, read_prompts, read_sft, write_jsonl
+from r1moe.data.prompts import encode_prompt
 from r1moe.pipeline import RejectionSpec
+from r1moe.progress import progress_bar
 from r1moe.rewards import accuracy_reward, chain_of_thought, format_reward, language_consistency_reward
 from r1moe.rewards.rule import LANGUAGE_SCRIPTS, WORD
 from r1moe.rollout import SamplingParams
 from r1moe.rollout.loader import load_checkpoint_engine
 from r1moe.templates import REASONING_TAGS, TEMPLATES, completion_prefix
-from r1moe.train import common
 
 FILTERS = ("incorrect", "malformed", "language_mixing", "long_paragraph", "code_block", "overlong", "repetition")
 CHUNK = 64
@@ -193,10 +194,10 @@ def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
     engine, tok = load_checkpoint_engine(spec.checkpoint, spec.engine, spec.sglang, seed=spec.seed)
     N = spec.samples_per_prompt
     owners = [(i, j) for i in range(len(prompts)) for j in range(N)]
-    ids = [common.encode_prompt(tok, spec.template, prompts[i].prompt) for i, _ in owners]
+    ids = [encode_prompt(tok, spec.template, prompts[i].prompt) for i, _ in owners]
     rejected = dict.fromkeys(FILTERS, 0)
     kept: list[SFTSample] = []
-    with common.progress_bar("rejection sampling", -(-len(ids) // CHUNK)) as advance:
+    with progress_bar("rejection sampling", -(-len(ids) // CHUNK)) as advance:
         for c, start in enumerate(range(0, len(ids), CHUNK)):
             params = SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
                                     stop=list(spec.stop), seed=spec.seed + c)

@@ -10,6 +10,7 @@ import torch
 from r1moe.algorithms import compute_sft_loss
 from r1moe.config import SGLangSection
 from r1moe.data import PromptSample, SFTSample, make_cold_start, make_dataset, make_general, read_sft, write_jsonl
+from r1moe.data.prompts import encode, render_prompt
 from r1moe.data.tokenizer import build_tiny_tokenizer, default_corpus
 from r1moe.model import build_model, get_preset, save_pretrained
 from r1moe.pipeline import RejectionSpec
@@ -23,7 +24,6 @@ from r1moe.rejection import (
     mix_records,
     run_rejection_sampling,
 )
-from r1moe.train.common import encode, render_prompt
 
 MATH = PromptSample(prompt="Compute 2 + 3", answer="5", kind="math", task="arithmetic")
 GOOD = "<think>\nWe need to compute 2 + 3.\nSo the answer is 5.\n</think>\n<answer>5</answer>"

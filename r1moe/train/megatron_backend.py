@@ -52,10 +52,11 @@ from tokenizers import Tokenizer
 from r1moe.algorithms import compute_grpo_loss, compute_loss_denominator, compute_sft_loss, compute_token_logprobs
 from r1moe.atomic import publish_dir
 from r1moe.config import AlgoSection, JobConfig
+from r1moe.data.tokenizer import special_ids
 from r1moe.model import ModelConfig
 from r1moe.tracking import MetricsLogger
 
-from . import common
+from . import checkpointing, common, rundir
 from .checks import check_megatron_config
 from .guard import NonFiniteError, NonFiniteGuard
 from .packing import IGNORE, Example, PackedBatch, pack_examples
@@ -214,7 +215,7 @@ class MegatronPolicy:
         self.is_main = self.rank == 0
         self._host = None  # the reference CausalLM a built-in engine samples from (rollout_model)
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        self.pad_id = common.special_ids(tok)[0]
+        self.pad_id = special_ids(tok)[0]
         gpu = torch.device("cuda", torch.cuda.current_device())  # initialize_parallel set it from LOCAL_RANK
         self.model_cfg, get_hf = _model_config_and_weights(cfg, tok, gpu)
         # the reference GRPO loss has no balance term (sequence_logprobs ignores aux_loss): keep megatron's off too
@@ -447,7 +448,7 @@ class MegatronPolicy:
 
         self._export(load if host is not None else None)
         if self.rank == 0:
-            common.finalize(run_dir, host, tok, {**summary, "backend": "megatron"})
+            checkpointing.finalize(run_dir, host, tok, {**summary, "backend": "megatron"})
         dist.barrier()
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -473,8 +474,8 @@ class MegatronPolicy:
             save_dist_checkpoint(self.ref_models, None, tmp / "ref", step=step)
         dist.barrier()
         if self.rank == 0:
-            torch.save({"step": step, "num_updates": self.num_updates, "rng": common._rng_state(),
-                        "backend": "megatron", "extra": extra or {}}, tmp / common.TRAINER_STATE)
+            torch.save({"step": step, "num_updates": self.num_updates, "rng": checkpointing._rng_state(),
+                        "backend": "megatron", "extra": extra or {}}, tmp / rundir.TRAINER_STATE)
             publish_dir(tmp, path)
             for old in sorted(root.glob("step_*"))[:-max(1, self.cfg.checkpoint.keep)]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -485,19 +486,19 @@ class MegatronPolicy:
         """Load the newest complete checkpoint (model, optimizer, reference, schedule, RNG); its step, 0 if none."""
         from r1moe.parallel import load_dist_checkpoint
 
-        ckpt = common.latest_checkpoint(run_dir)
+        ckpt = rundir.latest_checkpoint(run_dir)
         if ckpt is None:
             return 0
         if not (ckpt / "dist").is_dir():
             raise ValueError(f"{ckpt}: not a megatron checkpoint (written with parallel.backend=reference?); resume "
                              f"with the backend that wrote it")
-        state = torch.load(ckpt / common.TRAINER_STATE, weights_only=False)
+        state = torch.load(ckpt / rundir.TRAINER_STATE, weights_only=False)
         load_dist_checkpoint(self.models, self.optimizer, ckpt / "dist")
         if self.ref_models is not None and (ckpt / "ref").is_dir():
             load_dist_checkpoint(self.ref_models, None, ckpt / "ref")
         self.num_updates = state["num_updates"]
         self.trainer_extra = state.get("extra", {})
-        common._set_rng_state(state["rng"])
+        checkpointing._set_rng_state(state["rng"])
         return state["step"]
 
     def build_logger(self, cfg: JobConfig, run_dir: Path) -> MetricsLogger | NullLogger:

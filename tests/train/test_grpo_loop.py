@@ -12,7 +12,7 @@ from r1moe.config import load_config
 from r1moe.rollout import Generation
 from r1moe.tracking import read_metrics
 from r1moe.train import grpo
-from r1moe.train.common import is_complete
+from r1moe.train.rundir import is_complete
 
 
 class ScriptedEngine:
