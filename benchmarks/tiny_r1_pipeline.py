@@ -26,7 +26,7 @@ GOAL_S = 900
 
 
 def main() -> int:
-    from r1moe.pipeline import load_pipeline
+    from r1moe.stages import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="recipes/tiny/r1.yaml")

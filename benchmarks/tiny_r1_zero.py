@@ -92,7 +92,7 @@ def main() -> int:
     a = p.parse_args()
     wall = None
     if not a.summarize_only:
-        from r1moe.pipeline import load_pipeline
+        from r1moe.stages import load_pipeline
 
         forced = [arg for s in load_pipeline(a.recipe).stages for arg in ("--force", s.name)]
         t0 = time.perf_counter()

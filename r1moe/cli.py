@@ -4,7 +4,9 @@
     r1moe sft      RECIPE [key=value ...] [--resume]     SFT: cold start, rejection-sampled data, distillation
     r1moe grpo     RECIPE [key=value ...] [--resume]     GRPO (R1-Zero, reasoning RL, all-scenario RL)
     r1moe rm       RECIPE [key=value ...]                Bradley-Terry reward model
-    r1moe eval     --checkpoint DIR --data FILE ...      pass@1 / pass@k / cons@K
+    r1moe rejection RECIPE [key=value ...] --out DIR     rejection sampling -> SFT data (R1 stage 3)
+    r1moe eval     --checkpoint DIR --data FILE ...      pass@1 / pass@k / cons@K of one checkpoint
+    r1moe eval     RECIPE [key=value ...] --out DIR      the eval stage: several checkpoints, results.json
     r1moe pipeline RECIPE [--force STAGE]                the whole DeepSeek-R1 pipeline, resumable
     r1moe data make TASK --n N --seed S --out FILE       procedural datasets and pretraining corpora
     r1moe model info PRESET [--json]                     analytic parameter counts
@@ -31,6 +33,7 @@ STAGES = {
     "sft": "r1moe.train.sft",
     "grpo": "r1moe.train.grpo",
     "rm": "r1moe.train.rm",
+    "rejection": "r1moe.train.rejection",
     "eval": "r1moe.evaluate",
     "pipeline": "r1moe.pipeline",
 }
@@ -72,6 +75,39 @@ def stage_main(stage: str, run: Callable[[JobConfig, bool], Any], argv: list[str
             run(cfg, resume)
         finally:  # a run that failed lets go of its directory at once, not only when the process ends
             release_run_lock(cfg.run_dir)
+        return 0
+
+    return run_cli(f"r1moe {stage}", go)
+
+
+def spec_main(stage: str, spec_type: type, run: Callable[[Any, Path], dict], argv: list[str] | None) -> int:
+    """`main` of a stage whose recipe is one spec of r1moe.stages (rejection, eval), not a training run:
+    `r1moe STAGE RECIPE [key=value ...] --out DIR` runs `run(spec, DIR)` and writes DIR/DONE.json, as the pipeline
+    does; a DIR that is already complete is refused."""
+
+    def go() -> int:
+        import argparse
+
+        from r1moe.atomic import write_json_atomic
+        from r1moe.stages import load_spec
+        from r1moe.train.rundir import DONE_FILE, is_complete
+
+        p = argparse.ArgumentParser(prog=f"r1moe {stage}", description=f"Run the {stage} stage from a recipe.")
+        p.add_argument("recipe", help=f"YAML with the keys of r1moe.stages.{spec_type.__name__}")
+        p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe's keys")
+        p.add_argument("--out", required=True, help="output directory (DONE.json is written last)")
+        args = p.parse_args(argv)
+        bad = [o for o in args.overrides if "=" not in o]
+        if bad:
+            p.error(f"overrides must look like key=value: {bad}")
+        spec = load_spec(spec_type, args.recipe, args.overrides)
+        out = Path(args.out)
+        if is_complete(out):
+            raise FileExistsError(f"--out {out} already holds a complete {stage} run ({DONE_FILE}); choose another "
+                                  f"directory or delete it")
+        out.mkdir(parents=True, exist_ok=True)
+        summary = run(spec, out)
+        write_json_atomic(out / DONE_FILE, {"stage": stage, **summary})
         return 0
 
     return run_cli(f"r1moe {stage}", go)
@@ -161,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         from r1moe.data.make import data_make_main
 
         return data_make_main(rest[1:])
+    if cmd == "eval" and rest and not rest[0].startswith("-"):  # a RECIPE, not --checkpoint ...: the eval stage
+        return importlib.import_module("r1moe.train.eval").main(rest)
     if cmd in STAGES:
         return importlib.import_module(STAGES[cmd]).main(rest)
     print(f"r1moe: unknown command {' '.join(argv[:2])!r}\n{_usage()}", file=sys.stderr)

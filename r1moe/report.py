@@ -21,7 +21,7 @@ from r1moe.atomic import write_text_atomic
 from r1moe.tracking import read_metrics
 
 if TYPE_CHECKING:
-    from r1moe.pipeline import PipelineConfig
+    from r1moe.stages import PipelineConfig
 
 
 def _cons_key(m: dict[str, Any]) -> str | None:
@@ -102,7 +102,7 @@ def check_claims(results: dict[str, dict[str, Any]], roles: dict[str, str]) -> l
 
 def _curves(p: PipelineConfig, out: Path) -> list[str]:
     """Copy each training stage's PNG curves next to the report; returns markdown lines."""
-    from r1moe.pipeline import stage_output
+    from r1moe.stages import stage_output
 
     lines = []
     for s in p.stages:

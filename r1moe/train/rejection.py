@@ -2,7 +2,9 @@
 the stage-2 (reasoning RL) checkpoint, keep the correct and readable ones, deduplicate, mix with non-reasoning SFT
 data (paper: ~600k reasoning + ~200k non-reasoning, v2 Table 5), and write the SFT set with provenance.
 
-Run as a pipeline stage (`kind: rejection`, section `rejection:` = `r1moe.pipeline.RejectionSpec`):
+    r1moe rejection RECIPE [key=value ...] --out DIR    # RECIPE: a RejectionSpec (r1moe.stages) as YAML
+
+or as a pipeline stage (`kind: rejection`, section `rejection:` = the same RejectionSpec):
 
     - {name: rejection, kind: rejection, rejection: {checkpoint: runs/tiny-r1/stage2/final,
        prompts: runs/tiny-r1/data/train.jsonl, general: runs/tiny-r1/data/general_sft.jsonl, samples_per_prompt: 4}}
@@ -31,19 +33,21 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
 from r1moe.atomic import write_json_atomic
+from r1moe.cli import spec_main
 from r1moe.config import SGLangSection
 from r1moe.data import PromptSample, SFTSample, read_prompts, read_sft, write_jsonl
 from r1moe.data.prompts import encode_prompt
-from r1moe.pipeline import RejectionSpec
 from r1moe.progress import progress_bar
 from r1moe.rewards import accuracy_reward, chain_of_thought, format_reward, language_consistency_reward
 from r1moe.rewards.rule import LANGUAGE_SCRIPTS, WORD
 from r1moe.rollout import SamplingParams
 from r1moe.rollout.loader import load_checkpoint_engine
+from r1moe.stages import RejectionSpec
 from r1moe.templates import REASONING_TAGS, TEMPLATES, completion_prefix
 
 FILTERS = ("incorrect", "malformed", "language_mixing", "long_paragraph", "code_block", "overlong", "repetition")
@@ -234,3 +238,11 @@ def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
     write_jsonl(out_dir / "sft.jsonl", mixed)
     write_json_atomic(out_dir / "stats.json", stats)
     return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    return spec_main("rejection", RejectionSpec, run_rejection_sampling, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
