@@ -123,11 +123,6 @@ def hf_copies(cfg: ModelConfig) -> dict[str, str]:
     return out
 
 
-def is_ignored_hf_name(name: str) -> bool:
-    """HF tensors that carry no weights of ours: FP8 scales (consumed by de-quantization), cached RoPE tables."""
-    return name.endswith(("weight_scale_inv", "rotary_emb.inv_freq"))
-
-
 # ---------------------------------------------------------------------------------------------- entries
 @dataclass(frozen=True)
 class Entry:

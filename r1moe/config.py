@@ -391,10 +391,6 @@ def _check_steps_or_epochs(cfg: JobConfig, recipe: str | Path | None, layers: li
 _UNSET = object()
 
 
-def config_to_dict(cfg: JobConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def save_config(cfg: JobConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically) — a run directory starts with it."""
     path = Path(path)
