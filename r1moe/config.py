@@ -86,7 +86,8 @@ class TrainSection:
     mtp_weight: float = 0.0
     """lambda of the MTP loss (V3 eq. 25: 0.3 early, 0.1 late in pretraining). 0 disables MTP."""
     expert_bias_rate: float = 0.001
-    """gamma of the aux-loss-free bias update (V3 §4.2: 0.001); 0 freezes the bias."""
+    """gamma of the aux-loss-free bias update (V3 §4.2: 0.001); 0 freezes the bias. The one name of this rate in
+    both backends (megatron: MegatronOptions.expert_bias_rate). GRPO applies it only with algo.update_expert_bias."""
     log_every: int = 1
     eval_every: int = 0
     """Evaluate on data.eval every N steps (and at start and end); 0 = only at the end."""
@@ -190,7 +191,7 @@ class AlgoSection:
     ref_refresh_every: int = 0
     """Replace pi_ref with the current policy every N steps (R1: 400); 0 = never."""
     update_expert_bias: bool = False
-    """Keep updating the aux-loss-free expert bias during RL (off = frozen routing bias)."""
+    """Keep updating the aux-loss-free expert bias during RL, at train.expert_bias_rate (off = frozen routing bias)."""
 
 
 @dataclass

@@ -95,7 +95,7 @@ def build_policy(cfg: JobConfig, tok, device: torch.device) -> Policy:
         from .megatron_backend import MegatronPolicy
 
         return MegatronPolicy(cfg, tok, updates, mtp_weight=0.0, with_ref=cfg.algo.beta > 0, aux_loss=False,
-                              bias_rate=cfg.train.expert_bias_rate if cfg.algo.update_expert_bias else 0.0)
+                              expert_bias_rate=cfg.train.expert_bias_rate if cfg.algo.update_expert_bias else 0.0)
     return ReferencePolicy(cfg, tok, device, updates)
 
 

@@ -118,7 +118,8 @@ def _train_lm_megatron(cfg: JobConfig, examples: list[Example], tok: Tokenizer, 
     rows = unpacked_rows(examples, cfg.data.seq_len, special_ids(tok)[0])
     steps = _num_steps(cfg, len(rows))
     run_dir = rundir.prepare_run_dir(cfg, resume)
-    policy = MegatronPolicy(cfg, tok, steps, mtp_weight=cfg.train.mtp_weight, bias_rate=cfg.train.expert_bias_rate)
+    policy = MegatronPolicy(cfg, tok, steps, mtp_weight=cfg.train.mtp_weight,
+                            expert_bias_rate=cfg.train.expert_bias_rate)
     start = policy.restore(run_dir) if resume else 0
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, what=cfg.stage)
     guard.load_state_dict(policy.trainer_extra.get("nonfinite", {}))

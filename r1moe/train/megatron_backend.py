@@ -193,7 +193,7 @@ class MegatronPolicy:
     """The trained policy on r1moe.parallel (the train/policy.py Policy protocol, and the LM stages' trainer).
     Every method is collective: all ranks call it together."""
 
-    def __init__(self, cfg: JobConfig, tok: Tokenizer, total_updates: int, *, mtp_weight: float, bias_rate: float,
+    def __init__(self, cfg: JobConfig, tok: Tokenizer, total_updates: int, *, mtp_weight: float, expert_bias_rate: float,
                  with_ref: bool = False, aux_loss: bool = True):
         check_megatron_backend(cfg)
         import torch.distributed as dist
@@ -223,7 +223,7 @@ class MegatronPolicy:
                                                                   "moe_router_load_balancing_type": "none"}
         self.mtp_on = mtp_weight > 0 and self.model_cfg.num_nextn_predict_layers > 0
         opts = MegatronOptions(fp8=p.fp8, recompute=p.recompute, mtp_loss_scale=mtp_weight,
-                               bias_update_rate=bias_rate, extra=extra)
+                               expert_bias_rate=expert_bias_rate, extra=extra)
         self.models = build_mcore_model(self.model_cfg, self.pcfg, opts, hf_weights=get_hf)
         self.ref_models = (build_mcore_model(self.model_cfg, self.pcfg, opts, wrap_ddp=False, hf_weights=get_hf)
                            if with_ref else None)
