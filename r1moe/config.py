@@ -14,7 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -152,14 +152,32 @@ class SGLangSection:
 
 
 @dataclass
-class RolloutSection:
+class SamplingConfig:
+    """How completions are sampled: the settings every sampling section shares (rollout, eval, the eval and
+    rejection stages' specs, the engines' SamplingParams), declared and validated here once. A section subclasses
+    it, so its keys stay flat in a recipe (`rollout.temperature`); SECTION names it in errors."""
+
+    SECTION: ClassVar[str] = "sampling"
+    temperature: float = 1.0
+    """Softmax temperature; 0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p; 1 = off."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"{self.SECTION}.temperature={self.temperature} must be >= 0 and finite")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"{self.SECTION}.top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclass
+class RolloutSection(SamplingConfig):
+    SECTION: ClassVar[str] = "rollout"
     engine: Literal["builtin", "sglang"] = "builtin"
     """builtin = the reference model's batched sampler (CPU or one GPU); sglang = SGLang (GPUs, `rollout.sglang`)."""
     sglang: SGLangSection = field(default_factory=SGLangSection)
     group_size: int = 16
     """G outputs per question (R1: 16)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
@@ -204,11 +222,12 @@ class RewardsSection:
 
 
 @dataclass
-class EvalSection:
-    samples: int = 4
-    """K samples per question (R1: 64 for AIME, 16 MATH); pass@1 = mean accuracy over them."""
+class EvalSection(SamplingConfig):
+    SECTION: ClassVar[str] = "eval"
     temperature: float = 0.6
     top_p: float = 0.95
+    samples: int = 4
+    """K samples per question (R1: 64 for AIME, 16 MATH); pass@1 = mean accuracy over them."""
     max_new_tokens: int = 0
     """0 = rollout.max_new_tokens."""
     max_questions: int = 0
@@ -270,12 +289,6 @@ class JobConfig:
             raise ValueError(f"optim.min_lr_ratio={self.optim.min_lr_ratio} must be in [0, 1]")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise ValueError(f"optim.betas={self.optim.betas} must be two numbers in [0, 1)")
-        for sec in ("rollout", "eval"):
-            s = getattr(self, sec)
-            if s.temperature < 0:
-                raise ValueError(f"{sec}.temperature={s.temperature} must be >= 0")
-            if not 0 < s.top_p <= 1:
-                raise ValueError(f"{sec}.top_p={s.top_p} must be in (0, 1]")
         for key in self.checkpoint.allow_config_change:
             if not _is_config_key(self, key):
                 raise ValueError(f"checkpoint.allow_config_change: {key!r} is not a config key or section "

@@ -19,10 +19,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tokenizers import Tokenizer
 
+from r1moe.config import SamplingConfig
 from r1moe.data import PromptSample
 from r1moe.metrics import SampleResult, summarize_eval
 from r1moe.rewards import same_answer
@@ -30,10 +32,11 @@ from r1moe.rollout import RolloutEngine, SamplingParams
 
 
 @dataclass
-class EvalSettings:
-    samples: int = 4
+class EvalSettings(SamplingConfig):
+    SECTION: ClassVar[str] = "eval"
     temperature: float = 0.6
     top_p: float = 0.95
+    samples: int = 4
     max_new_tokens: int = 256
     template: str = "r1_zero"
     stop: tuple[str, ...] = ("</answer>",)
@@ -42,12 +45,9 @@ class EvalSettings:
     """Sequences generated per engine call (bounds memory; one progress tick each)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.samples < 1:
             raise ValueError(f"eval samples={self.samples} must be >= 1")
-        if self.temperature < 0 or not math.isfinite(self.temperature):
-            raise ValueError(f"eval temperature={self.temperature} must be a finite number >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"eval top_p={self.top_p} must be in (0, 1]")
         if self.max_new_tokens < 1:
             raise ValueError(f"eval max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.chunk < 1:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from r1moe.config import SGLangSection
+from r1moe.config import SamplingConfig, SGLangSection
 
 T = TypeVar("T")
 
@@ -48,15 +48,14 @@ class DataSpec:
 
 
 @dataclass
-class RejectionSpec:
+class RejectionSpec(SamplingConfig):
     """Rejection sampling (R1 §2.3.3): N samples per prompt from `checkpoint`, keep correct + readable ones, mix
     with non-reasoning data at `reasoning_ratio`, deduplicate, write JSONL with provenance."""
 
+    SECTION: ClassVar[str] = "rejection"
     checkpoint: str = ""
     prompts: str = ""
     samples_per_prompt: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
     max_new_tokens: int = 128
     template: str = "r1_zero"
     general: str | None = None
@@ -84,13 +83,14 @@ class RejectionSpec:
 
 
 @dataclass
-class EvalSpec:
+class EvalSpec(SamplingConfig):
+    SECTION: ClassVar[str] = "eval"
+    temperature: float = 0.6
+    top_p: float = 0.95
     checkpoints: dict[str, str] = field(default_factory=dict)
     """Label -> HF checkpoint directory."""
     data: str = ""
     samples: int = 8
-    temperature: float = 0.6
-    top_p: float = 0.95
     max_new_tokens: int = 128
     template: str = "r1_zero"
     templates: dict[str, str] = field(default_factory=dict)

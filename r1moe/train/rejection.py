@@ -173,8 +173,6 @@ def check_spec(spec: RejectionSpec) -> None:
             raise ValueError(f"rejection.{name}={getattr(spec, name)} must be >= 1")
     if spec.max_code_blocks < 0:
         raise ValueError(f"rejection.max_code_blocks={spec.max_code_blocks} must be >= 0")
-    if spec.temperature < 0 or not 0 < spec.top_p <= 1:
-        raise ValueError(f"rejection: temperature={spec.temperature} must be >= 0 and top_p={spec.top_p} in (0, 1]")
     if not 0 < spec.reasoning_ratio <= 1:
         raise ValueError(f"rejection.reasoning_ratio={spec.reasoning_ratio} must be in (0, 1]")
     if not 0 <= spec.min_language_consistency <= 1 or spec.max_tokens < 0:
