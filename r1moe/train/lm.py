@@ -13,7 +13,7 @@ import time
 from tokenizers import Tokenizer
 
 from r1moe.algorithms import compute_sft_loss
-from r1moe.config import JobConfig
+from r1moe.config import JobConfig, TrainSection
 from r1moe.data.tokenizer import special_ids
 from r1moe.plots import plot_run
 from r1moe.progress import progress_bar
@@ -29,10 +29,10 @@ def _masked_ce(logits, targets):
     return compute_sft_loss(logits, targets.clamp(min=0), mask)
 
 
-def _num_steps(cfg: JobConfig, num_rows: int) -> int:
-    if cfg.train.epochs is not None:
-        return max(1, math.ceil(cfg.train.epochs * num_rows / cfg.train.batch_size))
-    return cfg.train.steps
+def _num_steps(train: TrainSection, num_rows: int) -> int:
+    if train.epochs is not None:
+        return max(1, math.ceil(train.epochs * num_rows / train.batch_size))
+    return train.steps
 
 
 def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bool = False) -> dict:
@@ -43,7 +43,7 @@ def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bo
     device = common.setup_torch(cfg)
     pad_id = special_ids(tok)[0]
     rows = pack_examples(examples, cfg.data.seq_len, pad_id)
-    steps = _num_steps(cfg, len(rows))
+    steps = _num_steps(cfg.train, len(rows))
     model = common.build_policy(cfg, tok, device).train()  # a bad model.init fails before the run directory exists
     run_dir = rundir.prepare_run_dir(cfg, resume)
     opt, sched = common.build_optimizer(model, cfg.optim, steps)
@@ -116,7 +116,7 @@ def _train_lm_megatron(cfg: JobConfig, examples: list[Example], tok: Tokenizer, 
     check_megatron_backend(cfg)
     common.setup_torch(cfg)
     rows = unpacked_rows(examples, cfg.data.seq_len, special_ids(tok)[0])
-    steps = _num_steps(cfg, len(rows))
+    steps = _num_steps(cfg.train, len(rows))
     run_dir = rundir.prepare_run_dir(cfg, resume)
     policy = MegatronPolicy(cfg, tok, steps, mtp_weight=cfg.train.mtp_weight,
                             expert_bias_rate=cfg.train.expert_bias_rate)
