@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from r1moe.atomic import write_text_atomic
+from r1moe.parallel.config import ParallelConfig
 
 
 @dataclass
@@ -34,18 +35,14 @@ class ModelSection:
     gradient_checkpointing: bool = False
 
 
-@dataclass
-class ParallelSection:
+@dataclass(frozen=True)
+class ParallelSection(ParallelConfig):
+    """The layout (tp, pp, ep, etp, cp, pp_layers: r1moe.parallel.ParallelConfig, declared and validated there; e.g.
+    DeepSeek-V3's 61 layers over pp=4: pp_layers [16, 16, 16, 13]) plus the backend and its precision settings. It
+    is a ParallelConfig, so the megatron backend takes it as is."""
+
     backend: Literal["reference", "megatron"] = "reference"
     """reference = the pure-PyTorch model (CPU or one GPU); megatron = r1moe.parallel (TP/EP/PP, FP8)."""
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    etp: int | None = None
-    """Expert tensor parallel size; None = tp."""
-    cp: int = 1
-    pp_layers: list[int] | None = None
-    """Explicit decoder layers per pipeline stage (e.g. DeepSeek-V3's 61 layers over pp=4: [16, 16, 16, 13])."""
     fp8: Literal["delayed", "tensorwise", "blockwise"] | None = None
     recompute: Literal["full", "selective"] | None = None
 

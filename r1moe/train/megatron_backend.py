@@ -199,17 +199,11 @@ class MegatronPolicy:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from r1moe.parallel import (
-            MegatronOptions,
-            ParallelConfig,
-            build_mcore_model,
-            build_optimizer,
-            initialize_parallel,
-        )
+        from r1moe.parallel import MegatronOptions, build_mcore_model, build_optimizer, initialize_parallel
 
         p, o = cfg.parallel, cfg.optim
         self.cfg = cfg
-        self.pcfg = ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, cp=p.cp, pp_layers=p.pp_layers)
+        self.pcfg = p  # a ParallelSection is a ParallelConfig
         initialize_parallel(self.pcfg, seed=cfg.train.seed)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
