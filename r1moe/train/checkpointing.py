@@ -63,21 +63,23 @@ def restore_checkpoint(path: Path, model: CausalLM, opt, sched) -> TrainerState:
     """Weights, optimizer, LR schedule and RNG of checkpoints/step_N. The optimizer hyperparameters stay those of
     the current config (`opt` was built from it): a resume allowed to change optim.lr trains with the new LR.
     A corrupt or non-finite checkpoint is a ValueError naming the file (and tensor)."""
-    from safetensors import SafetensorError, safe_open
-
     from r1moe.model import load_hf_tensor
+    from r1moe.model.hf_io import get_tensor, open_safetensors, read_weight_map
 
-    for f in sorted(path.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), "pt") as st:
-                for name in st.keys():  # noqa: SIM118 - a safe_open handle is no dict
-                    t = st.get_tensor(name)
+    try:
+        by_file: dict[str, list[str]] = {}
+        for name, file in read_weight_map(path).items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in by_file.items():
+            f = path / file
+            with open_safetensors(f) as st:
+                for name in names:
+                    t = get_tensor(st, name, f)
                     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                         raise ValueError(f"{f}: tensor {name!r} holds NaN/inf; this checkpoint cannot be resumed")
                     load_hf_tensor(model, name, t)
-        except SafetensorError as e:
-            raise ValueError(f"{f}: not a readable safetensors file ({e}); the checkpoint is truncated or corrupt; "
-                             f"delete {path} to resume from an earlier one") from None
+    except ValueError as e:  # a truncated, garbled or non-finite weight file: say how to go on
+        raise ValueError(f"{e}; delete {path} to resume from an earlier one") from None
     try:
         state = torch.load(path / TRAINER_STATE, weights_only=False)
     except (EOFError, RuntimeError, pickle.UnpicklingError) as e:  # what a truncated or garbled file raises
