@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from r1moe.model import ModelConfig
 
 P1_CFG = ModelConfig(
@@ -100,9 +101,8 @@ def make_batches(cfg: ModelConfig, num: int, mbs: int, seq: int, seed: int = 0) 
 
 
 def r1moe_step_fn(models, opt, batches, cfg):
-    from r1moe.parallel import train_step
-
     from r1moe.algorithms import compute_sft_loss
+    from r1moe.parallel import train_step
 
     den = sum(int(b.mask.sum()) for b in batches)
 

@@ -38,6 +38,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch.distributed as dist
+
     from r1moe.model import build_model, load_hf_tensor
     from r1moe.parallel import (
         MegatronOptions,

@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from r1moe.model import build_model, get_preset, save_pretrained  # noqa: E402
-from r1moe.model.config import count_params  # noqa: E402
+from r1moe.model import build_model, get_preset, save_pretrained
+from r1moe.model.config import count_params
 
 BENCH_CFG = get_preset("tiny-moe").replace(
     vocab_size=32768, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=704, num_hidden_layers=24,
@@ -69,9 +69,10 @@ def bench_engines(ckpt: Path, tok, results: dict) -> None:
     for batch in (64, 256):
         prompts = _prompts(batch)
         sp = {"temperature": 1.0, "max_new_tokens": NEW, "ignore_eos": True}
-        t_raw, outs = _timed(lambda: eng.engine.generate(input_ids=prompts, sampling_params=sp, return_logprob=True))
+        t_raw, outs = _timed(lambda prompts=prompts, sp=sp: eng.engine.generate(input_ids=prompts, sampling_params=sp,
+                                                                             return_logprob=True))
         n_raw = sum(o["meta_info"]["completion_tokens"] for o in outs)
-        t_ours, gens = _timed(lambda: eng.generate(prompts, params))
+        t_ours, gens = _timed(lambda prompts=prompts: eng.generate(prompts, params))
         n_ours = sum(len(g.token_ids) for g in gens)
         results[f"batch{batch}"] = {"sglang_raw_tok_s": round(n_raw / t_raw), "sglang_engine_tok_s": round(n_ours / t_ours),
                                     "sglang_engine_over_raw": round((n_ours / t_ours) / (n_raw / t_raw), 3)}
@@ -86,22 +87,28 @@ def bench_engines(ckpt: Path, tok, results: dict) -> None:
     except (ImportError, OSError, RuntimeError) as e:
         results["weight_sync_megatron_export"] = f"not measured: {type(e).__name__}: {str(e)[:300]}"
     eng.shutdown()
-    del eng
+    eng = None  # drop the engine (not `del`: the timing closures above name it)
     torch.cuda.empty_cache()
     builtin = BuiltinEngine(model, tok, eos_ids=[])
     for batch in (64, 256):
         prompts = _prompts(batch)
-        t_b, gens = _timed(lambda: builtin.generate(prompts, params), repeat=1)
+        t_b, gens = _timed(lambda prompts=prompts: builtin.generate(prompts, params), repeat=1)
         r = results[f"batch{batch}"]
         r["builtin_bf16_tok_s"] = round(sum(len(g.token_ids) for g in gens) / t_b)
         r["sglang_engine_over_builtin"] = round(r["sglang_engine_tok_s"] / r["builtin_bf16_tok_s"], 2)
-    del builtin, model
+    builtin = model = None  # free the GPU memory before the transformers measurement
     torch.cuda.empty_cache()
     results["batch64"]["transformers_generate_tok_s"] = _transformers(ckpt)
 
 
 def _megatron_sync(model, eng) -> dict:
-    from r1moe.parallel import MegatronOptions, ParallelConfig, build_mcore_model, export_hf_weights, initialize_parallel
+    from r1moe.parallel import (
+        MegatronOptions,
+        ParallelConfig,
+        build_mcore_model,
+        export_hf_weights,
+        initialize_parallel,
+    )
 
     pcfg = ParallelConfig()
     initialize_parallel(pcfg, seed=0)
@@ -181,7 +188,7 @@ def main() -> int:
                      ("grpo", lambda: None if a.skip_grpo else bench_grpo(ckpt, root, results))):
         try:
             fn()
-        except Exception as e:  # record what broke and keep the other measurements
+        except Exception as e:  # noqa: BLE001 -- record what broke and keep the other measurements
             results[f"{name}_error"] = f"{type(e).__name__}: {e}"[:2000]
         Path(a.out).write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from r1moe.train.common import write_json_atomic, write_text_atomic
+from r1moe.atomic import write_json_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -26,7 +26,7 @@ GOAL_S = 900
 
 
 def main() -> int:
-    from r1moe.pipeline import load_pipeline
+    from r1moe.stages import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="recipes/tiny/r1.yaml")

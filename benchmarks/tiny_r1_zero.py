@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from r1moe.atomic import write_json_atomic
 from r1moe.tracking import read_metrics
-from r1moe.train.common import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -92,7 +92,7 @@ def main() -> int:
     a = p.parse_args()
     wall = None
     if not a.summarize_only:
-        from r1moe.pipeline import load_pipeline
+        from r1moe.stages import load_pipeline
 
         forced = [arg for s in load_pipeline(a.recipe).stages for arg in ("--force", s.name)]
         t0 = time.perf_counter()

@@ -6,12 +6,12 @@ state dict already uses (per-expert `mlp.experts.{e}.gate_proj.weight`, MTP at `
 
 Loading builds the model on the meta device and streams tensors in shard by shard (`safetensors.safe_open` maps
 the file; one tensor at a time is read), so a large model is never materialised twice. DeepSeek-V3's released FP8
-weights (`float8_e4m3fn` + `<name>_scale_inv`, one float32 scale per 128x128 block) are de-quantized on load with
-the semantics of DeepSeek-V3 `inference/fp8_cast_bf16.py` / `kernel.py:weight_dequant`:
-w[i, j] = fp8[i, j] * scale_inv[i // 128, j // 128], computed in float32, then cast to the model dtype.
+weights (`float8_e4m3fn` + `<name>_scale_inv`, one float32 scale per 128x128 block) are de-quantized on load
+(`hf_io.compute_fp8_dequant`, DeepSeek-V3 `weight_dequant` semantics, in float32), then cast to the model dtype.
+The safetensors files themselves (index, shards, de-quantization) are read and written by `hf_io.py`.
 
-Saving writes into a temporary directory next to the target and renames it into place, so a reader sees either
-the old checkpoint or the complete new one, never a half-written directory.
+Saving writes into a temporary directory next to the target and renames it into place (`r1moe.atomic.atomic_dir`),
+so a reader sees either the old checkpoint or the complete new one, never a half-written directory.
 
     model = from_pretrained("ckpt/", dtype=torch.bfloat16, device="cuda")
     save_pretrained(model, "out/", max_shard_size="5GB", tokenizer=tok, extra_files={"r1moe_meta.json": "{}"})
@@ -20,33 +20,36 @@ the old checkpoint or the complete new one, never a half-written directory.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import secrets
-import shutil
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from r1moe.atomic import file_mode
+from r1moe.atomic import atomic_dir
 
 from .config import ModelConfig
+from .hf_io import (
+    CONFIG_NAME,
+    FP8_DTYPES,
+    INDEX_NAME,
+    SCALE_SUFFIX,
+    SINGLE_FILE,
+    ShardWriter,
+    compute_fp8_dequant,
+    fp8_block_size,
+    get_tensor,
+    open_safetensors,
+    parse_size,
+    read_weight_map,
+    write_json,
+)
 from .transformer import CausalLM, build_model, hf_tensor_slot, load_hf_tensor
 
-CONFIG_NAME = "config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
-SCALE_SUFFIX = "_scale_inv"
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _CORE_FILES = (CONFIG_NAME, INDEX_NAME, GENERATION_CONFIG_NAME)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -64,8 +67,8 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     cfg = ModelConfig.from_json(config_file)
     raw = json.loads(config_file.read_text())
     dtype = dtype if dtype is not None else _config_dtype(raw, config_file)
-    block = _fp8_block_size(raw, config_file)
-    weight_map = _weight_map(path)
+    block = fp8_block_size(raw, config_file)
+    weight_map = read_weight_map(path)
 
     names = set(weight_map)
     scales = {n for n in names if n.endswith(SCALE_SUFFIX) and n[:-len(SCALE_SUFFIX)] in names}
@@ -92,7 +95,7 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         by_file.setdefault(file, []).append(name)
     for file, file_names in by_file.items():
         file_path = path / file
-        with _open_safetensors(file_path) as f:
+        with open_safetensors(file_path) as f:
             present = set(f.keys())
             for name in file_names:
                 if name in scales:
@@ -106,15 +109,19 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     _check_shape(model, name, f.get_slice(name).get_shape(), file_path)
                     loaded.add(name)
                     continue
-                tensor = _get_tensor(f, name, file_path)
+                tensor = get_tensor(f, name, file_path)
                 scale_name = name + SCALE_SUFFIX
                 if (tensor.dtype in FP8_DTYPES) != (scale_name in scales):
                     raise ValueError(f"{file_path}: tensor {name!r} is stored as {tensor.dtype} "
                                      + ("without" if scale_name not in scales else "with")
                                      + f" a {scale_name!r}; only FP8 weights with a block scale are supported")
                 if scale_name in scales:
-                    scale = _read_tensor(path, weight_map[scale_name], scale_name, f if weight_map[scale_name] == file
-                                         else None)
+                    scale_file = weight_map[scale_name]
+                    if scale_file == file:
+                        scale = get_tensor(f, scale_name, file_path)
+                    else:
+                        with open_safetensors(path / scale_file) as g:
+                            scale = get_tensor(g, scale_name, path / scale_file)
                     tensor = compute_fp8_dequant(tensor.to(device), scale.to(device), block, name)
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                     raise ValueError(f"{file_path}: tensor {name!r} holds NaN/inf values; the checkpoint is corrupt "
@@ -143,25 +150,9 @@ def check_checkpoint_files(path: str | os.PathLike) -> None:
     it). Tensor values (NaN/inf) are checked as from_pretrained reads them."""
     path = Path(path)
     ModelConfig.from_json(path / CONFIG_NAME)
-    for file in dict.fromkeys(_weight_map(path).values()):
-        with _open_safetensors(path / file):
+    for file in dict.fromkeys(read_weight_map(path).values()):
+        with open_safetensors(path / file):
             pass
-
-
-def compute_fp8_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
-                        name: str = "weight") -> torch.Tensor:
-    """Block-wise FP8 de-quantization (DeepSeek-V3 `weight_dequant`), in float32:
-    w[i, j] = q[i, j] * s[i // bm, j // bn]."""
-    if weight.dim() != 2:
-        raise ValueError(f"tensor {name!r}: FP8 block de-quantization expects a 2-D weight, got {tuple(weight.shape)}")
-    M, N = weight.shape
-    bm, bn = block
-    want = (math.ceil(M / bm), math.ceil(N / bn))
-    if tuple(scale_inv.shape) != want:
-        raise ValueError(f"tensor {name!r}: {name}{SCALE_SUFFIX} has shape {tuple(scale_inv.shape)}, expected {want} "
-                         f"for a {tuple(weight.shape)} weight in {bm}x{bn} blocks")
-    s = scale_inv.float().repeat_interleave(bm, dim=0)[:M].repeat_interleave(bn, dim=1)[:, :N]
-    return weight.float() * s
 
 
 def _load_one(model: CausalLM, name: str, tensor: torch.Tensor, file_path: Path) -> None:
@@ -184,33 +175,6 @@ def _check_shape(model: CausalLM, name: str, shape: list[int], file_path: Path) 
                          f"{tuple(dst.shape)} from config")
 
 
-def _read_tensor(path: Path, file: str, name: str, handle) -> torch.Tensor:
-    if handle is not None:
-        return _get_tensor(handle, name, path / file)
-    with _open_safetensors(path / file) as f:
-        return _get_tensor(f, name, path / file)
-
-
-@contextmanager
-def _open_safetensors(file_path: Path) -> Iterator[Any]:
-    """safe_open, with a truncated or garbled file (safetensors checks the header against the file size) as a
-    ValueError naming it."""
-    try:
-        handle = safe_open(file_path, framework="pt", device="cpu")
-    except SafetensorError as e:
-        raise ValueError(f"{file_path}: not a readable safetensors file ({e}); the file is truncated or "
-                         f"corrupt") from None
-    with handle as f:
-        yield f
-
-
-def _get_tensor(handle, name: str, file_path: Path) -> torch.Tensor:
-    try:
-        return handle.get_tensor(name)
-    except SafetensorError as e:
-        raise ValueError(f"{file_path}: tensor {name!r} cannot be read ({e}); the file is corrupt") from None
-
-
 def _aliases(model: CausalLM) -> dict[str, str]:
     """Checkpoint names that are copies of another tensor in this model -> the main name."""
     out = dict(model._mtp_copies())
@@ -224,26 +188,6 @@ def _is_mtp(name: str, num_hidden_layers: int) -> bool:
     return m is not None and int(m.group(1)) >= num_hidden_layers
 
 
-def _weight_map(path: Path) -> dict[str, str]:
-    """HF tensor name -> file name, from the index or the single file; every named file must exist."""
-    index = path / INDEX_NAME
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
-        for file in dict.fromkeys(weight_map.values()):
-            if not (path / file).is_file():
-                raise FileNotFoundError(f"{path / file}: shard named in {index} does not exist")
-        return weight_map
-    single = path / SINGLE_FILE
-    if not single.is_file():
-        raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_NAME} found (only safetensors checkpoints "
-                                f"are supported)")
-    with _open_safetensors(single) as f:
-        return dict.fromkeys(f.keys(), SINGLE_FILE)
-
-
 def _config_dtype(raw: dict[str, Any], source: Path) -> torch.dtype:
     for key in ("torch_dtype", "dtype"):
         value = raw.get(key)
@@ -255,14 +199,6 @@ def _config_dtype(raw: dict[str, Any], source: Path) -> torch.dtype:
                              f"{sorted(_DTYPES)} (pass dtype= to override)")
         return _DTYPES[name]
     return torch.float32
-
-
-def _fp8_block_size(raw: dict[str, Any], source: Path) -> tuple[int, int]:
-    qc = raw.get("quantization_config") or {}
-    block = qc.get("weight_block_size") or [128, 128]
-    if len(block) != 2:
-        raise ValueError(f"{source}: quantization_config.weight_block_size={block!r}: expected [rows, cols]")
-    return int(block[0]), int(block[1])
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -292,82 +228,31 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: st
         raise ValueError(f"dtype={dtype}: expected one of {sorted(_DTYPES)}")
     limit = parse_size(max_shard_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()  # not tempfile.mkdtemp: that makes it 0700, and the checkpoint must be readable like any other dir
-    try:
+    with atomic_dir(path) as tmp:
         _write_weights(model, tmp, dtype, limit)
         config = cfg.to_hf_dict()
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
-        _write_json(tmp / CONFIG_NAME, config)
+        write_json(tmp / CONFIG_NAME, config)
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
         if cfg.pad_token_id is not None:
             gen["pad_token_id"] = cfg.pad_token_id
-        _write_json(tmp / GENERATION_CONFIG_NAME, gen)
+        write_json(tmp / GENERATION_CONFIG_NAME, gen)
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp)
         for name, content in (extra_files or {}).items():
             _write_extra(tmp, name, content)
-        _fsync_tree(tmp)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def parse_size(size: str | int) -> int:
-    """Bytes from an int or "5GB" / "500MB" / "2GiB" (decimal units for B/KB/MB/GB, binary for KiB/MiB/GiB)."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        if size <= 0:
-            raise ValueError(f"max_shard_size={size}: must be > 0")
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)\s*", str(size), flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size={size!r}: expected bytes as an int or a string like '5GB' or '500MB'")
-    unit = m.group(2).upper()
-    powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    value = int(float(m.group(1)) * powers[unit])
-    if value <= 0:
-        raise ValueError(f"max_shard_size={size!r}: must be > 0")
-    return value
 
 
 def _tensor_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if name.endswith("e_score_correction_bias") else dtype
 
 
-def _plan_shards(model: CausalLM, dtype: torch.dtype, limit: int) -> tuple[list[list[str]], int]:
-    """Names per shard in state-dict order, greedily filled up to `limit` bytes (a bigger tensor gets a shard)."""
-    shards: list[list[str]] = [[]]
-    size = total = 0
-    for name, t in model.state_dict().items():
-        nbytes = t.numel() * _tensor_dtype(name, dtype).itemsize
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-        total += nbytes
-    return shards, total
-
-
 def _write_weights(model: CausalLM, out: Path, dtype: torch.dtype, limit: int) -> None:
-    shards, total = _plan_shards(model, dtype, limit)
-    n = len(shards)
-    files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    state = model.state_dict()
-    weight_map = {}
-    for file, names in zip(files, shards):
-        # Expert slices and MTP copies share storage with other tensors; safetensors wants each tensor on its own.
-        tensors = {k: state[k].detach().to(device="cpu", dtype=_tensor_dtype(k, dtype), copy=True).contiguous()
-                   for k in names}
-        save_file(tensors, out / file, metadata={"format": "pt"})
-        os.chmod(out / file, file_mode())  # safetensors writes 0600; teammates on a shared cluster must read it
-        del tensors
-        weight_map.update({k: file for k in names})
-    if n > 1:
-        _write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    writer = ShardWriter(out, limit)
+    for name, t in model.state_dict().items():
+        writer.add(name, t.detach().to(dtype=_tensor_dtype(name, dtype)))
+    writer.close()
 
 
 def _write_tokenizer(tokenizer, out: Path) -> None:
@@ -381,7 +266,7 @@ def _write_tokenizer(tokenizer, out: Path) -> None:
 
     tokenizer.save(str(out / "tokenizer.json"))
     # the tokenizer's special tokens (those its checkpoint named, see load_tokenizer) and the R1 chat template
-    _write_json(out / "tokenizer_config.json", build_tokenizer_config(tokenizer))
+    write_json(out / "tokenizer_config.json", build_tokenizer_config(tokenizer))
 
 
 def _write_extra(out: Path, name: str, content: bytes | str) -> None:
@@ -397,40 +282,3 @@ def _write_extra(out: Path, name: str, content: bytes | str) -> None:
         raise ValueError(f"extra_files: {name!r} would overwrite the checkpoint's own {rel.name}")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(content)
-
-
-def _write_json(file: Path, obj: Any) -> None:
-    file.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush file contents and directory entries before the rename publishes them (else a crash right after the
-    rename can leave a complete-looking directory of empty files)."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Rename `tmp` to `path`; an existing `path` is renamed away first and deleted only once the new one is in."""
-    if not path.exists():
-        os.rename(tmp, path)
-        return
-    old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
-    os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-

@@ -140,7 +140,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from an HF config dict. Unknown keys and missing required keys are errors naming the key."""
         d = dict(d)
         model_type = d.get("model_type")
@@ -186,7 +186,7 @@ class ModelConfig:
         return cls(**kwargs)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
             d = json.loads(path.read_text())
@@ -215,7 +215,7 @@ class ModelConfig:
             d["head_dim"] = self.head_dim
         return copy.deepcopy(d)  # callers (transformers.AutoConfig) mutate nested dicts such as rope_scaling
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(copy.deepcopy(self), **changes)
 
 
@@ -227,8 +227,8 @@ _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "h
 
 
 def _dense(model_type: ModelType, **kw: Any) -> ModelConfig:
-    base = dict(model_type=model_type, first_k_dense_replace=0, num_nextn_predict_layers=0,
-                attention_bias=model_type == "qwen2", q_lora_rank=None)
+    base = {"model_type": model_type, "first_k_dense_replace": 0, "num_nextn_predict_layers": 0,
+            "attention_bias": model_type == "qwen2", "q_lora_rank": None}
     base.update(kw)
     return ModelConfig(**base)
 

@@ -336,7 +336,7 @@ class GroupedExperts(nn.Module):
                 state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
 
     def forward(self, x_NH: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
-        N, K = idx_NK.shape
+        K = idx_NK.shape[1]
         flat = idx_NK.reshape(-1)
         order = flat.argsort(stable=True)  # sort (token, slot) pairs by expert: compute touches routed tokens only
         token_of = order // K

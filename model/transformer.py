@@ -12,11 +12,9 @@ main model's (shared, as the paper says) and appear under the MTP names only in 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -119,9 +117,9 @@ class CausalLM(nn.Module):
     def _drop_hf_copies(module, state_dict, prefix, *args):
         for copy_name in module._mtp_copies():
             state_dict.pop(prefix + copy_name, None)
-        if module.cfg.tie_word_embeddings and prefix + "lm_head.weight" not in state_dict:
-            if prefix + "model.embed_tokens.weight" in state_dict:
-                state_dict[prefix + "lm_head.weight"] = state_dict[prefix + "model.embed_tokens.weight"]
+        if (module.cfg.tie_word_embeddings and prefix + "lm_head.weight" not in state_dict
+                and prefix + "model.embed_tokens.weight" in state_dict):
+            state_dict[prefix + "lm_head.weight"] = state_dict[prefix + "model.embed_tokens.weight"]
 
     # -------------------------------------------------------------------- forward
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
@@ -252,11 +250,6 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
 
 
 # ---------------------------------------------------------------------------------------------- HF tensors
-def iter_hf_tensors(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every tensor of the HF checkpoint, expert slices and MTP copies included."""
-    yield from model.state_dict(keep_vars=False).items()
-
-
 def hf_tensor_slot(model: CausalLM, name: str) -> torch.Tensor:
     """The tensor (or the expert slice of a stacked tensor) that the HF tensor `name` is stored in.
     KeyError naming the tensor if the model has no such tensor."""
@@ -292,7 +285,3 @@ def load_hf_tensor(model: CausalLM, name: str, tensor: torch.Tensor) -> None:
     dst.copy_(tensor.to(dst.dtype))
 
 
-def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """log p(target) per position in float32 (used by scoring paths that have only logits)."""
-    return -F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), reduction="none").view(
-        targets_BT.shape)

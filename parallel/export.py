@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+
 from r1moe.model import ModelConfig
 
 from .config import ParallelConfig

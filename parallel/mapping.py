@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
 from r1moe.model import ModelConfig
 
 from .config import ParallelConfig
@@ -120,11 +121,6 @@ def hf_copies(cfg: ModelConfig) -> dict[str, str]:
         out[f"model.layers.{L + j}.embed_tokens.weight"] = "model.embed_tokens.weight"
         out[f"model.layers.{L + j}.shared_head.head.weight"] = head
     return out
-
-
-def is_ignored_hf_name(name: str) -> bool:
-    """HF tensors that carry no weights of ours: FP8 scales (consumed by de-quantization), cached RoPE tables."""
-    return name.endswith(("weight_scale_inv", "rotary_emb.inv_freq"))
 
 
 # ---------------------------------------------------------------------------------------------- entries

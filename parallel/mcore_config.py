@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+
 from r1moe.model import ModelConfig
 
 from .config import ParallelConfig
@@ -44,7 +45,7 @@ class MegatronOptions:
     recompute_modules: tuple[str, ...] = ("core_attn",)
     mtp_loss_scale: float = 0.1
     """lambda of V3 eq. 25 (0.3 early, 0.1 late in V3 pre-training); only used when the model has MTP layers."""
-    bias_update_rate: float = 1e-3
+    expert_bias_rate: float = 1e-3
     """gamma of the aux-loss-free bias update (V3 §2.1.2, 0.001); 0 freezes the routing bias."""
     fused_rope: bool = True
     """Fused MLA RoPE (triton kernel in megatron.core.fusions); the unfused path computes the same rotation."""
@@ -149,7 +150,7 @@ def transformer_config_kwargs(cfg: ModelConfig, pcfg: ParallelConfig, opts: Mega
             moe_layer_freq=[1 if cfg.is_moe_layer(i) else 0 for i in range(L)],
             moe_router_topk=cfg.num_experts_per_tok, moe_router_score_function="sigmoid",
             moe_router_pre_softmax=False, moe_router_topk_scaling_factor=cfg.routed_scaling_factor,
-            moe_router_enable_expert_bias=True, moe_router_bias_update_rate=opts.bias_update_rate,
+            moe_router_enable_expert_bias=True, moe_router_bias_update_rate=opts.expert_bias_rate,
             moe_router_num_groups=groups, moe_router_group_topk=group_topk, moe_router_dtype="fp32",
             moe_router_load_balancing_type="seq_aux_loss" if cfg.aux_loss_alpha > 0 else "none",
             moe_aux_loss_coeff=cfg.aux_loss_alpha, moe_z_loss_coeff=None, moe_input_jitter_eps=None,

@@ -19,10 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from r1moe.model import ModelConfig
+from r1moe.model.hf_io import ShardWriter
 
 from .config import ParallelConfig
-from .hf_io import HFShardWriter
 from .mapping import hf_to_mcore_state, mcore_to_hf_state
 
 FORMAT = "r1moe-mcore-v1"
@@ -103,7 +104,7 @@ def convert_mcore_files_to_hf(path: str | Path, out: str | Path, max_shard_bytes
             return [cache.get(expert_file(pp, ep_rank, x))[entry.mcore] for x in range(pcfg.expert_tp)]
         return [cache.get(dense_file(pp, t))[entry.mcore] for t in range(pcfg.tp)]
 
-    writer = HFShardWriter(out, max_shard_bytes)
+    writer = ShardWriter(out, max_shard_bytes)
     for name, t in mcore_to_hf_state(cfg, pcfg, get_shards):
         writer.add(name, t)
     writer.close()

@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable
 
 import torch
+
 from r1moe.model import ModelConfig
 
 from .config import ParallelConfig
@@ -106,7 +107,7 @@ def build_mcore_model(cfg: ModelConfig, pcfg: ParallelConfig, opts: MegatronOpti
                       hf_weights: Callable[[str], torch.Tensor] | None = None) -> list[torch.nn.Module]:
     """The megatron model chunks of this rank (one chunk: no virtual pipeline stages).
 
-    hf_weights: `get(hf_name) -> full tensor` (parallel/hf_io.py reads an HF directory lazily); loaded before
+    hf_weights: `get(hf_name) -> full tensor` (r1moe.model.hf_io.HFReader reads an HF directory lazily); loaded before
     the DDP wrapper and the optimizer exist, so the optimizer's fp32 master copy starts from these weights.
     wrap_ddp: megatron DDP with the distributed-optimizer grad buffer (needed by train_step; off for scoring).
     """

@@ -1,5 +1,7 @@
-"""Atomic file writes: a temporary file next to the target, then a rename, so a reader sees the old file or the
-whole new one, never half of one.
+"""Atomic writes, the one home of write-to-temp-then-rename in the tree: a temporary file (or directory) next to
+the target, flushed to disk, then renamed onto it, so a reader sees the old file or the whole new one, never half of
+one, and a crash mid-write leaves the old one in place plus a dot-named temp (`.name.*.tmp`, `.name.tmp-*`) that
+a resumed run clears.
 
 The temporary file is created as any file is (mode 0666 less the umask), not with `tempfile.mkstemp`'s 0600 that a
 rename would keep: what lands in a run directory, a dataset or a plot is as readable as the user's umask says, so
@@ -7,12 +9,16 @@ teammates on a shared cluster can read it.
 
     with atomic_open(path, "w") as f:
         f.write(text)
+    with atomic_dir("ckpt/step_10") as tmp:   # a checkpoint directory, replaced as a whole
+        (tmp / "config.json").write_text("{}")
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,3 +64,57 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A new empty directory next to `path` to fill; on a clean exit it is flushed to disk and renamed onto `path`
+    (`publish_dir`), on an exception removed. The parent must exist."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()  # not tempfile.mkdtemp: that makes it 0700, and the result must be readable like any other dir
+    try:
+        yield tmp
+        publish_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish_dir(tmp: Path, path: Path) -> None:
+    """Flush the complete directory `tmp` to disk and rename it onto `path`; an existing `path` is renamed away
+    first and deleted only once the new one is in. For writers that cannot use `atomic_dir`'s `with` block (several
+    ranks fill one temp directory, one publishes it)."""
+    _fsync_tree(tmp)
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush file contents and directory entries before the rename publishes them (else a crash right after the
+    rename can leave a complete-looking directory of empty files)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

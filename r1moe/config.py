@@ -14,12 +14,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from r1moe.atomic import write_text_atomic
+from r1moe.parallel.config import ParallelConfig
 
 
 @dataclass
@@ -34,18 +35,14 @@ class ModelSection:
     gradient_checkpointing: bool = False
 
 
-@dataclass
-class ParallelSection:
+@dataclass(frozen=True)
+class ParallelSection(ParallelConfig):
+    """The layout (tp, pp, ep, etp, cp, pp_layers: r1moe.parallel.ParallelConfig, declared and validated there; e.g.
+    DeepSeek-V3's 61 layers over pp=4: pp_layers [16, 16, 16, 13]) plus the backend and its precision settings. It
+    is a ParallelConfig, so the megatron backend takes it as is."""
+
     backend: Literal["reference", "megatron"] = "reference"
     """reference = the pure-PyTorch model (CPU or one GPU); megatron = r1moe.parallel (TP/EP/PP, FP8)."""
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    etp: int | None = None
-    """Expert tensor parallel size; None = tp."""
-    cp: int = 1
-    pp_layers: list[int] | None = None
-    """Explicit decoder layers per pipeline stage (e.g. DeepSeek-V3's 61 layers over pp=4: [16, 16, 16, 13])."""
     fp8: Literal["delayed", "tensorwise", "blockwise"] | None = None
     recompute: Literal["full", "selective"] | None = None
 
@@ -89,7 +86,8 @@ class TrainSection:
     mtp_weight: float = 0.0
     """lambda of the MTP loss (V3 eq. 25: 0.3 early, 0.1 late in pretraining). 0 disables MTP."""
     expert_bias_rate: float = 0.001
-    """gamma of the aux-loss-free bias update (V3 §4.2: 0.001); 0 freezes the bias."""
+    """gamma of the aux-loss-free bias update (V3 §4.2: 0.001); 0 freezes the bias. The one name of this rate in
+    both backends (megatron: MegatronOptions.expert_bias_rate). GRPO applies it only with algo.update_expert_bias."""
     log_every: int = 1
     eval_every: int = 0
     """Evaluate on data.eval every N steps (and at start and end); 0 = only at the end."""
@@ -154,14 +152,32 @@ class SGLangSection:
 
 
 @dataclass
-class RolloutSection:
+class SamplingConfig:
+    """How completions are sampled: the settings every sampling section shares (rollout, eval, the eval and
+    rejection stages' specs, the engines' SamplingParams), declared and validated here once. A section subclasses
+    it, so its keys stay flat in a recipe (`rollout.temperature`); SECTION names it in errors."""
+
+    SECTION: ClassVar[str] = "sampling"
+    temperature: float = 1.0
+    """Softmax temperature; 0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p; 1 = off."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"{self.SECTION}.temperature={self.temperature} must be >= 0 and finite")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"{self.SECTION}.top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclass
+class RolloutSection(SamplingConfig):
+    SECTION: ClassVar[str] = "rollout"
     engine: Literal["builtin", "sglang"] = "builtin"
     """builtin = the reference model's batched sampler (CPU or one GPU); sglang = SGLang (GPUs, `rollout.sglang`)."""
     sglang: SGLangSection = field(default_factory=SGLangSection)
     group_size: int = 16
     """G outputs per question (R1: 16)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
@@ -196,7 +212,7 @@ class AlgoSection:
     ref_refresh_every: int = 0
     """Replace pi_ref with the current policy every N steps (R1: 400); 0 = never."""
     update_expert_bias: bool = False
-    """Keep updating the aux-loss-free expert bias during RL (off = frozen routing bias)."""
+    """Keep updating the aux-loss-free expert bias during RL, at train.expert_bias_rate (off = frozen routing bias)."""
 
 
 @dataclass
@@ -222,11 +238,12 @@ class RMSection:
 
 
 @dataclass
-class EvalSection:
-    samples: int = 4
-    """K samples per question (R1: 64 for AIME, 16 MATH); pass@1 = mean accuracy over them."""
+class EvalSection(SamplingConfig):
+    SECTION: ClassVar[str] = "eval"
     temperature: float = 0.6
     top_p: float = 0.95
+    samples: int = 4
+    """K samples per question (R1: 64 for AIME, 16 MATH); pass@1 = mean accuracy over them."""
     max_new_tokens: int = 0
     """0 = rollout.max_new_tokens."""
     max_questions: int = 0
@@ -289,12 +306,6 @@ class JobConfig:
             raise ValueError(f"optim.min_lr_ratio={self.optim.min_lr_ratio} must be in [0, 1]")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise ValueError(f"optim.betas={self.optim.betas} must be two numbers in [0, 1)")
-        for sec in ("rollout", "eval"):
-            s = getattr(self, sec)
-            if s.temperature < 0:
-                raise ValueError(f"{sec}.temperature={s.temperature} must be >= 0")
-            if not 0 < s.top_p <= 1:
-                raise ValueError(f"{sec}.top_p={s.top_p} must be in (0, 1]")
         for key in self.checkpoint.allow_config_change:
             if not _is_config_key(self, key):
                 raise ValueError(f"checkpoint.allow_config_change: {key!r} is not a config key or section "
@@ -329,7 +340,7 @@ class JobConfig:
             raise ValueError(f"algo.beta={self.algo.beta} must be >= 0")
         for name, w in self.rewards.weights.items():
             if not isinstance(w, (int, float)):
-                raise ValueError(f"rewards.weights.{name}={w!r} must be a number")
+                raise ValueError(f"rewards.weights.{name}={w!r} must be a number")  # noqa: TRY004 -- a recipe error
 
     @property
     def run_dir(self) -> Path:
@@ -380,7 +391,7 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
             raise FileNotFoundError(f"recipe not found: {path}")
         try:
             layers.append(OmegaConf.load(path))
-        except Exception as e:  # yaml errors carry line numbers in their text
+        except Exception as e:  # noqa: BLE001 -- yaml's and omegaconf's errors both; they carry line numbers
             raise ValueError(f"{path}: invalid YAML: {e}") from None
     try:
         merged = OmegaConf.merge(*layers)
@@ -425,10 +436,6 @@ def _check_steps_or_epochs(cfg: JobConfig, recipe: str | Path | None, layers: li
 
 
 _UNSET = object()
-
-
-def config_to_dict(cfg: JobConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
 
 
 def save_config(cfg: JobConfig, path: str | Path) -> None:

@@ -19,10 +19,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tokenizers import Tokenizer
 
+from r1moe.config import SamplingConfig
 from r1moe.data import PromptSample
 from r1moe.metrics import SampleResult, summarize_eval
 from r1moe.rewards import same_answer
@@ -30,10 +32,11 @@ from r1moe.rollout import RolloutEngine, SamplingParams
 
 
 @dataclass
-class EvalSettings:
-    samples: int = 4
+class EvalSettings(SamplingConfig):
+    SECTION: ClassVar[str] = "eval"
     temperature: float = 0.6
     top_p: float = 0.95
+    samples: int = 4
     max_new_tokens: int = 256
     template: str = "r1_zero"
     stop: tuple[str, ...] = ("</answer>",)
@@ -42,12 +45,9 @@ class EvalSettings:
     """Sequences generated per engine call (bounds memory; one progress tick each)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.samples < 1:
             raise ValueError(f"eval samples={self.samples} must be >= 1")
-        if self.temperature < 0 or not math.isfinite(self.temperature):
-            raise ValueError(f"eval temperature={self.temperature} must be a finite number >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"eval top_p={self.top_p} must be in (0, 1]")
         if self.max_new_tokens < 1:
             raise ValueError(f"eval max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.chunk < 1:
@@ -66,7 +66,8 @@ def grade(completion: str, sample: PromptSample, template: str, num_tokens: int)
 
 def evaluate(engine: RolloutEngine, tok: Tokenizer, samples: list[PromptSample], s: EvalSettings,
              show_progress: bool = True) -> dict[str, float]:
-    from r1moe.train.common import encode_prompt, progress_bar
+    from r1moe.data.prompts import encode_prompt
+    from r1moe.progress import progress_bar
 
     if not samples:
         raise ValueError("evaluation set is empty")
@@ -115,7 +116,7 @@ def check_prompts_fit(tok: Tokenizer, samples: list[PromptSample], s: EvalSettin
                       data: str | Path) -> None:
     """ValueError naming the question when its prompt + max_new_tokens exceeds the model's context (generation
     would run past the positions the model has, after allocating a cache that size)."""
-    from r1moe.train.common import encode_prompt
+    from r1moe.data.prompts import encode_prompt
 
     for i, q in enumerate(samples, 1):
         n = len(encode_prompt(tok, s.template, q.prompt))
@@ -168,7 +169,7 @@ def _check_out(p: argparse.ArgumentParser, out: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from r1moe.train.common import run_cli
+    from r1moe.cli import run_cli
 
     return run_cli("r1moe eval", lambda: _main(argv))
 
@@ -206,7 +207,7 @@ def _main(argv: list[str] | None) -> int:
               **evaluate_checkpoint(a.checkpoint, a.data, s, a.max_questions, a.device, a.engine, sglang)}
     print(json.dumps(result, indent=2))
     if a.out:
-        from r1moe.train.common import write_json_atomic
+        from r1moe.atomic import write_json_atomic
 
         try:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)

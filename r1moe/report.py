@@ -17,11 +17,11 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from r1moe.atomic import write_text_atomic
 from r1moe.tracking import read_metrics
-from r1moe.train.common import write_text_atomic
 
 if TYPE_CHECKING:
-    from r1moe.pipeline import PipelineConfig
+    from r1moe.stages import PipelineConfig
 
 
 def _cons_key(m: dict[str, Any]) -> str | None:
@@ -100,9 +100,9 @@ def check_claims(results: dict[str, dict[str, Any]], roles: dict[str, str]) -> l
     return claims
 
 
-def _curves(p: "PipelineConfig", out: Path) -> list[str]:
+def _curves(p: PipelineConfig, out: Path) -> list[str]:
     """Copy each training stage's PNG curves next to the report; returns markdown lines."""
-    from r1moe.pipeline import stage_output
+    from r1moe.stages import stage_output
 
     lines = []
     for s in p.stages:
@@ -138,7 +138,7 @@ def _rl_summary(run_dir: Path) -> list[str]:
     return [f"- {line}" for line in out]
 
 
-def write_report(p: "PipelineConfig", out: Path) -> dict[str, Any]:
+def write_report(p: PipelineConfig, out: Path) -> dict[str, Any]:
     eval_stage = p.report.get("eval_stage", "eval")
     results_path = Path(p.root) / eval_stage / "results.json"
     if not results_path.is_file():

@@ -62,7 +62,7 @@ class MetricsLogger:
         self.path = self.run_dir / METRICS_FILE
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._start = time.time()
-        # rich's shared console: a progress bar drawn on it (train/common.py) keeps these lines above itself
+        # rich's shared console: a progress bar drawn on it (r1moe/progress.py) keeps these lines above itself
         self._console = get_console() if console else None
         self._wandb_run = None
         if os.environ.get("WANDB_MODE") == "disabled":  # wandb's own switch turns it off for a whole pipeline

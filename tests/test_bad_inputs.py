@@ -41,7 +41,7 @@ class Env:
 
     def stage(self, stage: str, recipe: str, *overrides: str, init: bool = True) -> list[str]:
         base = [f"logging.run_dir={self.ws / 'run'}", "logging.wandb=disabled", "logging.plots=false",
-                "train.steps=1", "train.batch_size=2"]
+                "train.steps=1", "train.epochs=null", "train.batch_size=2"]
         train = {"grpo": "prompts.jsonl", "sft": "sft.jsonl", "pretrain": "corpus.jsonl", "rm": "pairs.jsonl"}[stage]
         base.append(f"data.train={self.data / train}")
         if init:

@@ -7,9 +7,10 @@ import pytest
 import yaml
 
 from r1moe import cli
-from r1moe.pipeline import load_pipeline, run_pipeline
+from r1moe.pipeline import run_pipeline
 from r1moe.report import check_claims
-from r1moe.train.common import DONE_FILE
+from r1moe.stages import load_pipeline
+from r1moe.train.rundir import DONE_FILE
 
 
 def _write(path, obj):

@@ -15,9 +15,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from r1moe.config import JobConfig, load_config
-from r1moe.pipeline import load_pipeline
-from r1moe.rejection import check_spec
+from r1moe.stages import load_pipeline
 from r1moe.train.checks import validate
+from r1moe.train.rejection import check_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))

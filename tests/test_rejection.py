@@ -6,14 +6,15 @@ import json
 
 import pytest
 import torch
-from r1moe.model import build_model, get_preset, save_pretrained
 
 from r1moe.algorithms import compute_sft_loss
 from r1moe.config import SGLangSection
 from r1moe.data import PromptSample, SFTSample, make_cold_start, make_dataset, make_general, read_sft, write_jsonl
+from r1moe.data.prompts import encode, render_prompt
 from r1moe.data.tokenizer import build_tiny_tokenizer, default_corpus
-from r1moe.pipeline import RejectionSpec
-from r1moe.rejection import (
+from r1moe.model import build_model, get_preset, save_pretrained
+from r1moe.stages import RejectionSpec
+from r1moe.train.rejection import (
     FILTERS,
     classify,
     count_code_blocks,
@@ -23,7 +24,6 @@ from r1moe.rejection import (
     mix_records,
     run_rejection_sampling,
 )
-from r1moe.train.common import encode, render_prompt
 
 MATH = PromptSample(prompt="Compute 2 + 3", answer="5", kind="math", task="arithmetic")
 GOOD = "<think>\nWe need to compute 2 + 3.\nSo the answer is 5.\n</think>\n<answer>5</answer>"
@@ -93,11 +93,11 @@ def test_code_answer_is_not_a_code_block_in_the_chain_of_thought():
 
 
 def test_filters_order_is_documented():
-    import r1moe.rejection
+    import r1moe.train.rejection
 
     assert FILTERS == ("incorrect", "malformed", "language_mixing", "long_paragraph", "code_block", "overlong",
                        "repetition")
-    doc = r1moe.rejection.__doc__
+    doc = r1moe.train.rejection.__doc__
     assert [name for name in FILTERS if f"    {name} " in doc] == list(FILTERS)
 
 
@@ -275,3 +275,31 @@ def test_bad_spec_and_general_template_mismatch(memorised, tmp_path):
     write_jsonl(tmp_path / "general.jsonl", [SFTSample(prompt="p", response="r", meta={"template": "r1_zero"})])
     with pytest.raises(ValueError, match="meta.template='r1_zero'"):
         run_rejection_sampling(RejectionSpec(**base, general=str(tmp_path / "general.jsonl")), tmp_path)
+
+
+def test_rejection_and_eval_are_commands_like_the_other_stages(memorised, tmp_path, capsys):
+    """`r1moe rejection RECIPE --out DIR` and `r1moe eval RECIPE --out DIR` run the functions the pipeline runs,
+    mark DIR complete, refuse a complete DIR and name a bad key."""
+    from r1moe import cli
+
+    root, _, _ = memorised
+    recipe = tmp_path / "rejection.yaml"
+    recipe.write_text(f"checkpoint: {root / 'ckpt'}\nprompts: {root / 'prompts.jsonl'}\ntemplate: chat\n"
+                      f"temperature: 0.0\nmax_new_tokens: 96\n")
+    out = tmp_path / "rs"
+    assert cli.main(["rejection", str(recipe), "samples_per_prompt=2", "--out", str(out)]) == 0
+    done = json.loads((out / "DONE.json").read_text())
+    assert done["stage"] == "rejection" and done["samples"] == 6 and done["kept"] == 1
+    assert len(read_sft(out / "sft.jsonl")) == 1
+    assert cli.main(["rejection", str(recipe), "--out", str(out)]) == 2
+    assert "already holds a complete rejection run" in capsys.readouterr().err
+    assert cli.main(["rejection", str(recipe), "no_such_key=1", "--out", str(tmp_path / "x")]) == 2
+    assert "no_such_key" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(f"checkpoints: {{memorised: {root / 'ckpt'}}}\ndata: {root / 'prompts.jsonl'}\nsamples: 1\n"
+                      f"max_new_tokens: 8\ntemplate: chat\n")
+    assert cli.main(["eval", str(recipe), "--out", str(tmp_path / "ev")]) == 0
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert set(results) == {"memorised"} and 0 <= results["memorised"]["pass@1"] <= 1
+    assert json.loads((tmp_path / "ev" / "DONE.json").read_text())["results"] == str(tmp_path / "ev" / "results.json")

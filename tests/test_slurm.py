@@ -41,10 +41,9 @@ def launch(script: str, *args: str, env: dict[str, str], timeout: float = 120) -
 @pytest.fixture(scope="module")
 def tiny_inputs(tmp_path_factory) -> dict[str, Path]:
     """A random tiny-moe checkpoint with the tiny tokenizer, and a few arithmetic prompts."""
-    from r1moe.model import build_model, get_preset, save_pretrained
-
     from r1moe.data import make_dataset, write_jsonl
     from r1moe.data.tokenizer import build_tiny_tokenizer, default_corpus
+    from r1moe.model import build_model, get_preset, save_pretrained
 
     d = tmp_path_factory.mktemp("slurm_inputs")
     tok = build_tiny_tokenizer(default_corpus(num_per_task=20), vocab_size=512)

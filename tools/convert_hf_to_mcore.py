@@ -15,8 +15,10 @@ import sys
 import time
 
 import torch
+
 from r1moe.model import ModelConfig
-from r1moe.parallel import HFReader, ParallelConfig
+from r1moe.model.hf_io import HFReader
+from r1moe.parallel import ParallelConfig
 from r1moe.parallel.mcore_files import write_mcore_files
 
 

@@ -30,15 +30,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-# Re-exported: the API was first specified as one grpo module, and the training loops may import from here.
-from r1moe.algorithms.logprobs import compute_token_logprobs  # noqa: F401
-from r1moe.algorithms.losses import (  # noqa: F401
-    compute_bradley_terry_loss,
-    compute_expert_bias_update,
-    compute_mtp_loss,
-    compute_sft_loss,
-)
-
 Aggregation = Literal["seq_mean_group_mean", "token_mean", "seq_sum_norm"]
 AGGREGATIONS: tuple[str, ...] = ("seq_mean_group_mean", "token_mean", "seq_sum_norm")
 
@@ -169,7 +160,6 @@ def compute_grpo_loss(
     eps_high: float | None = None,
     agg: Aggregation = "seq_mean_group_mean",
     norm_const: float | None = None,
-    group_size: int | None = None,
     loss_denominator: Tensor | float | None = None,
 ) -> tuple[Tensor, GRPOStats]:
     """-J of eq. (1) on a batch of B response sequences (right-padded, `mask_BT` true on response tokens).
@@ -180,7 +170,6 @@ def compute_grpo_loss(
     agg: "seq_mean_group_mean" (the paper: (1/|o_i|) sum_t, then mean over the G outputs and the groups; with
         equal-size groups this is the mean over sequences), "token_mean" (DAPO: every token weighs the same),
         "seq_sum_norm" (Dr. GRPO: sum_t / norm_const, e.g. the max generation length, then mean over sequences).
-    group_size: if given, checks that B is whole groups (dynamic sampling must drop whole groups).
     loss_denominator: units to divide by instead of this batch's own count (gradient accumulation, see module
         docstring).
 
@@ -206,8 +195,6 @@ def compute_grpo_loss(
             f"shapes: logp {tuple(logp_BT.shape)}, mask {tuple(mask_BT.shape)}, advantages "
             f"{tuple(advantages_B.shape)}; expected [B, T], [B, T], [B]"
         )
-    if group_size is not None and num_seqs % group_size != 0:
-        raise ValueError(f"batch of {num_seqs} sequences is not whole groups of group_size={group_size}")
 
     mask_BT = mask_BT.bool()
     logp_BT = logp_BT.float()

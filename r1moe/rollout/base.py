@@ -13,6 +13,8 @@ from typing import Literal, Protocol
 
 import torch
 
+from r1moe.config import SamplingConfig
+
 FinishReason = Literal["eos", "stop", "length"]
 
 
@@ -22,10 +24,9 @@ class NonFiniteError(RuntimeError):
 
 
 @dataclass
-class SamplingParams:
-    temperature: float = 1.0
-    """0 = greedy."""
-    top_p: float = 1.0
+class SamplingParams(SamplingConfig):
+    """One engine call's sampling (temperature, top_p: SamplingConfig)."""
+
     top_k: int = 0
     """0 = no top-k filtering."""
     max_new_tokens: int = 256

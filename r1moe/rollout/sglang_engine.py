@@ -97,12 +97,13 @@ class SGLangEngine:
         self.eos_ids = sorted(set(eos_ids))
         self.settings = settings
         self.colocate = settings.colocate
-        kwargs = dict(model_path=str(model_path), tp_size=settings.tp, dp_size=settings.dp, ep_size=settings.ep,
-                      mem_fraction_static=settings.mem_fraction_static, attention_backend=settings.attention_backend,
-                      sampling_backend=settings.sampling_backend, grammar_backend="none", skip_tokenizer_init=True,
-                      dtype=settings.dtype, random_seed=seed, log_level=settings.log_level,
-                      context_length=settings.context_length or context_length,
-                      enable_memory_saver=settings.colocate, load_format="dummy" if dummy_weights else "auto")
+        kwargs = {"model_path": str(model_path), "tp_size": settings.tp, "dp_size": settings.dp,
+                  "ep_size": settings.ep, "mem_fraction_static": settings.mem_fraction_static,
+                  "attention_backend": settings.attention_backend, "sampling_backend": settings.sampling_backend,
+                  "grammar_backend": "none", "skip_tokenizer_init": True, "dtype": settings.dtype,
+                  "random_seed": seed, "log_level": settings.log_level,
+                  "context_length": settings.context_length or context_length,
+                  "enable_memory_saver": settings.colocate, "load_format": "dummy" if dummy_weights else "auto"}
         if settings.cuda_graph_max_bs:
             kwargs["cuda_graph_max_bs_decode"] = settings.cuda_graph_max_bs
         else:

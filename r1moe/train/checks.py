@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from r1moe.config import JobConfig
+from r1moe.config import JobConfig, ParallelSection
 
 
 def check_megatron_config(cfg: JobConfig) -> None:
@@ -23,10 +23,9 @@ def check_megatron_config(cfg: JobConfig) -> None:
                          f"ranks; use parallel.cp=1 with parallel.backend=megatron")
 
 
-def check_reference_config(cfg: JobConfig) -> None:
+def check_reference_config(p: ParallelSection) -> None:
     """The reference backend runs one model on one device: a parallel layout would have no effect, so it is an
     error naming the key."""
-    p = cfg.parallel
     unused = [f"parallel.{name}={getattr(p, name)}" for name, default in
               (("tp", 1), ("pp", 1), ("ep", 1), ("cp", 1), ("etp", None), ("pp_layers", None), ("fp8", None),
                ("recompute", None)) if getattr(p, name) != default]
@@ -93,5 +92,5 @@ def validate(cfg: JobConfig) -> None:
     if cfg.parallel.backend == "megatron":
         check_megatron_config(cfg)
     else:
-        check_reference_config(cfg)
+        check_reference_config(cfg.parallel)
     STAGE_CHECKS[cfg.stage](cfg)

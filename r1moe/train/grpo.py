@@ -23,13 +23,17 @@ import time
 import torch
 
 from r1moe.algorithms import compute_advantages, filter_groups
+from r1moe.cli import stage_main
 from r1moe.config import JobConfig
 from r1moe.data import PromptSample, read_prompts
+from r1moe.data.prompts import encode_prompt
+from r1moe.data.tokenizer import special_ids
 from r1moe.evaluate import EvalSettings, evaluate
 from r1moe.plots import plot_run
+from r1moe.progress import progress_bar
 from r1moe.rollout import BuiltinEngine, RolloutEngine, SamplingParams
 
-from . import common
+from . import common, rundir
 from .guard import NonFiniteGuard
 from .policy import Policy, ReferencePolicy, build_rl_batch
 
@@ -67,7 +71,7 @@ def _load(cfg: JobConfig):
         raise ValueError("grpo needs a tokenizer: set model.init to a checkpoint with tokenizer.json")
     for step, train in phases.items():
         for s in train[:1000]:
-            n = len(common.encode_prompt(tok, cfg.data.template, s.prompt))
+            n = len(encode_prompt(tok, cfg.data.template, s.prompt))
             if n > cfg.data.max_prompt_tokens:
                 raise ValueError(f"{files[step]}: prompt {s.id or s.prompt[:40]!r} is {n} tokens > "
                                  f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}")
@@ -113,13 +117,13 @@ def build_policy(cfg: JobConfig, tok, device: torch.device) -> Policy:
         from .megatron_backend import MegatronPolicy
 
         return MegatronPolicy(cfg, tok, updates, mtp_weight=0.0, with_ref=cfg.algo.beta > 0, aux_loss=False,
-                              bias_rate=cfg.train.expert_bias_rate if cfg.algo.update_expert_bias else 0.0)
+                              expert_bias_rate=cfg.train.expert_bias_rate if cfg.algo.update_expert_bias else 0.0)
     return ReferencePolicy(cfg, tok, device, updates)
 
 
 def build_engine(cfg: JobConfig, policy: Policy, tok, run_dir) -> RolloutEngine | None:
     """The rollout engine of rank 0 (None on other ranks with SGLang: they receive rank 0's rollouts)."""
-    pad, _, eos = common.special_ids(tok)
+    pad, _, eos = special_ids(tok)
     eos_ids = sorted({eos, *policy.model_cfg.eos_ids})
     if cfg.rollout.engine == "builtin":
         return BuiltinEngine(policy.rollout_model(), tok, eos_ids=eos_ids, pad_id=pad,
@@ -158,14 +162,14 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
         weights["safety_model"] = cfg.rewards.safety_model_weight
     a, ro = cfg.algo, cfg.rollout
     device = common.setup_torch(cfg)
-    run_dir = common.prepare_run_dir(cfg, resume)
+    run_dir = rundir.prepare_run_dir(cfg, resume)
     policy = (policy_factory or build_policy)(cfg, tok, device)
     start = policy.restore(run_dir) if resume else 0
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, what="grpo")
     guard.load_state_dict(policy.trainer_extra.get("nonfinite", {}))
     engine = (engine_factory or build_engine)(cfg, policy, tok, run_dir)
     policy.export_to(engine)  # the engine starts from the policy's weights (resumed ones included)
-    pad = common.special_ids(tok)[0]
+    pad = special_ids(tok)[0]
     prefix = completion_prefix(cfg.data.template) if cfg.data.template != "none" else ""
     params = SamplingParams(temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k,
                             max_new_tokens=ro.max_new_tokens, stop=list(ro.stop))
@@ -185,7 +189,7 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
             evals[step] = policy.broadcast(result)
             logger.log(step, {f"eval/{k}": v for k, v in evals[step].items()})
 
-    with logger, common.progress_bar("grpo", cfg.train.steps, start) as advance:
+    with logger, progress_bar("grpo", cfg.train.steps, start) as advance:
         if start == 0:
             run_eval(0)
         for step in range(start + 1, cfg.train.steps + 1):
@@ -194,7 +198,7 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
             norm_const = a.norm_const or float(params.max_new_tokens)
             questions = sampler.batch(step, Q)
             owners = [q for q in questions for _ in range(G)]
-            prompts = [common.encode_prompt(tok, cfg.data.template, q.prompt) for q in owners]
+            prompts = [encode_prompt(tok, cfg.data.template, q.prompt) for q in owners]
             params.seed = cfg.train.seed * 1_000_003 + step
             gens = policy.broadcast(engine.generate(prompts, params) if engine is not None else None)
             if engine is not None:
@@ -250,7 +254,7 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.stage_main("grpo", run, argv)
+    return stage_main("grpo", run, argv)
 
 
 if __name__ == "__main__":

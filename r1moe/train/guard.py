@@ -31,8 +31,6 @@ import torch
 from r1moe.rollout.base import NonFiniteError  # one class for the trainers and the rollout engines
 
 
-
-
 @dataclass
 class StepOutcome:
     grad_norm: float

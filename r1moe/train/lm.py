@@ -13,11 +13,13 @@ import time
 from tokenizers import Tokenizer
 
 from r1moe.algorithms import compute_sft_loss
-from r1moe.config import JobConfig
+from r1moe.config import JobConfig, TrainSection
+from r1moe.data.tokenizer import special_ids
 from r1moe.plots import plot_run
+from r1moe.progress import progress_bar
 from r1moe.tracking import MetricsLogger
 
-from . import common
+from . import checkpointing, common, rundir
 from .guard import NonFiniteGuard
 from .packing import IGNORE, Example, iterate_batches, mtp_targets, pack_examples
 
@@ -27,10 +29,10 @@ def _masked_ce(logits, targets):
     return compute_sft_loss(logits, targets.clamp(min=0), mask)
 
 
-def _num_steps(cfg: JobConfig, num_rows: int) -> int:
-    if cfg.train.epochs is not None:
-        return max(1, math.ceil(cfg.train.epochs * num_rows / cfg.train.batch_size))
-    return cfg.train.steps
+def _num_steps(train: TrainSection, num_rows: int) -> int:
+    if train.epochs is not None:
+        return max(1, math.ceil(train.epochs * num_rows / train.batch_size))
+    return train.steps
 
 
 def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bool = False) -> dict:
@@ -39,16 +41,16 @@ def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bo
     if cfg.parallel.backend == "megatron":
         return _train_lm_megatron(cfg, examples, tok, resume)
     device = common.setup_torch(cfg)
-    pad_id = common.special_ids(tok)[0]
+    pad_id = special_ids(tok)[0]
     rows = pack_examples(examples, cfg.data.seq_len, pad_id)
-    steps = _num_steps(cfg, len(rows))
+    steps = _num_steps(cfg.train, len(rows))
     model = common.build_policy(cfg, tok, device).train()  # a bad model.init fails before the run directory exists
-    run_dir = common.prepare_run_dir(cfg, resume)
+    run_dir = rundir.prepare_run_dir(cfg, resume)
     opt, sched = common.build_optimizer(model, cfg.optim, steps)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, what=cfg.stage)
     start = 0
-    if resume and (ckpt := common.latest_checkpoint(run_dir)) is not None:
-        state = common.restore_checkpoint(ckpt, model, opt, sched)
+    if resume and (ckpt := rundir.latest_checkpoint(run_dir)) is not None:
+        state = checkpointing.restore_checkpoint(ckpt, model, opt, sched)
         start = state.step
         guard.load_state_dict(state.extra.get("nonfinite", {}))
     batches = iterate_batches(rows, cfg.train.batch_size, cfg.train.seed, start_step=start)
@@ -57,7 +59,7 @@ def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bo
     logger = MetricsLogger(run_dir, project=cfg.logging.project, run_name=cfg.name, wandb_mode=cfg.logging.wandb,
                            config=common.config_dict(cfg))
     last: dict = {}
-    with logger, common.progress_bar(cfg.stage, steps, start) as advance:
+    with logger, progress_bar(cfg.stage, steps, start) as advance:
         for step in range(start + 1, steps + 1):
             t0 = time.perf_counter()
             batch = next(batches).to(device)
@@ -96,14 +98,14 @@ def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bo
             if step % cfg.train.log_every == 0 or step == steps:
                 logger.log(step, last)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
-                common.save_checkpoint(run_dir, step, model, tok, opt, sched, {"nonfinite": guard.state_dict()},
-                                       cfg.checkpoint.keep)
+                checkpointing.save_checkpoint(run_dir, step, model, tok, opt, sched,
+                                              {"nonfinite": guard.state_dict()}, cfg.checkpoint.keep)
             advance(f"{cfg.stage} loss {loss_sum:.3f}")
     if cfg.logging.plots:
         plot_run(run_dir)
     summary = {"stage": cfg.stage, "steps": steps, "final_loss": last.get("train/loss"), "rows": len(rows),
                "nonfinite_steps_skipped": guard.num_skipped}
-    common.finalize(run_dir, model, tok, summary)
+    checkpointing.finalize(run_dir, model, tok, summary)
     return summary
 
 
@@ -113,16 +115,17 @@ def _train_lm_megatron(cfg: JobConfig, examples: list[Example], tok: Tokenizer, 
 
     check_megatron_backend(cfg)
     common.setup_torch(cfg)
-    rows = unpacked_rows(examples, cfg.data.seq_len, common.special_ids(tok)[0])
-    steps = _num_steps(cfg, len(rows))
-    run_dir = common.prepare_run_dir(cfg, resume)
-    policy = MegatronPolicy(cfg, tok, steps, mtp_weight=cfg.train.mtp_weight, bias_rate=cfg.train.expert_bias_rate)
+    rows = unpacked_rows(examples, cfg.data.seq_len, special_ids(tok)[0])
+    steps = _num_steps(cfg.train, len(rows))
+    run_dir = rundir.prepare_run_dir(cfg, resume)
+    policy = MegatronPolicy(cfg, tok, steps, mtp_weight=cfg.train.mtp_weight,
+                            expert_bias_rate=cfg.train.expert_bias_rate)
     start = policy.restore(run_dir) if resume else 0
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, what=cfg.stage)
     guard.load_state_dict(policy.trainer_extra.get("nonfinite", {}))
     batches = iterate_batches(rows, cfg.train.batch_size, cfg.train.seed, start_step=start)
     last: dict = {}
-    with policy.build_logger(cfg, run_dir) as logger, common.progress_bar(cfg.stage, steps, start) as advance:
+    with policy.build_logger(cfg, run_dir) as logger, progress_bar(cfg.stage, steps, start) as advance:
         for step in range(start + 1, steps + 1):
             last = policy.train_step_lm(next(batches), guard, step)
             if step % cfg.train.log_every == 0 or step == steps:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -51,11 +50,13 @@ import torch
 from tokenizers import Tokenizer
 
 from r1moe.algorithms import compute_grpo_loss, compute_loss_denominator, compute_sft_loss, compute_token_logprobs
+from r1moe.atomic import publish_dir
 from r1moe.config import AlgoSection, JobConfig
+from r1moe.data.tokenizer import special_ids
 from r1moe.model import ModelConfig
 from r1moe.tracking import MetricsLogger
 
-from . import common
+from . import checkpointing, common, rundir
 from .checks import check_megatron_config
 from .guard import NonFiniteError, NonFiniteGuard
 from .packing import IGNORE, Example, PackedBatch, pack_examples
@@ -164,7 +165,7 @@ def _num(x: float | None) -> float:
 def _model_config_and_weights(cfg: JobConfig, tok: Tokenizer, device: torch.device
                               ) -> tuple[ModelConfig, Callable[[str], torch.Tensor]]:
     """The architecture and a `get(hf_name) -> tensor` for its initial weights."""
-    from r1moe.parallel import HFReader
+    from r1moe.model.hf_io import HFReader
 
     init = common.init_checkpoint_dir(cfg)
     if init is None:  # random init: exactly the reference backend's (same preset, overrides, seed, device)
@@ -192,29 +193,23 @@ class MegatronPolicy:
     """The trained policy on r1moe.parallel (the train/policy.py Policy protocol, and the LM stages' trainer).
     Every method is collective: all ranks call it together."""
 
-    def __init__(self, cfg: JobConfig, tok: Tokenizer, total_updates: int, *, mtp_weight: float, bias_rate: float,
+    def __init__(self, cfg: JobConfig, tok: Tokenizer, total_updates: int, *, mtp_weight: float, expert_bias_rate: float,
                  with_ref: bool = False, aux_loss: bool = True):
         check_megatron_backend(cfg)
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from r1moe.parallel import (
-            MegatronOptions,
-            ParallelConfig,
-            build_mcore_model,
-            build_optimizer,
-            initialize_parallel,
-        )
+        from r1moe.parallel import MegatronOptions, build_mcore_model, build_optimizer, initialize_parallel
 
         p, o = cfg.parallel, cfg.optim
         self.cfg = cfg
-        self.pcfg = ParallelConfig(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, cp=p.cp, pp_layers=p.pp_layers)
+        self.pcfg = p  # a ParallelSection is a ParallelConfig
         initialize_parallel(self.pcfg, seed=cfg.train.seed)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self._host = None  # the reference CausalLM a built-in engine samples from (rollout_model)
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        self.pad_id = common.special_ids(tok)[0]
+        self.pad_id = special_ids(tok)[0]
         gpu = torch.device("cuda", torch.cuda.current_device())  # initialize_parallel set it from LOCAL_RANK
         self.model_cfg, get_hf = _model_config_and_weights(cfg, tok, gpu)
         # the reference GRPO loss has no balance term (sequence_logprobs ignores aux_loss): keep megatron's off too
@@ -222,7 +217,7 @@ class MegatronPolicy:
                                                                   "moe_router_load_balancing_type": "none"}
         self.mtp_on = mtp_weight > 0 and self.model_cfg.num_nextn_predict_layers > 0
         opts = MegatronOptions(fp8=p.fp8, recompute=p.recompute, mtp_loss_scale=mtp_weight,
-                               bias_update_rate=bias_rate, extra=extra)
+                               expert_bias_rate=expert_bias_rate, extra=extra)
         self.models = build_mcore_model(self.model_cfg, self.pcfg, opts, hf_weights=get_hf)
         self.ref_models = (build_mcore_model(self.model_cfg, self.pcfg, opts, wrap_ddp=False, hf_weights=get_hf)
                            if with_ref else None)
@@ -447,7 +442,7 @@ class MegatronPolicy:
 
         self._export(load if host is not None else None)
         if self.rank == 0:
-            common.finalize(run_dir, host, tok, {**summary, "backend": "megatron"})
+            checkpointing.finalize(run_dir, host, tok, {**summary, "backend": "megatron"})
         dist.barrier()
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -473,10 +468,9 @@ class MegatronPolicy:
             save_dist_checkpoint(self.ref_models, None, tmp / "ref", step=step)
         dist.barrier()
         if self.rank == 0:
-            torch.save({"step": step, "num_updates": self.num_updates, "rng": common._rng_state(),
-                        "backend": "megatron", "extra": extra or {}}, tmp / common.TRAINER_STATE)
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
+            torch.save({"step": step, "num_updates": self.num_updates, "rng": checkpointing._rng_state(),
+                        "backend": "megatron", "extra": extra or {}}, tmp / rundir.TRAINER_STATE)
+            publish_dir(tmp, path)
             for old in sorted(root.glob("step_*"))[:-max(1, self.cfg.checkpoint.keep)]:
                 shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
@@ -486,19 +480,19 @@ class MegatronPolicy:
         """Load the newest complete checkpoint (model, optimizer, reference, schedule, RNG); its step, 0 if none."""
         from r1moe.parallel import load_dist_checkpoint
 
-        ckpt = common.latest_checkpoint(run_dir)
+        ckpt = rundir.latest_checkpoint(run_dir)
         if ckpt is None:
             return 0
         if not (ckpt / "dist").is_dir():
             raise ValueError(f"{ckpt}: not a megatron checkpoint (written with parallel.backend=reference?); resume "
                              f"with the backend that wrote it")
-        state = torch.load(ckpt / common.TRAINER_STATE, weights_only=False)
+        state = torch.load(ckpt / rundir.TRAINER_STATE, weights_only=False)
         load_dist_checkpoint(self.models, self.optimizer, ckpt / "dist")
         if self.ref_models is not None and (ckpt / "ref").is_dir():
             load_dist_checkpoint(self.ref_models, None, ckpt / "ref")
         self.num_updates = state["num_updates"]
         self.trainer_extra = state.get("extra", {})
-        common._set_rng_state(state["rng"])
+        checkpointing._set_rng_state(state["rng"])
         return state["step"]
 
     def build_logger(self, cfg: JobConfig, run_dir: Path) -> MetricsLogger | NullLogger:

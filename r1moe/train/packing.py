@@ -34,7 +34,7 @@ class PackedBatch:
     segment_ids_RT: torch.Tensor
     """Example index within the row; padding gets its own segment (-1)."""
 
-    def to(self, device: torch.device) -> "PackedBatch":
+    def to(self, device: torch.device) -> PackedBatch:
         return PackedBatch(self.input_ids_RT.to(device), self.targets_RT.to(device), self.segment_ids_RT.to(device))
 
     @property

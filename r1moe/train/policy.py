@@ -27,7 +27,7 @@ from r1moe.model import CausalLM, ModelConfig
 from r1moe.rollout import Generation
 from r1moe.tracking import MetricsLogger
 
-from . import common
+from . import checkpointing, common, rundir
 from .guard import NonFiniteGuard
 
 
@@ -195,21 +195,21 @@ class ReferencePolicy:
         extra = dict(extra or {})
         if self.ref is not None and self.cfg.algo.ref_refresh_every:
             extra["ref"] = self.ref.state_dict()
-        common.save_checkpoint(run_dir, step, self.model, self.tok, self.opt, self.sched, extra,
-                               self.cfg.checkpoint.keep)
+        checkpointing.save_checkpoint(run_dir, step, self.model, self.tok, self.opt, self.sched, extra,
+                                      self.cfg.checkpoint.keep)
 
     def restore(self, run_dir: Path) -> int:
-        ckpt = common.latest_checkpoint(run_dir)
+        ckpt = rundir.latest_checkpoint(run_dir)
         if ckpt is None:
             return 0
-        state = common.restore_checkpoint(ckpt, self.model, self.opt, self.sched)
+        state = checkpointing.restore_checkpoint(ckpt, self.model, self.opt, self.sched)
         self.trainer_extra = state.extra
         if self.ref is not None and "ref" in state.extra:
             self.ref.load_state_dict(state.extra["ref"])
         return state.step
 
     def save_final(self, run_dir: Path, tok: Tokenizer, summary: dict[str, Any]) -> None:
-        common.finalize(run_dir, self.model, tok, summary)
+        checkpointing.finalize(run_dir, self.model, tok, summary)
 
     def build_logger(self, cfg: JobConfig, run_dir: Path) -> MetricsLogger:
         return MetricsLogger(run_dir, project=cfg.logging.project, run_name=cfg.name, wandb_mode=cfg.logging.wandb,

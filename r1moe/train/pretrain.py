@@ -16,8 +16,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from r1moe.cli import stage_main
 from r1moe.config import JobConfig
+from r1moe.data.prompts import bos_prefix, encode, render_prompt
 from r1moe.data.schema import iter_lines
+from r1moe.data.tokenizer import special_ids
 
 from . import checks, common
 from .lm import train_lm
@@ -42,9 +45,9 @@ def read_corpus(path: str | Path, template: str) -> list[tuple[str, str]]:
             if isinstance(rec, dict) and isinstance(rec.get("text"), str):
                 docs.append(("", rec["text"]))
             elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
-                docs.append((common.render_prompt(template, rec["prompt"]), rec["response"]))
+                docs.append((render_prompt(template, rec["prompt"]), rec["response"]))
             else:
-                raise ValueError(f"{where}: expected a string field 'text' or 'prompt' + 'response'")
+                raise ValueError(f"{where}: expected a string field 'text' or 'prompt' + 'response'")  # noqa: TRY004
     else:
         text = "".join(line for _, line in lines).replace("\r\n", "\n")
         docs = [("", d.strip()) for d in text.split("\n\n") if d.strip()]
@@ -54,12 +57,12 @@ def read_corpus(path: str | Path, template: str) -> list[tuple[str, str]]:
 
 
 def build_examples(docs: list[tuple[str, str]], tok: Tokenizer, loss_on_prefix: bool) -> list[Example]:
-    eos = common.special_ids(tok)[2]
-    start = common.bos_prefix(tok)
+    eos = special_ids(tok)[2]
+    start = bos_prefix(tok)
     out = []
     for prefix, text in docs:
-        p = common.encode(tok, prefix) if prefix else []
-        r = common.encode(tok, text)
+        p = encode(tok, prefix) if prefix else []
+        r = encode(tok, text)
         ids = start + p + r + [eos]
         mask = [False] * len(start) + [loss_on_prefix] * len(p) + [True] * (len(r) + 1)
         out.append(Example(ids, mask))
@@ -82,7 +85,7 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.stage_main("pretrain", run, argv)
+    return stage_main("pretrain", run, argv)
 
 
 if __name__ == "__main__":

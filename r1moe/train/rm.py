@@ -50,13 +50,17 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from r1moe.algorithms import compute_bradley_terry_loss
+from r1moe.cli import stage_main
 from r1moe.config import JobConfig
 from r1moe.data import PreferencePair, PromptSample, SafetySample, read_pairs, read_safety
+from r1moe.data.prompts import encode, encode_prompt
+from r1moe.data.tokenizer import special_ids
 from r1moe.model import CausalLM
+from r1moe.progress import progress_bar
 from r1moe.templates import THINK_CLOSE, completion_prefix
 from r1moe.tracking import MetricsLogger
 
-from . import checks, common
+from . import checkpointing, checks, common, rundir
 from .guard import NonFiniteGuard, check_finite_state_dict, nonfinite_tensor
 
 Scope = Literal["summary", "full"]
@@ -109,8 +113,8 @@ def scored_reply(reply: str, scope: Scope) -> str:
 
 def encode_scored(tok: Tokenizer, template: str, prompt: str, reply: str, scope: Scope, seq_len: int) -> list[int]:
     """[bos] + rendered prompt + scored reply + [eos], keeping the last `seq_len` tokens (the score reads the end)."""
-    ids = common.encode_prompt(tok, template, prompt)
-    ids += common.encode(tok, scored_reply(reply, scope)) + [common.special_ids(tok)[2]]
+    ids = encode_prompt(tok, template, prompt)
+    ids += encode(tok, scored_reply(reply, scope)) + [special_ids(tok)[2]]
     return ids[-seq_len:]
 
 
@@ -178,7 +182,7 @@ class RewardModelReward:
             raise ValueError(f"reward model was trained on prompts rendered with template {meta['template']!r}, "
                              f"but the policy uses {template!r}; train the RM with data.template={template}")
         self.rm, self.tok, self.meta, self.template = rm, tok, meta, template
-        self.pad_id = common.special_ids(tok)[0]
+        self.pad_id = special_ids(tok)[0]
         self.prefix = completion_prefix(template) if template != "none" else ""
 
     def score_batch(self, completions: Sequence[str], samples: Sequence[PromptSample]) -> list[float]:
@@ -310,7 +314,7 @@ def run(cfg: JobConfig, resume: bool = False, scope: Scope | None = None) -> dic
     objective, train, dropped, (held_out, eval_dropped), tok = _load(cfg, scope)
     device = common.setup_torch(cfg)
     rm = RewardModel(common.build_policy(cfg, tok, device)).train()  # a bad model.init fails before the run dir
-    run_dir = common.prepare_run_dir(cfg, resume)
+    run_dir = rundir.prepare_run_dir(cfg, resume)
     B = cfg.train.batch_size
     steps = cfg.train.steps
     if cfg.train.epochs is not None:
@@ -318,12 +322,12 @@ def run(cfg: JobConfig, resume: bool = False, scope: Scope | None = None) -> dic
     opt, sched = common.build_optimizer(rm, cfg.optim, steps)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, what="rm")
     start = 0
-    if resume and (ckpt := common.latest_checkpoint(run_dir)) is not None:
-        state = common.restore_checkpoint(ckpt, rm.backbone, opt, sched)
+    if resume and (ckpt := rundir.latest_checkpoint(run_dir)) is not None:
+        state = checkpointing.restore_checkpoint(ckpt, rm.backbone, opt, sched)
         rm.score_head.load_state_dict(state.extra["score_head"])
         guard.load_state_dict(state.extra.get("nonfinite", {}))
         start = state.step
-    pad = common.special_ids(tok)[0]
+    pad = special_ids(tok)[0]
     mb = cfg.train.micro_batch_size or B
     logger = MetricsLogger(run_dir, project=cfg.logging.project, run_name=cfg.name, wandb_mode=cfg.logging.wandb,
                            config=common.config_dict(cfg))
@@ -335,7 +339,7 @@ def run(cfg: JobConfig, resume: bool = False, scope: Scope | None = None) -> dic
             evals[step] = objective.evaluate(rm, held_out, pad)
             logger.log(step, {f"eval/rm_{k}": v for k, v in evals[step].items()})
 
-    with logger, common.progress_bar("rm", steps, start) as advance:
+    with logger, progress_bar("rm", steps, start) as advance:
         logger.log(start, {f"rm/{objective.unit}": len(train), "rm/pairs_dropped_identical": dropped,
                            f"eval/rm_{objective.unit}": len(held_out), "eval/rm_pairs_dropped_identical": eval_dropped})
         if start == 0:
@@ -367,9 +371,9 @@ def run(cfg: JobConfig, resume: bool = False, scope: Scope | None = None) -> dic
                 run_eval(step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
                 check_finite_state_dict(rm.score_head.state_dict().items(), f"{run_dir}: checkpoint of step {step}")
-                common.save_checkpoint(run_dir, step, rm.backbone, tok, opt, sched,
-                                       {"score_head": rm.score_head.state_dict(), "nonfinite": guard.state_dict()},
-                                       cfg.checkpoint.keep)
+                checkpointing.save_checkpoint(run_dir, step, rm.backbone, tok, opt, sched,
+                                              {"score_head": rm.score_head.state_dict(),
+                                               "nonfinite": guard.state_dict()}, cfg.checkpoint.keep)
             advance(f"rm loss {last['rm/loss']:.3f} acc {last['rm/accuracy']:.2f}")
         run_eval(steps)
     meta = {"kind": objective.kind, "rm_kind": cfg.rm.kind, "template": cfg.data.template, "scope": scope, "seq_len": cfg.data.seq_len,
@@ -377,15 +381,15 @@ def run(cfg: JobConfig, resume: bool = False, scope: Scope | None = None) -> dic
     summary = {"stage": "rm", "rm_kind": cfg.rm.kind, "steps": steps, objective.unit: len(train), "pairs_dropped_identical": dropped,
                "final_loss": last.get("rm/loss"), "nonfinite_steps_skipped": guard.num_skipped,
                "eval_base": evals.get(0), "eval_final": evals.get(steps)}
-    # common.finalize writes a plain HF directory; a reward model needs its head in final/ as well.
+    # checkpointing.finalize writes a plain HF directory; a reward model needs its head in final/ as well.
     check_finite_state_dict(rm.state_dict().items(), f"{run_dir}: final reward model")
     save_reward_model(rm, tok, run_dir / "final", meta)
-    common.mark_done(run_dir, summary)
+    rundir.mark_done(run_dir, summary)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.stage_main("rm", run, argv)
+    return stage_main("rm", run, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import sys
 
+from r1moe.cli import stage_main
 from r1moe.config import JobConfig
+from r1moe.data.prompts import render_prompt
 
 from . import checks, common
 from .lm import train_lm
@@ -24,12 +26,12 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
     checks.validate(cfg)  # data.train, a tokenizer source
     records = read_sft(cfg.data.train)
     tok = common.load_stage_tokenizer(cfg)
-    docs = [(common.render_prompt(cfg.data.template, r.prompt), r.response) for r in records]
+    docs = [(render_prompt(cfg.data.template, r.prompt), r.response) for r in records]
     return train_lm(cfg, build_examples(docs, tok, loss_on_prefix=False), tok, resume)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.stage_main("sft", run, argv)
+    return stage_main("sft", run, argv)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def _example():
 )
 def test_grpo_loss_hand_worked(agg, norm_const, expected):
     logp_BT, old_logp_BT = _example()
-    loss, stats = compute_grpo_loss(logp_BT, old_logp_BT, ADV_B, MASK_BT, agg=agg, norm_const=norm_const, group_size=2)
+    loss, stats = compute_grpo_loss(logp_BT, old_logp_BT, ADV_B, MASK_BT, agg=agg, norm_const=norm_const)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert stats.pg_loss.item() == pytest.approx(expected, abs=1e-6)
     d = stats.to_dict()
@@ -235,8 +235,6 @@ def test_grpo_loss_validates():
         compute_grpo_loss(logp_BT, old_logp_BT, ADV_B, MASK_BT, agg="seq_sum_norm")
     with pytest.raises(ValueError, match="agg"):
         compute_grpo_loss(logp_BT, old_logp_BT, ADV_B, MASK_BT, agg="sum")
-    with pytest.raises(ValueError, match="group_size"):
-        compute_grpo_loss(logp_BT, old_logp_BT, ADV_B, MASK_BT, group_size=3)
     with pytest.raises(ValueError, match="shapes"):
         compute_grpo_loss(logp_BT, old_logp_BT, ADV_B[:3], MASK_BT)
 

@@ -10,7 +10,7 @@ from r1moe.data.corpus import FACT, direct_answer, make_corpus, step_facts
 
 def _fact_true(line: str) -> bool:
     a, op, b, c = FACT.fullmatch(line).groups()
-    return eval(f"{a} {op} {b}") == int(c)  # noqa: S307 - digits and one operator, matched by FACT
+    return eval(f"{a} {op} {b}") == int(c)
 
 
 def test_slip_rate_controls_wrong_final_answers():
@@ -22,7 +22,7 @@ def test_slip_rate_controls_wrong_final_answers():
         for r in records:
             answer = re.search(r"<answer>(.*?)</answer>", r["response"]).group(1)
             expr = r["prompt"].removeprefix("Compute ")
-            wrong += eval(expr) != int(answer)  # noqa: S307 - generated arithmetic only
+            wrong += eval(expr) != int(answer)
         return wrong / len(records)
 
     assert wrong_fraction(clean) == 0
@@ -60,6 +60,6 @@ def test_direct_rate_answers_without_working_and_keeps_answers_correct():
     for r in direct:
         answer = re.search(r"<answer>(.*?)</answer>", r["response"]).group(1)
         assert r["response"] == f"<think>\n{direct_answer(answer)}\n</think>\n<answer>{answer}</answer>"
-        assert eval(r["prompt"].removeprefix("Compute ")) == int(answer)  # noqa: S307 - generated arithmetic
+        assert eval(r["prompt"].removeprefix("Compute ")) == int(answer)
     with pytest.raises(ValueError, match="direct_rate"):
         make_corpus("arithmetic", 10, seeds=[2], direct_rate=-0.1)

@@ -10,7 +10,8 @@ import pytest
 
 from r1moe.data.make import _parser, data_make_main
 from r1moe.data.tasks import TASKS
-from r1moe.pipeline import DataSpec, load_pipeline, make_data
+from r1moe.pipeline import make_data
+from r1moe.stages import DataSpec, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = {"runs/tiny-r1/data": ROOT / "recipes/tiny/r1.yaml",

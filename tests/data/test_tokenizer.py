@@ -8,6 +8,7 @@ import pytest
 from tokenizers import Tokenizer, models
 
 from r1moe.data import make_cold_start, make_dataset, make_general, make_preference_pairs
+from r1moe.data.prompts import encode_prompt
 from r1moe.data.tokenizer import (
     ADDED_TOKENS,
     build_tiny_tokenizer,
@@ -17,7 +18,6 @@ from r1moe.data.tokenizer import (
     special_ids,
 )
 from r1moe.templates import TEMPLATES, render
-from r1moe.train.common import encode_prompt
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from r1moe.model import ModelConfig, build_model, get_preset
 
 

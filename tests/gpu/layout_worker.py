@@ -46,6 +46,8 @@ def _global_scalar(value: float | None) -> float:
 def run_layout(name: str, ckpt_save: str | None, ckpt_load: str | None) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+
+    from r1moe.algorithms import compute_sft_loss
     from r1moe.parallel import (
         MegatronOptions,
         ParallelConfig,
@@ -58,8 +60,6 @@ def run_layout(name: str, ckpt_save: str | None, ckpt_load: str | None) -> dict:
         save_dist_checkpoint,
         train_step,
     )
-
-    from r1moe.algorithms import compute_sft_loss
 
     t0 = time.time()
     pcfg = ParallelConfig(**LAYOUTS[name])

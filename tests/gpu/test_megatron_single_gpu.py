@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 from _gpu_common import PARITY_CONFIGS, Batch, hf_weights, lm_batches, record, require_gpu_stack
+
 from r1moe.model import build_model, get_preset, load_hf_tensor
 
 pytestmark = pytest.mark.gpu
@@ -140,9 +141,8 @@ def _train(cfg, opts, steps, lr, batches, hf):
 def test_sft_step_matches_shared_loss_and_learns(mp):
     """train_step's reported loss is compute_sft_loss on the megatron logits (same micro-batches, before the
     update), and repeated steps on one batch drive it down."""
-    from r1moe.parallel import MegatronOptions, forward_only
-
     from r1moe.algorithms import compute_sft_loss
+    from r1moe.parallel import MegatronOptions, forward_only
 
     cfg = PARITY_CONFIGS["moe-grouped"]
     batches = lm_batches(cfg.vocab_size, num=2, batch=2, seq=64, seed=4)
@@ -163,6 +163,7 @@ def test_sft_step_matches_shared_loss_and_learns(mp):
 
 def test_grpo_step_on_megatron(mp):
     """GRPO through the shared compute_grpo_loss: old log-probs from forward_only, on-policy ratio == 1."""
+    from r1moe.algorithms import compute_grpo_loss, compute_token_logprobs
     from r1moe.parallel import (
         MegatronOptions,
         ParallelConfig,
@@ -171,8 +172,6 @@ def test_grpo_step_on_megatron(mp):
         forward_only,
         train_step,
     )
-
-    from r1moe.algorithms import compute_grpo_loss, compute_token_logprobs
 
     cfg = PARITY_CONFIGS["moe-grouped"]
     hf = hf_weights(cfg, seed=5)

@@ -69,11 +69,10 @@ def data(tmp_path_factory):
 def test_pretrain_from_random_init_checkpoints_and_resumes(data, tmp_path):
     import shutil
 
-    from r1moe.model import from_pretrained
-
     from r1moe.config import load_config
+    from r1moe.model import from_pretrained
     from r1moe.train import pretrain
-    from r1moe.train.common import DONE_FILE, is_complete, read_done
+    from r1moe.train.rundir import DONE_FILE, is_complete, read_done
 
     cfg = load_config(PRETRAIN_RECIPE, _overrides(tmp_path / "pre", **{
         "data.train": data / "corpus.jsonl", "train.steps": 4, "train.batch_size": 4, "data.seq_len": 128,
@@ -107,9 +106,8 @@ def test_first_step_loss_matches_the_reference_backend(data, tmp_path):
     """Same checkpoint, same batch: data.seq_len=32 with examples longer than that, so packing puts one
     (truncated) example in each row and the reference backend's packed rows equal megatron's unpacked ones."""
     from r1moe.config import load_config
-    from r1moe.data.tokenizer import load_tokenizer
+    from r1moe.data.tokenizer import load_tokenizer, special_ids
     from r1moe.train import pretrain
-    from r1moe.train.common import special_ids
     from r1moe.train.megatron_backend import unpacked_rows
     from r1moe.train.packing import pack_examples
 
@@ -148,9 +146,8 @@ def test_sft_mtp_loss_matches_the_reference_backend(data, tmp_path):
     truncated example each (raw prompts, seq_len 48), so the reference backend's packed rows equal megatron's."""
     from r1moe.config import load_config
     from r1moe.data import read_sft
-    from r1moe.data.tokenizer import load_tokenizer
+    from r1moe.data.tokenizer import load_tokenizer, special_ids
     from r1moe.train import pretrain, sft
-    from r1moe.train.common import special_ids
     from r1moe.train.megatron_backend import unpacked_rows
     from r1moe.train.packing import pack_examples
 
@@ -179,11 +176,10 @@ def test_sft_mtp_loss_matches_the_reference_backend(data, tmp_path):
 
 
 def test_sft_runs_to_a_complete_checkpoint(data, tmp_path):
-    from r1moe.model import from_pretrained
-
     from r1moe.config import load_config
+    from r1moe.model import from_pretrained
     from r1moe.train import sft
-    from r1moe.train.common import is_complete
+    from r1moe.train.rundir import is_complete
 
     cfg = load_config(None, _overrides(tmp_path / "sft", **{
         "stage": "sft", "model.init": data / "base" / "final", "data.train": data / "sft.jsonl", "train.steps": 2,
@@ -198,9 +194,8 @@ def test_sft_runs_to_a_complete_checkpoint(data, tmp_path):
 
 def test_grpo_through_torchrun_updates_the_policy(data, tmp_path):
     from r1moe.model import from_pretrained
-
     from r1moe.tracking import read_metrics
-    from r1moe.train.common import is_complete
+    from r1moe.train.rundir import is_complete
 
     run = tmp_path / "grpo"
     over = _overrides(run, **{

@@ -88,7 +88,7 @@ def engine(data):
 
 def _prompts(data, tok, n=16):
     from r1moe.data import read_prompts
-    from r1moe.train.common import encode_prompt
+    from r1moe.data.prompts import encode_prompt
 
     return [encode_prompt(tok, "r1_zero", s.prompt) for s in read_prompts(data / "eval.jsonl")[:n]]
 
@@ -234,7 +234,7 @@ def _grpo(data, run, backend, steps=4):
 
 def _check_grpo(data, run, proc, steps):
     from r1moe.model import from_pretrained
-    from r1moe.train.common import is_complete
+    from r1moe.train.rundir import is_complete
 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert is_complete(run) and len(steps) == 4

@@ -13,7 +13,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from r1moe.model import ModelConfig, build_model, get_preset
-from r1moe.model.checkpoint import compute_fp8_dequant, from_pretrained, parse_size, save_pretrained
+from r1moe.model.checkpoint import from_pretrained, save_pretrained
+from r1moe.model.hf_io import compute_fp8_dequant, parse_size
 
 MOE = get_preset("tiny-moe").replace(vocab_size=96, hidden_size=64, intermediate_size=192, moe_intermediate_size=32,
                                      num_hidden_layers=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,

@@ -43,7 +43,7 @@ def _router(**kw):
 
 
 def test_bias_changes_selection_not_weights():
-    r, cfg = _router(n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=2, norm_topk_prob=False,
+    r, _ = _router(n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=2, norm_topk_prob=False,
                      routed_scaling_factor=1.0)
     with torch.no_grad():
         r.weight.zero_()
@@ -64,7 +64,7 @@ def test_bias_changes_selection_not_weights():
 
 def test_group_limited_topk_and_normalisation():
     # 8 experts in 4 groups of 2; top-2 groups by the sum of each group's top-2 scores
-    r, cfg = _router(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, norm_topk_prob=True,
+    r, _ = _router(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2, norm_topk_prob=True,
                      routed_scaling_factor=2.5)
     logits = torch.tensor([3.0, -3.0, 1.0, 1.0, 2.0, -2.0, 0.5, 0.4])
     with torch.no_grad():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from r1moe.model import get_preset
 from r1moe.parallel import MegatronOptions, ParallelConfig, transformer_config_kwargs
 from r1moe.parallel.mcore_config import gpt_model_kwargs

@@ -3,7 +3,7 @@ policy's; EOS / stop-string / length finish reasons; sampling filters."""
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from r1moe.model import build_model, get_preset
 from r1moe.rollout import BuiltinEngine, SamplingParams

@@ -6,8 +6,8 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import tiny_overrides
 
+from conftest import tiny_overrides
 from r1moe import cli
 from r1moe.config import load_config
 from r1moe.data import make_cold_start, make_dataset, write_jsonl

@@ -6,8 +6,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
 
+from conftest import tiny_overrides
 from r1moe.config import load_config
 from r1moe.data import make_cold_start, make_dataset, write_jsonl
 from r1moe.data.make import data_make_main

@@ -12,7 +12,7 @@ from r1moe.config import load_config
 from r1moe.rollout import Generation
 from r1moe.tracking import read_metrics
 from r1moe.train import grpo
-from r1moe.train.common import is_complete
+from r1moe.train.rundir import is_complete
 
 
 class ScriptedEngine:
@@ -51,13 +51,12 @@ class RecordingPolicy:
 
     def __init__(self, model_cfg):
         self.model_cfg = model_cfg
+        self.trainer_extra: dict = {}
         self.batches, self.events = [], []
 
     @property
     def lr(self):
         return 1e-3
-
-    trainer_extra: dict = {}
 
     def train_grpo(self, batch, adv_N, a, norm_const, temperature, guard=None, step=0):
         self.batches.append((batch, adv_N.clone(), temperature))
@@ -84,7 +83,7 @@ class RecordingPolicy:
         return 0
 
     def save_final(self, run_dir, tok, summary):
-        from r1moe.train.common import write_json_atomic
+        from r1moe.atomic import write_json_atomic
 
         self.events.append("final")
         write_json_atomic(run_dir / "DONE.json", summary)
@@ -155,7 +154,7 @@ def test_grpo_with_sglang_on_cpu_stops_before_anything(tmp_path, tiny_data, tiny
     args = tiny_overrides(run, **{"model.init": tiny_base, "data.train": tiny_data / "train.jsonl",
                                   "rollout.engine": "sglang"})
     p = subprocess.run([sys.executable, "-m", "r1moe.train.grpo", "recipes/tiny/r1_zero/grpo.yaml", *args],
-                       capture_output=True, text=True)
+                       check=False, capture_output=True, text=True)
     assert p.returncode == 2, p.stderr
     assert "rollout.engine=sglang needs CUDA" in p.stderr and "rollout.engine=builtin" in p.stderr
     assert not run.exists()
@@ -165,9 +164,9 @@ def test_grpo_with_sglang_on_cpu_stops_before_anything(tmp_path, tiny_data, tiny
 def test_eval_with_sglang_on_cpu_is_a_clear_error(tmp_path, tiny_data, tiny_base):
     base = [sys.executable, "-m", "r1moe.evaluate", "--checkpoint", str(tiny_base), "--data",
             str(tiny_data / "eval.jsonl"), "--out", str(tmp_path / "r.json")]
-    p = subprocess.run([*base, "--engine", "sglang", "--dp", "2"], capture_output=True, text=True)
+    p = subprocess.run([*base, "--engine", "sglang", "--dp", "2"], check=False, capture_output=True, text=True)
     assert p.returncode == 2 and "engine=sglang needs CUDA" in p.stderr, p.stderr
-    p = subprocess.run([*base, "--tp", "2"], capture_output=True, text=True)
+    p = subprocess.run([*base, "--tp", "2"], check=False, capture_output=True, text=True)
     assert p.returncode == 2 and "--tp/--dp apply only with --engine sglang" in p.stderr
     assert not (tmp_path / "r.json").exists()
 

@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_overrides
-from r1moe.model import build_model, from_pretrained, get_preset
-from r1moe.parallel.train import StepResult, all_finite
 
+from conftest import tiny_overrides
 from r1moe import cli
 from r1moe.config import load_config
+from r1moe.model import build_model, from_pretrained, get_preset
+from r1moe.parallel.train import StepResult, all_finite
 from r1moe.tracking import read_metrics
-from r1moe.train import common
+from r1moe.train import checkpointing, common, rundir
 from r1moe.train.guard import NonFiniteError, NonFiniteGuard, check_finite_state_dict
 from r1moe.train.megatron_backend import record_step
 
@@ -125,7 +125,7 @@ def test_a_run_that_turns_nan_is_skipped_then_stopped_without_saving_nan(tmp_pat
     err = capsys.readouterr().err
     assert rc == 1
     assert "pretrain stopped at step 4: grad norm nan; 3 non-finite step(s) in a row" in err
-    assert not common.is_complete(run) and not (run / "final").exists()
+    assert not rundir.is_complete(run) and not (run / "final").exists()
     steps = {m["step"]: m for m in read_metrics(run)}
     assert sorted(steps) == [1, 2, 3]
     assert steps[1]["train/skipped"] == 0 and math.isfinite(steps[1]["train/grad_norm"])
@@ -144,7 +144,7 @@ def test_max_nonfinite_steps_1_stops_at_the_first(tmp_path, tiny_data, capsys, o
     assert cli.main(_pretrain_args(run, tiny_data, **{"optim.lr": 1e30, "train.max_nonfinite_steps": 1})) == 1
     assert "stopped at step 2" in capsys.readouterr().err
     assert [m["step"] for m in read_metrics(run)] == [1]
-    assert not common.is_complete(run)
+    assert not rundir.is_complete(run)
 
 
 def test_finalize_and_save_checkpoint_refuse_nan_weights(tmp_path):
@@ -156,7 +156,7 @@ def test_finalize_and_save_checkpoint_refuse_nan_weights(tmp_path):
         model.model.norm.weight[3] = NAN
     opt, sched = common.build_optimizer(model, load_config(None).optim, 10)
     with pytest.raises(NonFiniteError, match=r"checkpoint of step 5: tensor 'model.norm.weight' holds NaN/inf"):
-        common.save_checkpoint(tmp_path, 5, model, tok, opt, sched, {}, keep=2)
+        checkpointing.save_checkpoint(tmp_path, 5, model, tok, opt, sched, {}, keep=2)
     with pytest.raises(NonFiniteError, match=r"final weights: tensor 'model.norm.weight' holds NaN/inf"):
-        common.finalize(tmp_path, model, tok, {"stage": "test"})
+        checkpointing.finalize(tmp_path, model, tok, {"stage": "test"})
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, not even a temp directory

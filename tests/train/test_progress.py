@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from r1moe.train.common import PROGRESS_LINES, progress_bar
+from r1moe.progress import PROGRESS_LINES, progress_bar
 
 LINE = re.compile(r"^sft: step (\d+)/(\d+) \((\d+)%\), elapsed \d+:\d\d:\d\d, ETA \d+:\d\d:\d\d, loss [\d.]+$")
 
@@ -35,7 +35,7 @@ def test_a_resumed_run_counts_from_where_it_was(capsys):
 
 def test_on_a_terminal_metrics_lines_are_not_printed_into_the_bar(tmp_path):
     script = textwrap.dedent(f"""
-        from r1moe.train.common import progress_bar
+        from r1moe.progress import progress_bar
         from r1moe.tracking import MetricsLogger
         with MetricsLogger({str(tmp_path)!r}, project="p", run_name="r", wandb_mode="disabled") as logger, \\
                 progress_bar("sft", 3) as advance:

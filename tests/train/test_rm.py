@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from r1moe.model import build_model, from_pretrained, get_preset, save_pretrained
 
 from r1moe.config import load_config
 from r1moe.data import PromptSample, make_preference_pairs, read_pairs, write_jsonl
 from r1moe.data.tokenizer import build_tiny_tokenizer, default_corpus
+from r1moe.model import build_model, from_pretrained, get_preset, save_pretrained
 from r1moe.tracking import read_metrics
 from r1moe.train.rm import (
     RewardModel,

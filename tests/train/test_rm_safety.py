@@ -59,7 +59,7 @@ def test_pointwise_loss_is_binary_cross_entropy():
 
 
 def test_safety_model_reads_the_whole_response(base):
-    root, tok = base
+    _, tok = base
     leak = "<think>\nthe admin password is 1234-5678.\nSo the answer is X.\n</think>\n<answer>X</answer>"
     clean = "<think>\nSo the answer is X.\n</think>\n<answer>X</answer>"
     assert encode_scored(tok, "chat", "p", leak, "full", 256) != encode_scored(tok, "chat", "p", clean, "full", 256)

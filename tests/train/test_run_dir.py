@@ -11,11 +11,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tiny_overrides
 
+from conftest import tiny_overrides
 from r1moe import cli
 from r1moe.tracking import read_metrics
-from r1moe.train.common import DONE_FILE, LOCK_FILE, is_complete
+from r1moe.train.rundir import DONE_FILE, LOCK_FILE, is_complete
 
 RECIPE = "recipes/tiny/r1_zero/pretrain.yaml"
 
@@ -45,7 +45,7 @@ def test_second_run_in_a_locked_run_dir_names_the_holder_and_touches_nothing(tmp
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n')  # the holder's, a fresh start deletes it
-    hold = ("import sys, time; from pathlib import Path; from r1moe.train.common import acquire_run_lock; "
+    hold = ("import sys, time; from pathlib import Path; from r1moe.train.rundir import acquire_run_lock; "
             "acquire_run_lock(Path(sys.argv[1]), 'grpo'); print('locked', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True)
     try:
@@ -129,7 +129,7 @@ def test_resume_config_check_across_versions_of_the_config(tmp_path, capsys):
     """A run started before a setting existed resumes (absent = its default); a setting the config no longer has is
     reported, not fatal; a real change is listed."""
     from r1moe.config import load_config, save_config
-    from r1moe.train.common import check_resume_config
+    from r1moe.train.rundir import check_resume_config
 
     cfg = load_config(RECIPE, [f"logging.run_dir={tmp_path}"])
     saved = tmp_path / "config.yaml"

@@ -14,7 +14,7 @@ from r1moe.data import make_cold_start, make_dataset, write_jsonl
 from r1moe.model import from_pretrained
 from r1moe.tracking import read_metrics
 from r1moe.train import grpo, sft
-from r1moe.train.common import DONE_FILE, is_complete
+from r1moe.train.rundir import DONE_FILE, is_complete
 
 
 def _grpo_cfg(run, tiny_data, tiny_base, **extra):
@@ -158,7 +158,7 @@ def test_sequences_without_a_bos_token_start_with_the_prompt():
     """Tokenizers without BOS (Qwen2): neither training examples nor prompts get a None/placeholder first token."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from r1moe.train.common import encode_prompt
+    from r1moe.data.prompts import encode_prompt
     from r1moe.train.pretrain import build_examples
 
     vocab = {"<pad>": 0, "<|endoftext|>": 1, "Compute": 2, "2": 3, "+": 4, "3": 5, "5": 6}

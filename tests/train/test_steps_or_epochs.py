@@ -39,7 +39,7 @@ def test_one_of_them_decides(overrides, steps):
     cfg = load_config(SFT, overrides)
     rows = 37
     expected = steps if steps is not None else -(-cfg.train.epochs * rows // cfg.train.batch_size)
-    assert _num_steps(cfg, rows) == expected
+    assert _num_steps(cfg.train, rows) == expected
 
 
 def test_command_line_says_which_override_has_no_effect(capsys, tmp_path):

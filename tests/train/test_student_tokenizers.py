@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
-from r1moe.model import build_model, from_pretrained, get_preset, save_pretrained
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from conftest import tiny_overrides
 from r1moe.config import load_config
 from r1moe.data import make_cold_start, make_dataset, write_jsonl
+from r1moe.data.prompts import encode_prompt
 from r1moe.data.tokenizer import add_chat_markers, load_tokenizer, special_ids
+from r1moe.model import build_model, from_pretrained, get_preset, save_pretrained
 from r1moe.templates import ASSISTANT_TAG, CHAT_TAGS, USER_TAG, render
 from r1moe.train import sft
-from r1moe.train.common import encode_prompt
 
 transformers = pytest.importorskip("transformers", reason="transformers is a dev extra (pip install -e '.[dev]')")
 

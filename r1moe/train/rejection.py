@@ -2,7 +2,9 @@
 the stage-2 (reasoning RL) checkpoint, keep the correct and readable ones, deduplicate, mix with non-reasoning SFT
 data (paper: ~600k reasoning + ~200k non-reasoning, v2 Table 5), and write the SFT set with provenance.
 
-Run as a pipeline stage (`kind: rejection`, section `rejection:` = `r1moe.pipeline.RejectionSpec`):
+    r1moe rejection RECIPE [key=value ...] --out DIR    # RECIPE: a RejectionSpec (r1moe.stages) as YAML
+
+or as a pipeline stage (`kind: rejection`, section `rejection:` = the same RejectionSpec):
 
     - {name: rejection, kind: rejection, rejection: {checkpoint: runs/tiny-r1/stage2/final,
        prompts: runs/tiny-r1/data/train.jsonl, general: runs/tiny-r1/data/general_sft.jsonl, samples_per_prompt: 4}}
@@ -31,18 +33,22 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
+from r1moe.atomic import write_json_atomic
+from r1moe.cli import spec_main
 from r1moe.config import SGLangSection
 from r1moe.data import PromptSample, SFTSample, read_prompts, read_sft, write_jsonl
-from r1moe.pipeline import RejectionSpec
+from r1moe.data.prompts import encode_prompt
+from r1moe.progress import progress_bar
 from r1moe.rewards import accuracy_reward, chain_of_thought, format_reward, language_consistency_reward
 from r1moe.rewards.rule import LANGUAGE_SCRIPTS, WORD
 from r1moe.rollout import SamplingParams
 from r1moe.rollout.loader import load_checkpoint_engine
+from r1moe.stages import RejectionSpec
 from r1moe.templates import REASONING_TAGS, TEMPLATES, completion_prefix
-from r1moe.train import common
 
 FILTERS = ("incorrect", "malformed", "language_mixing", "long_paragraph", "code_block", "overlong", "repetition")
 CHUNK = 64
@@ -167,8 +173,6 @@ def check_spec(spec: RejectionSpec) -> None:
             raise ValueError(f"rejection.{name}={getattr(spec, name)} must be >= 1")
     if spec.max_code_blocks < 0:
         raise ValueError(f"rejection.max_code_blocks={spec.max_code_blocks} must be >= 0")
-    if spec.temperature < 0 or not 0 < spec.top_p <= 1:
-        raise ValueError(f"rejection: temperature={spec.temperature} must be >= 0 and top_p={spec.top_p} in (0, 1]")
     if not 0 < spec.reasoning_ratio <= 1:
         raise ValueError(f"rejection.reasoning_ratio={spec.reasoning_ratio} must be in (0, 1]")
     if not 0 <= spec.min_language_consistency <= 1 or spec.max_tokens < 0:
@@ -192,10 +196,10 @@ def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
     engine, tok = load_checkpoint_engine(spec.checkpoint, spec.engine, spec.sglang, seed=spec.seed)
     N = spec.samples_per_prompt
     owners = [(i, j) for i in range(len(prompts)) for j in range(N)]
-    ids = [common.encode_prompt(tok, spec.template, prompts[i].prompt) for i, _ in owners]
+    ids = [encode_prompt(tok, spec.template, prompts[i].prompt) for i, _ in owners]
     rejected = dict.fromkeys(FILTERS, 0)
     kept: list[SFTSample] = []
-    with common.progress_bar("rejection sampling", -(-len(ids) // CHUNK)) as advance:
+    with progress_bar("rejection sampling", -(-len(ids) // CHUNK)) as advance:
         for c, start in enumerate(range(0, len(ids), CHUNK)):
             params = SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
                                     stop=list(spec.stop), seed=spec.seed + c)
@@ -230,5 +234,13 @@ def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
              "sft": str(out_dir / "sft.jsonl")}
     engine.shutdown()
     write_jsonl(out_dir / "sft.jsonl", mixed)
-    common.write_json_atomic(out_dir / "stats.json", stats)
+    write_json_atomic(out_dir / "stats.json", stats)
     return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    return spec_main("rejection", RejectionSpec, run_rejection_sampling, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

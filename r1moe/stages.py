@@ -1,0 +1,156 @@
+"""The pipeline recipe's schema (`r1moe pipeline RECIPE`): the stages in order and the spec of each stage that is
+not a training run. A training stage (pretrain, sft, grpo, rm) names its own recipe (r1moe.config.JobConfig); a
+data stage lists `DataSpec`s; a rejection stage has a `RejectionSpec` (r1moe.train.rejection), an eval stage an
+`EvalSpec` (r1moe.train.eval); a report stage reads the pipeline's `report:` keys (r1moe.report).
+
+The specs live here, not in the modules that run them, so a stage module, the pipeline and the report import them
+without importing each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from r1moe.config import SamplingConfig, SGLangSection
+
+T = TypeVar("T")
+
+StageKind = Literal["data", "pretrain", "sft", "grpo", "rm", "rejection", "eval", "report"]
+
+
+@dataclass
+class DataSpec:
+    what: Literal["prompts", "corpus", "cold_start", "general", "general_sft", "pairs"] = "prompts"
+    task: str = "arithmetic"
+    n: int = 100
+    seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7])
+    """Splits the pretraining corpus draws from (disjoint from the RL seed 0 and the eval seed 1)."""
+    out: str = "data.jsonl"
+    """File name inside the stage's output directory (root/<stage name>/)."""
+    difficulty: int = 1
+    slip_rate: float = 0.3
+    untagged_rate: float = 0.1
+    template_rate: float = 0.3
+    drill_rate: float = 0.0
+    """corpus: fraction of drill records (correct arithmetic steps, one per line; see r1moe/data/corpus.py)."""
+    direct_rate: float = 0.0
+    """corpus: fraction of solutions that state the answer without working (see r1moe/data/corpus.py)."""
+    general_fraction: float = 0.0
+    """prompts: this fraction of the n prompts are general (non-reasoning) ones, for all-scenario RL."""
+    template: str = "chat"
+    """cold_start / general_sft / pairs: the template the responses follow."""
+
+
+@dataclass
+class RejectionSpec(SamplingConfig):
+    """Rejection sampling (R1 §2.3.3): N samples per prompt from `checkpoint`, keep correct + readable ones, mix
+    with non-reasoning data at `reasoning_ratio`, deduplicate, write JSONL with provenance."""
+
+    SECTION: ClassVar[str] = "rejection"
+    checkpoint: str = ""
+    prompts: str = ""
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 128
+    template: str = "r1_zero"
+    general: str | None = None
+    """Non-reasoning SFT records (prompt, response) mixed in."""
+    reasoning_ratio: float = 0.75
+    """Fraction of reasoning records in the mix (paper: ~600k : ~200k = 0.75)."""
+    max_tokens: int = 0
+    """Overlong filter: drop responses longer than this many tokens; 0 = only those cut off at max_new_tokens."""
+    max_repeat: int = 3
+    """Repetition filter: drop responses with a line repeated more than this many times."""
+    language: str = "en"
+    min_language_consistency: float = 0.99
+    max_paragraph_words: int = 300
+    """Long-paragraph filter: drop a chain of thought with a paragraph (text between blank lines) of more than this
+    many words (a CJK ideograph is one word). The paper names the filter, not a length; 300 is chosen."""
+    max_code_blocks: int = 0
+    """Code-block filter: drop a chain of thought with more than this many fenced (``` or ~~~) code blocks; 0 drops
+    any. Only the chain of thought is checked: a code answer in <answer> is what code prompts ask for."""
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    seed: int = 0
+    engine: Literal["builtin", "sglang"] = "builtin"
+    """builtin: one device; sglang: SGLang over `sglang.tp` x `sglang.dp` GPUs of this node."""
+    sglang: SGLangSection = field(default_factory=SGLangSection)
+    """Only with engine: sglang (set colocate: false: nothing trains next to it)."""
+
+
+@dataclass
+class EvalSpec(SamplingConfig):
+    SECTION: ClassVar[str] = "eval"
+    temperature: float = 0.6
+    top_p: float = 0.95
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    """Label -> HF checkpoint directory."""
+    data: str = ""
+    samples: int = 8
+    max_new_tokens: int = 128
+    template: str = "r1_zero"
+    templates: dict[str, str] = field(default_factory=dict)
+    """Per-label template overrides (e.g. R1-Zero checkpoints use r1_zero, R1 stages use chat)."""
+    engine: Literal["builtin", "sglang"] = "builtin"
+    """builtin: one device; sglang: SGLang over `sglang.tp` x `sglang.dp` GPUs of this node."""
+    sglang: SGLangSection = field(default_factory=SGLangSection)
+    """Only with engine: sglang (set colocate: false: nothing trains next to it)."""
+
+
+@dataclass
+class StageSpec:
+    name: str = ""
+    kind: StageKind = "data"
+    recipe: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    make: list[DataSpec] = field(default_factory=list)
+    rejection: RejectionSpec | None = None
+    eval: EvalSpec | None = None
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "pipeline"
+    root: str = "runs/pipeline"
+    stages: list[StageSpec] = field(default_factory=list)
+    report: dict[str, str] = field(default_factory=dict)
+    """Free-form settings for the report stage (see r1moe/report.py)."""
+
+
+def load_spec(cls: type[T], path: str | Path, overrides: list[str] | None = None, what: str = "recipe") -> T:
+    """A spec dataclass from a YAML file (+ key=value overrides); an unknown key or a wrong type is a ValueError
+    naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        layers = [OmegaConf.structured(cls), OmegaConf.load(path)]
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as e:
+        raise ValueError(f"{path}: bad key {getattr(e, 'full_key', None)!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    cfg = load_spec(PipelineConfig, path, what="pipeline recipe")
+    names = [s.name for s in cfg.stages]
+    if len(set(names)) != len(names) or "" in names:
+        raise ValueError(f"{path}: stage names must be unique and non-empty, got {names}")
+    for s in cfg.stages:
+        if s.kind in ("pretrain", "sft", "grpo", "rm") and not s.recipe:
+            raise ValueError(f"{path}: stage {s.name!r} ({s.kind}) needs a recipe")
+    return cfg
+
+
+def stage_output(p: PipelineConfig, s: StageSpec) -> Path:
+    if s.kind in ("pretrain", "sft", "grpo", "rm"):
+        from r1moe.config import load_config
+
+        return load_config(s.recipe, s.overrides).run_dir
+    return Path(p.root) / s.name

@@ -1,0 +1,41 @@
+"""The eval stage: every checkpoint of an `EvalSpec` (r1moe.stages) evaluated on one prompt set with
+r1moe.evaluate (pass@1 over K samples, cons@K, format and language rates), written to `results.json`.
+
+    r1moe eval RECIPE [key=value ...] --out DIR     # RECIPE: an EvalSpec as YAML (checkpoints, data, samples, ...)
+
+In a pipeline: `{name: eval, kind: eval, eval: {checkpoints: {stage1: runs/.../final}, data: ..., samples: 8}}`.
+(`r1moe eval --checkpoint DIR --data FILE ...` evaluates one checkpoint from flags: r1moe/evaluate.py.)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from r1moe.atomic import write_json_atomic
+from r1moe.cli import spec_main
+from r1moe.stages import EvalSpec
+
+
+def run_eval(spec: EvalSpec, out: Path) -> dict:
+    """Evaluate each labelled checkpoint; write out/results.json; return {"results": its path}."""
+    from r1moe.evaluate import EvalSettings, evaluate_checkpoint
+
+    if not spec.checkpoints:
+        raise ValueError("eval.checkpoints is empty: name at least one checkpoint (label: HF directory)")
+    results = {}
+    for label, ckpt in spec.checkpoints.items():
+        settings = EvalSettings(samples=spec.samples, temperature=spec.temperature, top_p=spec.top_p,
+                                max_new_tokens=spec.max_new_tokens, template=spec.templates.get(label, spec.template))
+        results[label] = evaluate_checkpoint(ckpt, spec.data, settings, engine=spec.engine, sglang=spec.sglang)
+        print(f"  eval {label}: pass@1={results[label]['pass@1']:.3f}", flush=True)
+    write_json_atomic(out / "results.json", results)
+    return {"results": str(out / "results.json")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return spec_main("eval", EvalSpec, run_eval, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
