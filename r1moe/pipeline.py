@@ -101,6 +101,11 @@ class EvalSpec:
     checkpoints: dict[str, str] = field(default_factory=dict)
     """Label -> HF checkpoint directory."""
     data: str = ""
+    benchmark: str | None = None
+    """`data` is this benchmark's release file (r1moe.data.benchmarks.BENCHMARKS: its prompt and grader); None =
+    our prompts JSONL."""
+    contest_dates: list[str] | None = None
+    """livecodebench only: [FROM, TO] ISO dates of `contest_date` kept (R1: 2024-08-01, 2025-01-31)."""
     samples: int = 8
     temperature: float = 0.6
     top_p: float = 0.95
@@ -148,6 +153,11 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     for s in cfg.stages:
         if s.kind in ("pretrain", "sft", "grpo", "rm") and not s.recipe:
             raise ValueError(f"{path}: stage {s.name!r} ({s.kind}) needs a recipe")
+        if s.eval is not None and s.eval.benchmark is not None:
+            from r1moe.data.benchmarks import check_benchmark_args
+
+            where = f"{path}: stage {s.name!r}"
+            check_benchmark_args(s.eval.benchmark, _date_pair(where, s.eval.contest_dates), f"{where}: eval")
     return cfg
 
 
@@ -242,10 +252,17 @@ def run_eval_stage(s: StageSpec, out: Path) -> dict:
     for label, ckpt in e.checkpoints.items():
         settings = EvalSettings(samples=e.samples, temperature=e.temperature, top_p=e.top_p,
                                 max_new_tokens=e.max_new_tokens, template=e.templates.get(label, e.template))
-        results[label] = evaluate_checkpoint(ckpt, e.data, settings, engine=e.engine, sglang=e.sglang)
+        results[label] = evaluate_checkpoint(ckpt, e.data, settings, engine=e.engine, sglang=e.sglang,
+                                             benchmark=e.benchmark, contest_dates=_date_pair(f"stage {s.name!r}", e.contest_dates))
         print(f"  eval {label}: pass@1={results[label]['pass@1']:.3f}", flush=True)
     write_json_atomic(out / "results.json", results)
     return {"results": str(out / "results.json")}
+
+
+def _date_pair(where: str, dates: list[str] | None) -> tuple[str, str] | None:
+    if dates is not None and len(dates) != 2:
+        raise ValueError(f"{where}: eval.contest_dates={dates} must be [FROM, TO]")
+    return (dates[0], dates[1]) if dates is not None else None
 
 
 def run_pipeline(p: PipelineConfig, force: set[str] = frozenset()) -> dict[str, dict]:
