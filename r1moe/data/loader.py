@@ -65,13 +65,14 @@ def blend_indices(weights: Sequence[float], size: int) -> np.ndarray:
 class IndexedRows:
     """The training rows of one or more indexed datasets; `batches()` yields one rank's `PackedBatch`es."""
 
-    def __init__(self, sources: Sequence[tuple[str | Path, float]], seq_len: int, pad_id: int):
+    def __init__(self, sources: Sequence[tuple[str | Path, float]], seq_len: int, pad_id: int,
+                 vocab_size: int | None = None):
         if not sources:
             raise ValueError("no indexed dataset given")
         for prefix, weight in sources:
             if not weight > 0:
                 raise ValueError(f"blend weight of {prefix} is {weight}: weights must be > 0")
-        self.seq_len, self.pad_id = seq_len, pad_id
+        self.seq_len, self.pad_id, self.vocab_size = seq_len, pad_id, vocab_size
         self.datasets = [IndexedDataset(p) for p, _ in sources]
         self.plans = [plan_rows(ds.document_lengths(), seq_len) for ds in self.datasets]
         rows = [len(p) - 1 for p in self.plans]
@@ -108,6 +109,12 @@ class IndexedRows:
         r = int(self._dataset_order(d, seed)[(epoch * int(self.taken[d]) + nth) % self.rows_per_dataset[d]])
         ds, plan = self.datasets[d], self.plans[d]
         examples = [Example(*ds.example(i)) for i in range(int(plan[r]), int(plan[r + 1]))]
+        if self.vocab_size is not None:  # megatron's files name no tokenizer: an id past the vocabulary is caught here
+            for i, ex in zip(range(int(plan[r]), int(plan[r + 1])), examples):
+                if ex.ids and not 0 <= min(ex.ids) <= max(ex.ids) < self.vocab_size:
+                    bad = max(ex.ids) if max(ex.ids) >= self.vocab_size else min(ex.ids)
+                    raise ValueError(f"{ds.prefix}: document {i} holds token id {bad}; the tokenizer has "
+                                     f"{self.vocab_size} ids")
         packed = pack_examples(examples, self.seq_len, self.pad_id)
         assert len(packed) == 1, "the plan packs exactly one row"  # plan_rows mirrors pack_examples
         return packed[0]
@@ -137,3 +144,32 @@ class IndexedRows:
             yield PackedBatch(torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows]),
                               torch.tensor([r[2] for r in rows]))
             step += 1
+
+
+def build_indexed_rows(data, tok, stage: str) -> IndexedRows:
+    """The rows a pretrain/sft stage trains on from `data` (config.DataSection, format indexed): `data.train` or
+    `data.blend`, checked against the stage's tokenizer and the stage (ValueError naming the file and the key)."""
+    from r1moe.data.indexed import meta_path
+    from r1moe.data.tokenizer import special_ids
+
+    sources = list(data.blend.items()) if data.blend else [(data.train, 1.0)]
+    pad, _, eos = special_ids(tok)
+    vocab = max(tok.get_vocab().values()) + 1
+    rows = IndexedRows(sources, data.seq_len, pad, vocab)
+    for (prefix, _), ds in zip(sources, rows.datasets):
+        m, where = ds.meta, meta_path(prefix)
+        if m is None:  # megatron's own file: documents of text, every token a target
+            if stage == "sft":
+                raise ValueError(f"{prefix}: no {where.name}: a pretraining file (every token a target); sft needs "
+                                 f"one made by tools/preprocess_data.py --kind sft (the prompt masked)")
+            continue
+        if (m.loss == "last_sequence") != (stage == "sft"):
+            kind = "sft" if m.loss == "last_sequence" else "pretrain"
+            raise ValueError(f"{where}: made with --kind {kind}; the {stage} stage needs --kind {stage}")
+        if m.vocab_size != vocab or m.eos_id != eos:
+            raise ValueError(f"{where}: made with a tokenizer of {m.vocab_size} ids (eos {m.eos_id}); the stage's "
+                             f"has {vocab} (eos {eos}): re-run tools/preprocess_data.py with data.tokenizer")
+        if stage == "sft" and m.template != data.template:
+            raise ValueError(f"{where}: prompts rendered with template {m.template!r}; data.template is "
+                             f"{data.template!r}")
+    return rows
