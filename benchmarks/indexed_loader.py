@@ -62,12 +62,14 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    load_before = os.getloadavg()
+    from r1moe.model import build_model, get_preset
+
     from r1moe.algorithms import compute_sft_loss
     from r1moe.data.loader import IndexedRows
-    from r1moe.model import build_model, get_preset
     from r1moe.train.packing import IGNORE
+
+    torch.set_num_threads(a.threads)
+    load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory() as tmp:
         prefix = Path(tmp) / "corpus"
