@@ -12,7 +12,7 @@ Fields read (other columns of a release are not used; a missing or mistyped one 
 | aime2024 | HuggingFaceH4/aime_2024 (JSONL) or Maxwell-Jia/AIME_2024 | `problem`, `answer` (string or integer), `id` optional; or `Problem`, `Answer`, `ID` |
 | math500 | HuggingFaceH4/MATH-500 `test.jsonl` | `problem`, `answer`, `unique_id`; `solution`, `subject`, `level` carried in the id only |
 | gpqa_diamond | Idavidrein/gpqa `gpqa_diamond.csv` (or the same rows as JSONL) | `Question`, `Correct Answer`, `Incorrect Answer 1`..`3`, `Record ID` optional |
-| livecodebench | livecodebench/code_generation_lite `test*.jsonl` | `question_title`, `question_content`, `question_id`, `platform`, `difficulty`, `contest_date`, `starter_code`, `public_test_cases`, `private_test_cases`, `metadata` |
+| livecodebench | livecodebench/code_generation_lite `test*.jsonl` | `question_content`, `question_id`, `contest_date`, `starter_code`, `public_test_cases`, `private_test_cases`, `metadata` (`func_name`); `question_title`, `platform`, `difficulty` not used |
 
 Prompts: math (AIME, MATH-500) = the problem + "Please reason step by step, and put your final answer within
 \\boxed{}." (R1 README "Usage Recommendations"); GPQA = simple-evals' multiple-choice template (R1 v1 §3: "simple-
@@ -222,7 +222,6 @@ def load_livecodebench(path: Path, dates: tuple[str, str] | None = None) -> tupl
         if dates is not None and not dates[0] <= date[:10] <= dates[1]:
             continue
         qid = _field(obj, where, "question_id")
-        title = _field(obj, where, "question_title", required=False) or ""
         content = _field(obj, where, "question_content")
         starter = _field(obj, where, "starter_code", required=False) or ""
         cases = (decode_test_cases(_field(obj, where, "public_test_cases"), f"{where}: public_test_cases")
@@ -246,10 +245,7 @@ def load_livecodebench(path: Path, dates: tuple[str, str] | None = None) -> tupl
             if not starter.strip():
                 raise ValueError(f"{where}: functional tests need `starter_code` (the Solution class to complete)")
         fmt = LCB_STARTER_FORMAT.replace("{starter_code}", starter) if starter.strip() else LCB_STDIN_FORMAT
-        prompt = (f"### Question:\n{content.strip()}\n\n{fmt}\n\n### Answer: (use the provided format with backticks)"
-                  if not title else
-                  f"### Question: {title}\n{content.strip()}\n\n{fmt}\n\n### Answer: (use the provided format with "
-                  f"backticks)")
+        prompt = f"### Question:\n{content.strip()}\n\n{fmt}\n\n### Answer: (use the provided format with backticks)"
         samples.append(PromptSample(prompt=prompt, answer="", id=qid, kind="code"))
         problems[qid] = CodeProblem([IOCase(c["input"], c["output"], c["testtype"]) for c in cases], func_name)
     return _nonempty(samples, path), problems

@@ -34,7 +34,8 @@ from r1moe.templates import ANSWER_CLOSE, ANSWER_OPEN
 # ---------------------------------------------------------------- multiple choice
 
 _LETTER_FORMS = [
-    r"answer\s*(?:is\s*:?|:)\s*\**\s*\(?\s*([A-Z])\b\s*\)?",  # Answer: C / the answer is (C) / **Answer:** C
+    r"answer\s*:\s*\**\s*\(?\s*([A-Z])\b\s*\)?",  # Answer: C (simple-evals: any case) / **Answer:** C
+    r"answer\s+is\s*:?\s*\**\s*\(?\s*((?-i:[A-Z]))\b\s*\)?",  # the answer is (C); "is a ..." is prose
     r"\\boxed\s*\{\s*(?:\\text(?:bf)?\s*\{\s*)?\(?\s*([A-Z])\s*\)?\s*\}",  # \boxed{C}, \boxed{\text{(C)}}
     re.escape(ANSWER_OPEN) + r"\s*\(?\s*([A-Z])\b\s*\)?.*?" + re.escape(ANSWER_CLOSE),  # <answer>(C) text</answer>
 ]
@@ -135,8 +136,9 @@ def grade_stdio(code: str, cases: list[IOCase], limits: SandboxLimits = LCB_LIMI
         # Room for the expected output and then some, so a long wrong answer is not cut into a matching prefix.
         room = dataclasses.replace(limits, max_output_chars=max(limits.max_output_chars, 2 * len(case.output) + 1024))
         r = run_python(_stdin_program(code, case.input), room)
-        if r.timed_out:
-            return CodeVerdict(i - 1, len(cases), f"case {i}: time limit ({limits.timeout_s:g} s)")
+        if r.timed_out or r.returncode == 128 + 9:  # the wall clock, or RLIMIT_CPU's SIGKILL (sandbox.py)
+            return CodeVerdict(i - 1, len(cases), f"case {i}: time limit ({limits.timeout_s:g} s wall clock, "
+                                                  f"{limits.cpu_s} s CPU)")
         if r.returncode != 0:
             tail = r.stderr.strip().splitlines()[-1:] or [""]
             return CodeVerdict(i - 1, len(cases), f"case {i}: exit status {r.returncode}: {tail[0][:200]}")

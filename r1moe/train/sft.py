@@ -23,12 +23,13 @@ def run(cfg: JobConfig, resume: bool = False) -> dict:
     from r1moe.data import read_sft
 
     checks.validate(cfg)  # data.train, a tokenizer source
-    tok = common.load_stage_tokenizer(cfg)
     if cfg.data.format == "indexed":
         from r1moe.data.loader import build_indexed_rows
 
+        tok = common.load_stage_tokenizer(cfg)
         return train_lm(cfg, build_indexed_rows(cfg.data, tok, cfg.stage), tok, resume)
     records = read_sft(cfg.data.train)
+    tok = common.load_stage_tokenizer(cfg)
     docs = [(common.render_prompt(cfg.data.template, r.prompt), r.response) for r in records]
     return train_lm(cfg, build_examples(docs, tok, loss_on_prefix=False), tok, resume)
 

@@ -25,6 +25,8 @@ FAST = SandboxLimits(timeout_s=5.0, cpu_s=3, memory_mb=512)
     ("The correct answer is D", "D"),
     ("First I thought the answer is (A). On reflection, Answer: B", "B"),  # the last statement wins
     ("I will answer a question about gases.", None),  # "answer a" is not a statement of the answer
+    ("The answer is a noble gas, so", None),  # lower-case "a" after "answer is" is prose
+    ("The answer is B", "B"),
     ("Answer: E", None),  # not one of A-D
     ("No letter at all.", None),
 ])
