@@ -19,6 +19,7 @@ import math
 import sys
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +87,16 @@ def evaluate(engine: RolloutEngine, tok: Tokenizer, samples: list[PromptSample],
     with progress_bar("eval", len(chunks), enabled=show_progress) as advance:
         for i in chunks:
             gens = engine.generate(prompts[i:i + s.chunk], params)
-            graded += [grade(g.text, q, s.template, len(g.token_ids), benchmark)
-                       for g, q in zip(gens, owners[i:i + s.chunk])]
+            pairs = list(zip(gens, owners[i:i + s.chunk]))
+
+            def grade_one(gq):
+                return grade(gq[0].text, gq[1], s.template, len(gq[0].token_ids), benchmark)
+            threads = benchmark.grade_threads if benchmark is not None else 1
+            if threads == 1:  # in this thread: math-verify's timeout (signal.alarm) needs the main thread
+                graded += [grade_one(gq) for gq in pairs]
+            else:  # sandboxed code grading waits on subprocesses: run them at once
+                with ThreadPoolExecutor(threads) as pool:
+                    graded += list(pool.map(grade_one, pairs))
             advance(f"eval {min(i + s.chunk, len(prompts))}/{len(prompts)} samples")
     per_question = [graded[i:i + s.samples] for i in range(0, len(graded), s.samples)]
     same = benchmark.same_answer if benchmark is not None else same_answer

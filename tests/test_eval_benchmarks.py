@@ -98,3 +98,16 @@ def test_pipeline_eval_stage_benchmark_errors_at_load(tmp_path, spec, message):
                                               "eval": {"checkpoints": {"a": "x"}, "data": "d", **spec}}]}))
     with pytest.raises(ValueError, match=f"p.yaml: stage 'e': .*{message}"):
         load_pipeline(recipe)
+
+
+def test_livecodebench_graded_in_the_sandbox_in_parallel(tok):
+    bench = load_benchmark("livecodebench", FIXTURES / "livecodebench.jsonl", contest_dates=("2024-08-01", "2025-01-31"))
+    assert [q.id for q in bench.samples] == ["synth_abc001_a", "9001"]
+    bench.grade_threads = 3
+    stdin_ok = "</think>```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+    leet_ok = "</think>```python\nclass Solution:\n    def maxOfList(self, nums):\n        return max(nums)\n```"
+    replies = [stdin_ok, stdin_ok.replace("a + b", "a * b"), "</think>no code",
+               leet_ok, leet_ok.replace("max(nums)", "nums[0]"), leet_ok]
+    r = evaluate(ScriptedEngine(replies), tok, bench.samples, EvalSettings(samples=3, template="none", chunk=6),
+                 show_progress=False, benchmark=bench)
+    assert r["pass@1"] == pytest.approx((1 / 3 + 2 / 3) / 2)

@@ -36,6 +36,7 @@ import binascii
 import csv
 import io
 import json
+import os
 import pickle
 import random
 import zlib
@@ -271,6 +272,9 @@ class LoadedBenchmark:
     """(completion, sample) -> (correct, the extracted answer cons@k votes over)."""
     same_answer: Callable[[str, str, PromptSample], bool]
     extra: dict[str, Any] = field(default_factory=dict)
+    grade_threads: int = 1
+    """Samples graded at once: the sandbox's programs for code (each call waits on its subprocesses); 1 for math,
+    whose math-verify timeout needs the main thread."""
 
 
 @dataclass(frozen=True)
@@ -334,7 +338,8 @@ def load_benchmark(name: str, path: str | Path, seed: int = 0,
         p = problems[s.id]
         verdict = (grade_functional(code, p.func_name, p.cases) if p.func_name else grade_stdio(code, p.cases))
         return verdict.ok, code.strip()
-    return LoadedBenchmark(samples, grade_code, _same_code, {"problems": problems})
+    return LoadedBenchmark(samples, grade_code, _same_code, {"problems": problems},
+                           grade_threads=max(1, len(os.sched_getaffinity(0))))
 
 
 def _same_letter(a: str, b: str, sample: PromptSample) -> bool:
