@@ -50,7 +50,13 @@ class ParallelSection(ParallelConfig):
 @dataclass
 class DataSection:
     train: str | None = None
-    """JSONL: prompts (grpo), prompt+response (sft), text or JSONL (pretrain), preference pairs (rm)."""
+    """JSONL: prompts (grpo), prompt+response (sft), text or JSONL (pretrain), preference pairs (rm). With
+    `format: indexed`: a PREFIX of PREFIX.bin/.idx (tools/preprocess_data.py, or megatron's for pretrain)."""
+    format: Literal["jsonl", "indexed"] = "jsonl"
+    """jsonl = read and tokenized whole at start; indexed = pre-tokenized, memory-mapped megatron .bin/.idx, packed
+    lazily (pretrain and sft on the reference backend; r1moe/data/loader.py)."""
+    blend: dict[str, float] = field(default_factory=dict)
+    """format indexed: several PREFIX -> weight, blended as megatron's BlendedDataset does (instead of `train`)."""
     eval: str | None = None
     """Held-out prompts JSONL for periodic evaluation (a seed not used for training)."""
     template: Literal["r1_zero", "chat", "none"] = "r1_zero"
@@ -336,6 +342,7 @@ class JobConfig:
                        if getattr(self.rollout.sglang, f.name) != getattr(SGLangSection(), f.name)]
             raise ValueError(f"{', '.join(changed)} set but rollout.engine={self.rollout.engine!r}: the SGLang "
                              f"settings only apply with rollout.engine=sglang")
+        _check_data_format(self)
         if self.algo.beta < 0:
             raise ValueError(f"algo.beta={self.algo.beta} must be >= 0")
         for name, w in self.rewards.weights.items():
@@ -345,6 +352,25 @@ class JobConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.logging.run_dir)
+
+
+def _check_data_format(cfg: JobConfig) -> None:
+    d = cfg.data
+    if d.format == "jsonl":
+        if d.blend:
+            raise ValueError("data.blend is set but data.format=jsonl: blending reads indexed datasets only; set "
+                             "data.format=indexed")
+        return
+    if cfg.stage not in ("pretrain", "sft"):
+        raise ValueError(f"data.format=indexed: only pretrain and sft read indexed datasets; {cfg.stage} reads JSONL")
+    if cfg.parallel.backend != "reference":
+        raise ValueError("data.format=indexed runs on parallel.backend=reference; the megatron backend reads JSONL "
+                         "(data.format=jsonl)")
+    if d.blend and d.train is not None:
+        raise ValueError(f"data.train={d.train} and data.blend are both set; name the datasets in data.blend only")
+    for prefix, w in d.blend.items():
+        if not w > 0:
+            raise ValueError(f"data.blend.{prefix}={w} must be > 0")
 
 
 def _positive(section: Any, prefix: str, names: list[str]) -> None:

@@ -6,6 +6,8 @@ format rate, language consistency and mean response length.
     r1moe eval --checkpoint runs/tiny-r1-zero/grpo/final --data data/arith_eval.jsonl --samples 8 \
         --temperature 0.6 --top-p 0.95 [--template r1_zero] [--out results.json]
     r1moe eval ... --engine sglang --tp 8 --dp 1      # SGLang on this node's GPUs (data parallel with --dp)
+    r1moe eval --checkpoint DIR --benchmark aime2024|math500|gpqa_diamond|livecodebench --data RELEASE_FILE
+        # a public benchmark in its release format: its prompt, grader and the paper's K (r1moe/data/benchmarks.py)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import sys
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -26,6 +29,7 @@ from tokenizers import Tokenizer
 
 from r1moe.config import SamplingConfig
 from r1moe.data import PromptSample
+from r1moe.data.benchmarks import BENCHMARKS, LoadedBenchmark
 from r1moe.metrics import SampleResult, summarize_eval
 from r1moe.rewards import same_answer
 from r1moe.rollout import RolloutEngine, SamplingParams
@@ -54,18 +58,22 @@ class EvalSettings(SamplingConfig):
             raise ValueError(f"eval chunk={self.chunk} must be >= 1")
 
 
-def grade(completion: str, sample: PromptSample, template: str, num_tokens: int) -> SampleResult:
+def grade(completion: str, sample: PromptSample, template: str, num_tokens: int,
+          benchmark: LoadedBenchmark | None = None) -> SampleResult:
     from r1moe.rewards import accuracy_reward, extract_answer, format_reward, language_consistency_reward
     from r1moe.templates import completion_prefix
 
     full = completion_prefix(template) + completion if template != "none" else completion
-    return SampleResult(correct=accuracy_reward(full, sample) >= 1.0, formatted=format_reward(full, sample) >= 1.0,
-                        length_tokens=num_tokens, answer=extract_answer(full),
+    correct, answer = (benchmark.grade(full, sample) if benchmark is not None
+                       else (accuracy_reward(full, sample) >= 1.0, extract_answer(full)))
+    return SampleResult(correct=correct, formatted=format_reward(full, sample) >= 1.0,
+                        length_tokens=num_tokens, answer=answer,
                         language_consistency=language_consistency_reward(full, sample))
 
 
 def evaluate(engine: RolloutEngine, tok: Tokenizer, samples: list[PromptSample], s: EvalSettings,
-             show_progress: bool = True) -> dict[str, float]:
+             show_progress: bool = True, benchmark: LoadedBenchmark | None = None) -> dict[str, float]:
+    """`benchmark` (r1moe.data.benchmarks): its grader and answer equivalence replace the accuracy reward's."""
     from r1moe.data.prompts import encode_prompt
     from r1moe.progress import progress_bar
 
@@ -80,23 +88,37 @@ def evaluate(engine: RolloutEngine, tok: Tokenizer, samples: list[PromptSample],
     with progress_bar("eval", len(chunks), enabled=show_progress) as advance:
         for i in chunks:
             gens = engine.generate(prompts[i:i + s.chunk], params)
-            graded += [grade(g.text, q, s.template, len(g.token_ids)) for g, q in zip(gens, owners[i:i + s.chunk])]
+            pairs = list(zip(gens, owners[i:i + s.chunk]))
+
+            def grade_one(gq):
+                return grade(gq[0].text, gq[1], s.template, len(gq[0].token_ids), benchmark)
+            threads = benchmark.grade_threads if benchmark is not None else 1
+            if threads == 1:  # in this thread: math-verify's timeout (signal.alarm) needs the main thread
+                graded += [grade_one(gq) for gq in pairs]
+            else:  # sandboxed code grading waits on subprocesses: run them at once
+                with ThreadPoolExecutor(threads) as pool:
+                    graded += list(pool.map(grade_one, pairs))
             advance(f"eval {min(i + s.chunk, len(prompts))}/{len(prompts)} samples")
     per_question = [graded[i:i + s.samples] for i in range(0, len(graded), s.samples)]
-    return summarize_eval(per_question, [functools.partial(same_answer, sample=q) for q in samples])
+    same = benchmark.same_answer if benchmark is not None else same_answer
+    return summarize_eval(per_question, [functools.partial(same, sample=q) for q in samples])
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, s: EvalSettings, max_questions: int = 0,
-                        device: str = "auto", engine: str = "builtin", sglang=None) -> dict[str, float]:
+                        device: str = "auto", engine: str = "builtin", sglang=None, benchmark: str | None = None,
+                        contest_dates: tuple[str, str] | None = None) -> dict[str, float]:
     """Evaluate a saved checkpoint through the built-in engine (one device) or SGLang (`sglang`: a
-    config.SGLangSection; tp x dp GPUs of this node)."""
+    config.SGLangSection; tp x dp GPUs of this node). `benchmark` names a release format of `data`
+    (r1moe.data.benchmarks.BENCHMARKS); None = our prompts JSONL."""
     from r1moe.data import read_prompts
+    from r1moe.data.benchmarks import load_benchmark
     from r1moe.rollout.loader import load_checkpoint_engine
 
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint}: not a checkpoint directory (no config.json)")
-    samples = read_prompts(data)
+    loaded = load_benchmark(benchmark, data, s.seed, contest_dates) if benchmark is not None else None
+    samples = loaded.samples if loaded is not None else read_prompts(data)
     if max_questions:
         samples = samples[:max_questions]
     from r1moe.data.tokenizer import load_tokenizer
@@ -107,7 +129,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, s: EvalSetting
     rollout, tok = load_checkpoint_engine(checkpoint, engine, sglang, device, seed=s.seed)
     torch.manual_seed(s.seed)
     try:
-        return evaluate(rollout, tok, samples, s)
+        return evaluate(rollout, tok, samples, s, benchmark=loaded)
     finally:
         rollout.shutdown()
 
@@ -151,6 +173,22 @@ def _float_in(lo: float, hi: float, lo_open: bool) -> Callable[[str], float]:
     return parse
 
 
+def _date_range(text: str) -> tuple[str, str]:
+    import datetime
+
+    lo, sep, hi = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        a, b = datetime.date.fromisoformat(lo), datetime.date.fromisoformat(hi)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FROM:TO as ISO dates (2024-08-01:2025-01-31), got {text!r}") \
+            from None
+    if a > b:
+        raise argparse.ArgumentTypeError(f"FROM {lo} is after TO {hi}")
+    return lo, hi
+
+
 def _check_out(p: argparse.ArgumentParser, out: str | None) -> None:
     """--out is checked before any work: an existing directory or an unwritable place is refused."""
     if out is None:
@@ -177,8 +215,16 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="r1moe eval", description="pass@1 / pass@k / cons@K of a checkpoint.")
     p.add_argument("--checkpoint", required=True, help="HF checkpoint directory (with tokenizer.json)")
-    p.add_argument("--data", required=True, help="prompts JSONL (prompt, answer, ...)")
-    p.add_argument("--samples", type=_at_least(1), default=4, help="K samples per question (paper: 64 AIME, 16 MATH)")
+    p.add_argument("--data", required=True, help="prompts JSONL (prompt, answer, ...), or a --benchmark release file")
+    p.add_argument("--benchmark", choices=list(BENCHMARKS), default=None,
+                   help="--data is this benchmark's release file (r1moe/data/benchmarks.py); sets its prompt, grader "
+                        "and the paper's K")
+    p.add_argument("--contest-dates", type=_date_range, default=None, metavar="FROM:TO",
+                   help="livecodebench: only problems with FROM <= contest_date <= TO (ISO dates; R1: "
+                        "2024-08-01:2025-01-31)")
+    p.add_argument("--samples", type=_at_least(1), default=None,
+                   help="K samples per question; default: the benchmark's paper K (64 AIME/GPQA, 16 MATH, 8 LCB), "
+                        "else 4")
     p.add_argument("--temperature", type=_float_in(0, math.inf, lo_open=False), default=0.6, help=">= 0")
     p.add_argument("--top-p", type=_float_in(0, 1, lo_open=True), default=0.95, help="in (0, 1]")
     p.add_argument("--max-new-tokens", type=_at_least(1), default=256)
@@ -193,6 +239,10 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("--out", help="write the metrics JSON here too")
     a = p.parse_args(argv)
     _check_out(p, a.out)
+    if a.contest_dates is not None and a.benchmark != "livecodebench":
+        p.error("--contest-dates applies only with --benchmark livecodebench")
+    if a.samples is None:
+        a.samples = BENCHMARKS[a.benchmark].samples if a.benchmark else 4
     sglang = None
     if a.engine == "sglang":
         from r1moe.config import SGLangSection
@@ -202,9 +252,10 @@ def _main(argv: list[str] | None) -> int:
         p.error("--tp/--dp apply only with --engine sglang")
     s = EvalSettings(samples=a.samples, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
                      template=a.template, seed=a.seed)
-    result = {"checkpoint": str(a.checkpoint), "data": str(a.data), "samples": a.samples,
+    result = {"checkpoint": str(a.checkpoint), "data": str(a.data), "benchmark": a.benchmark, "samples": a.samples,
               "temperature": a.temperature, "top_p": a.top_p,
-              **evaluate_checkpoint(a.checkpoint, a.data, s, a.max_questions, a.device, a.engine, sglang)}
+              **evaluate_checkpoint(a.checkpoint, a.data, s, a.max_questions, a.device, a.engine, sglang,
+                                    a.benchmark, a.contest_dates)}
     print(json.dumps(result, indent=2))
     if a.out:
         from r1moe.atomic import write_json_atomic

@@ -90,6 +90,11 @@ class EvalSpec(SamplingConfig):
     checkpoints: dict[str, str] = field(default_factory=dict)
     """Label -> HF checkpoint directory."""
     data: str = ""
+    benchmark: str | None = None
+    """`data` is this benchmark's release file (r1moe.data.benchmarks.BENCHMARKS: its prompt and grader); None =
+    our prompts JSONL."""
+    contest_dates: list[str] | None = None
+    """livecodebench only: [FROM, TO] ISO dates of `contest_date` kept (R1: 2024-08-01, 2025-01-31)."""
     samples: int = 8
     max_new_tokens: int = 128
     template: str = "r1_zero"
@@ -145,7 +150,19 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     for s in cfg.stages:
         if s.kind in ("pretrain", "sft", "grpo", "rm") and not s.recipe:
             raise ValueError(f"{path}: stage {s.name!r} ({s.kind}) needs a recipe")
+        if s.eval is not None and s.eval.benchmark is not None:
+            from r1moe.data.benchmarks import check_benchmark_args
+
+            where = f"{path}: stage {s.name!r}"
+            check_benchmark_args(s.eval.benchmark, date_pair(where, s.eval.contest_dates), f"{where}: eval")
     return cfg
+
+
+def date_pair(where: str, dates: list[str] | None) -> tuple[str, str] | None:
+    """eval.contest_dates as (FROM, TO)."""
+    if dates is not None and len(dates) != 2:
+        raise ValueError(f"{where}: eval.contest_dates={dates} must be [FROM, TO]")
+    return (dates[0], dates[1]) if dates is not None else None
 
 
 def stage_output(p: PipelineConfig, s: StageSpec) -> Path:

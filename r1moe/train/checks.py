@@ -35,8 +35,10 @@ def check_reference_config(p: ParallelSection) -> None:
 
 
 def _need_train_data(cfg: JobConfig, what: str) -> None:
-    if cfg.data.train is None:
+    if cfg.data.train is None and not cfg.data.blend:
         raise ValueError(f"data.train is required for {cfg.stage} ({what})")
+    if cfg.data.format == "indexed" and cfg.stage == "pretrain":
+        _need_tokenizer_source(cfg)  # the files hold ids of a tokenizer; none is built from them
 
 
 def _need_tokenizer_source(cfg: JobConfig) -> None:

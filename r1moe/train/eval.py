@@ -14,7 +14,7 @@ from pathlib import Path
 
 from r1moe.atomic import write_json_atomic
 from r1moe.cli import spec_main
-from r1moe.stages import EvalSpec
+from r1moe.stages import EvalSpec, date_pair
 
 
 def run_eval(spec: EvalSpec, out: Path) -> dict:
@@ -27,7 +27,9 @@ def run_eval(spec: EvalSpec, out: Path) -> dict:
     for label, ckpt in spec.checkpoints.items():
         settings = EvalSettings(samples=spec.samples, temperature=spec.temperature, top_p=spec.top_p,
                                 max_new_tokens=spec.max_new_tokens, template=spec.templates.get(label, spec.template))
-        results[label] = evaluate_checkpoint(ckpt, spec.data, settings, engine=spec.engine, sglang=spec.sglang)
+        results[label] = evaluate_checkpoint(ckpt, spec.data, settings, engine=spec.engine, sglang=spec.sglang,
+                                             benchmark=spec.benchmark,
+                                             contest_dates=date_pair("eval", spec.contest_dates))
         print(f"  eval {label}: pass@1={results[label]['pass@1']:.3f}", flush=True)
     write_json_atomic(out / "results.json", results)
     return {"results": str(out / "results.json")}

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 
 from r1moe.algorithms import compute_sft_loss
 from r1moe.config import JobConfig, TrainSection
+from r1moe.data.loader import IndexedRows
 from r1moe.data.tokenizer import special_ids
 from r1moe.plots import plot_run
 from r1moe.progress import progress_bar
@@ -35,15 +36,18 @@ def _num_steps(train: TrainSection, num_rows: int) -> int:
     return train.steps
 
 
-def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bool = False) -> dict:
-    if not examples:
+def train_lm(cfg: JobConfig, examples: list[Example] | IndexedRows, tok: Tokenizer, resume: bool = False) -> dict:
+    """`examples`: tokenized examples (packed here), or memory-mapped indexed rows (data.format=indexed)."""
+    indexed = isinstance(examples, IndexedRows)
+    if not indexed and not examples:
         raise ValueError(f"data.train={cfg.data.train}: empty dataset")
     if cfg.parallel.backend == "megatron":
         return _train_lm_megatron(cfg, examples, tok, resume)
     device = common.setup_torch(cfg)
     pad_id = special_ids(tok)[0]
-    rows = pack_examples(examples, cfg.data.seq_len, pad_id)
-    steps = _num_steps(cfg.train, len(rows))
+    rows = examples if indexed else pack_examples(examples, cfg.data.seq_len, pad_id)
+    num_rows = examples.num_rows if indexed else len(rows)
+    steps = _num_steps(cfg.train, num_rows)
     model = common.build_policy(cfg, tok, device).train()  # a bad model.init fails before the run directory exists
     run_dir = rundir.prepare_run_dir(cfg, resume)
     opt, sched = common.build_optimizer(model, cfg.optim, steps)
@@ -53,7 +57,8 @@ def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bo
         state = checkpointing.restore_checkpoint(ckpt, model, opt, sched)
         start = state.step
         guard.load_state_dict(state.extra.get("nonfinite", {}))
-    batches = iterate_batches(rows, cfg.train.batch_size, cfg.train.seed, start_step=start)
+    batches = (rows.batches(cfg.train.batch_size, cfg.train.seed, start_step=start) if indexed
+               else iterate_batches(rows, cfg.train.batch_size, cfg.train.seed, start_step=start))
     mtp_on = cfg.train.mtp_weight > 0 and model.cfg.num_nextn_predict_layers > 0
     mb = cfg.train.micro_batch_size or cfg.train.batch_size
     logger = MetricsLogger(run_dir, project=cfg.logging.project, run_name=cfg.name, wandb_mode=cfg.logging.wandb,
@@ -103,7 +108,7 @@ def train_lm(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bo
             advance(f"{cfg.stage} loss {loss_sum:.3f}")
     if cfg.logging.plots:
         plot_run(run_dir)
-    summary = {"stage": cfg.stage, "steps": steps, "final_loss": last.get("train/loss"), "rows": len(rows),
+    summary = {"stage": cfg.stage, "steps": steps, "final_loss": last.get("train/loss"), "rows": num_rows,
                "nonfinite_steps_skipped": guard.num_skipped}
     checkpointing.finalize(run_dir, model, tok, summary)
     return summary

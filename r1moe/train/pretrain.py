@@ -1,6 +1,9 @@
 """Pretraining: next-token prediction on a text or JSONL corpus with the reference model (+ MTP, + the
 aux-loss-free expert-bias update of DeepSeek-V3 §2.1.2). Tiny runs build their tokenizer from the corpus.
 
+Indexed data (`data.format: indexed`, r1moe/data/loader.py): a .bin/.idx prefix (tools/preprocess_data.py or
+megatron's) or several in `data.blend`, memory-mapped; the tokenizer must be given (data.tokenizer or model.init).
+
 Corpus formats (data.train): `.txt` (documents separated by blank lines) or `.jsonl` with {"text": ...} or
 {"prompt": ..., "response": ...} per line (the prompt rendered with data.template; loss on every token).
 
@@ -79,6 +82,11 @@ def tiny_tokenizer_for(docs: list[tuple[str, str]], vocab_size: int) -> Tokenize
 
 def run(cfg: JobConfig, resume: bool = False) -> dict:
     checks.validate(cfg)
+    if cfg.data.format == "indexed":
+        from r1moe.data.loader import build_indexed_rows
+
+        tok = common.load_stage_tokenizer(cfg)
+        return train_lm(cfg, build_indexed_rows(cfg.data, tok, cfg.stage), tok, resume)
     docs = read_corpus(cfg.data.train, cfg.data.template)
     tok = common.load_stage_tokenizer(cfg) or tiny_tokenizer_for(docs, cfg.data.tokenizer_vocab_size)
     return train_lm(cfg, build_examples(docs, tok, loss_on_prefix=True), tok, resume)

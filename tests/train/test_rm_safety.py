@@ -13,8 +13,8 @@ from r1moe.data import PromptSample, make_general, read_safety, write_jsonl
 from r1moe.data.safety import make_safety
 from r1moe.data.tokenizer import build_tiny_tokenizer, default_corpus
 from r1moe.model import build_model, get_preset, save_pretrained
-from r1moe.train.rundir import is_complete
 from r1moe.train.rm import PointwiseObjective, encode_scored, load_reward_fn, run
+from r1moe.train.rundir import is_complete
 
 RECIPE = Path(__file__).parents[2] / "recipes" / "tiny" / "r1" / "rm_safety.yaml"
 
