@@ -230,6 +230,13 @@ def _init_weights(model: CausalLM) -> None:
             b.zero_()
 
 
+def resolve_device(name: str) -> torch.device:
+    """"auto" = cuda when torch sees a GPU, else cpu; any other name as torch spells it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 seed: int | None = None) -> CausalLM:
     """A new randomly initialised model. device="meta" allocates nothing (then stream weights in with

@@ -43,8 +43,7 @@ def load_checkpoint_engine(checkpoint: str | Path, engine: str = "builtin", sgla
         check_sglang("engine=sglang", num_gpus=settings.tp * settings.dp)
         return SGLangEngine(checkpoint, tok, eos_ids, settings, context_length=context_length or
                             min(mcfg.max_position_embeddings, 32768), seed=seed), tok
-    from r1moe.model import from_pretrained
-    from r1moe.train.common import resolve_device
+    from r1moe.model import from_pretrained, resolve_device
 
     from .builtin import BuiltinEngine
 

@@ -17,16 +17,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from r1moe.config import JobConfig, OptimSection
-from r1moe.model import CausalLM, ModelConfig, build_model, get_preset
+from r1moe.config import JobConfig, ModelSection, OptimSection, TrainSection
+from r1moe.model import CausalLM, ModelConfig, build_model, get_preset, resolve_device
 
 from .guard import NonFiniteGuard, StepOutcome
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -35,11 +29,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup_torch(cfg: JobConfig) -> torch.device:
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
-    return resolve_device(cfg.train.device)
+def setup_torch(train: TrainSection) -> torch.device:
+    if train.threads > 0:
+        torch.set_num_threads(train.threads)
+    seed_everything(train.seed)
+    return resolve_device(train.device)
 
 
 def config_dict(cfg: JobConfig) -> dict[str, Any]:
@@ -51,13 +45,13 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
-def init_checkpoint_dir(cfg: JobConfig) -> Path | None:
+def init_checkpoint_dir(model: ModelSection) -> Path | None:
     """The checkpoint a stage starts from, checked before any work: missing or incomplete is an error naming it."""
-    if cfg.model.init is None:
+    if model.init is None:
         return None
     from r1moe.model import check_checkpoint_files
 
-    path = Path(cfg.model.init)
+    path = Path(model.init)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.init={path}: no config.json there (missing or incomplete checkpoint; "
                                 f"did the previous stage finish?)")
@@ -73,7 +67,7 @@ def load_stage_tokenizer(cfg: JobConfig) -> Tokenizer | None:
 
     if cfg.data.tokenizer:
         return add_chat_markers(load_tokenizer(cfg.data.tokenizer))
-    init = init_checkpoint_dir(cfg)
+    init = init_checkpoint_dir(cfg.model)
     if init is not None:
         if not (init / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{init}: no tokenizer.json (set data.tokenizer)")
@@ -95,7 +89,7 @@ def build_policy(cfg: JobConfig, tok: Tokenizer, device: torch.device) -> Causal
     from r1moe.model import from_pretrained
 
     dtype = dtype_of(cfg.model.dtype)
-    init = init_checkpoint_dir(cfg)
+    init = init_checkpoint_dir(cfg.model)
     if init is not None:
         model = from_pretrained(init, dtype=dtype, device=str(device))
         apply_init_overrides(model.cfg, cfg.model.overrides, init)

@@ -132,7 +132,7 @@ def build_engine(cfg: JobConfig, policy: Policy, tok, run_dir) -> RolloutEngine 
         return None
     from r1moe.rollout.sglang_engine import SGLangEngine, write_engine_dir
 
-    init = common.init_checkpoint_dir(cfg)
+    init = common.init_checkpoint_dir(cfg.model)
     path = init if init is not None else write_engine_dir(policy.model_cfg, run_dir / "rollout_engine")
     longest = max([cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens, *cfg.rollout.max_new_tokens_schedule.values()])
     ctx = cfg.data.max_prompt_tokens + longest
@@ -161,7 +161,7 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
         extra_rewards["safety_model"] = load_reward_fn(cfg.rewards.safety_model, cfg.data.template)
         weights["safety_model"] = cfg.rewards.safety_model_weight
     a, ro = cfg.algo, cfg.rollout
-    device = common.setup_torch(cfg)
+    device = common.setup_torch(cfg.train)
     run_dir = rundir.prepare_run_dir(cfg, resume)
     policy = (policy_factory or build_policy)(cfg, tok, device)
     start = policy.restore(run_dir) if resume else 0

@@ -43,7 +43,7 @@ def train_lm(cfg: JobConfig, examples: list[Example] | IndexedRows, tok: Tokeniz
         raise ValueError(f"data.train={cfg.data.train}: empty dataset")
     if cfg.parallel.backend == "megatron":
         return _train_lm_megatron(cfg, examples, tok, resume)
-    device = common.setup_torch(cfg)
+    device = common.setup_torch(cfg.train)
     pad_id = special_ids(tok)[0]
     rows = examples if indexed else pack_examples(examples, cfg.data.seq_len, pad_id)
     num_rows = examples.num_rows if indexed else len(rows)
@@ -119,7 +119,7 @@ def _train_lm_megatron(cfg: JobConfig, examples: list[Example], tok: Tokenizer, 
     from .megatron_backend import MegatronPolicy, check_megatron_backend, unpacked_rows
 
     check_megatron_backend(cfg)
-    common.setup_torch(cfg)
+    common.setup_torch(cfg.train)
     rows = unpacked_rows(examples, cfg.data.seq_len, special_ids(tok)[0])
     steps = _num_steps(cfg.train, len(rows))
     run_dir = rundir.prepare_run_dir(cfg, resume)

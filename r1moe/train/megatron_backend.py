@@ -167,7 +167,7 @@ def _model_config_and_weights(cfg: JobConfig, tok: Tokenizer, device: torch.devi
     """The architecture and a `get(hf_name) -> tensor` for its initial weights."""
     from r1moe.model.hf_io import HFReader
 
-    init = common.init_checkpoint_dir(cfg)
+    init = common.init_checkpoint_dir(cfg.model)
     if init is None:  # random init: exactly the reference backend's (same preset, overrides, seed, device)
         host = common.build_policy(cfg, tok, device)
         return host.cfg, host.state_dict().__getitem__

@@ -285,7 +285,7 @@ def _load(cfg: JobConfig, scope: Scope):
     checks.validate(cfg)  # data.train, model.init, the reference backend
     if scope not in ("summary", "full"):
         raise ValueError(f"reward model scope {scope!r}: expected 'summary' or 'full'")
-    common.init_checkpoint_dir(cfg)
+    common.init_checkpoint_dir(cfg.model)
     tok = common.load_stage_tokenizer(cfg)
     if cfg.rm.kind == "safety":
         train = encode_safety(read_safety(cfg.data.train), tok, cfg.data.template, cfg.data.seq_len)
@@ -312,7 +312,7 @@ def run(cfg: JobConfig, resume: bool = False, scope: Scope | None = None) -> dic
         raise ValueError(f"rm.kind=safety reads the whole response; scope={scope!r} contradicts it")
     scope = scope or SCOPE_OF_KIND[cfg.rm.kind]
     objective, train, dropped, (held_out, eval_dropped), tok = _load(cfg, scope)
-    device = common.setup_torch(cfg)
+    device = common.setup_torch(cfg.train)
     rm = RewardModel(common.build_policy(cfg, tok, device)).train()  # a bad model.init fails before the run dir
     run_dir = rundir.prepare_run_dir(cfg, resume)
     B = cfg.train.batch_size
