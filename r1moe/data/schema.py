@@ -146,19 +146,23 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
                                  f"re-encode the file as UTF-8") from None
 
 
-def _read(path: str | os.PathLike, cls: type[Record]) -> list[Record]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such dataset file")
-    records: list[Record] = []
+def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """("<path>:<lineno>", parsed JSON value) for each non-blank line; malformed JSON or bytes that are not UTF-8
+    are a ValueError naming the line (the one JSONL parser of the project)."""
     for where, line in iter_lines(path):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from None
-        records.append(_from_dict(cls, obj, where))
+
+
+def _read(path: str | os.PathLike, cls: type[Record]) -> list[Record]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such dataset file")
+    records = [_from_dict(cls, obj, where) for where, obj in iter_json_lines(path)]
     if not records:
         raise ValueError(f"{path}: empty dataset (no {cls.__name__} records)")
     return records

@@ -13,7 +13,6 @@ Corpus formats (data.train): `.txt` (documents separated by blank lines) or `.js
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from tokenizers import Tokenizer
 from r1moe.cli import stage_main
 from r1moe.config import JobConfig
 from r1moe.data.prompts import bos_prefix, encode, render_prompt
-from r1moe.data.schema import iter_lines
+from r1moe.data.schema import iter_json_lines, iter_lines
 from r1moe.data.tokenizer import special_ids
 
 from . import checks, common
@@ -36,15 +35,8 @@ def read_corpus(path: str | Path, template: str) -> list[tuple[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"data.train={path}: file not found")
     docs: list[tuple[str, str]] = []
-    lines = list(iter_lines(path))  # ValueError naming file:line for bytes that are not UTF-8
     if path.suffix == ".jsonl":
-        for where, line in lines:
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+        for where, rec in iter_json_lines(path):  # ValueError naming file:line (bad bytes, bad JSON)
             if isinstance(rec, dict) and isinstance(rec.get("text"), str):
                 docs.append(("", rec["text"]))
             elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
@@ -52,7 +44,7 @@ def read_corpus(path: str | Path, template: str) -> list[tuple[str, str]]:
             else:
                 raise ValueError(f"{where}: expected a string field 'text' or 'prompt' + 'response'")  # noqa: TRY004
     else:
-        text = "".join(line for _, line in lines).replace("\r\n", "\n")
+        text = "".join(line for _, line in iter_lines(path)).replace("\r\n", "\n")
         docs = [("", d.strip()) for d in text.split("\n\n") if d.strip()]
     if not docs:
         raise ValueError(f"{path}: empty dataset")
