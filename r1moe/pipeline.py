@@ -54,6 +54,8 @@ class DataSpec:
     """corpus: fraction of drill records (correct arithmetic steps, one per line; see r1moe/data/corpus.py)."""
     direct_rate: float = 0.0
     """corpus: fraction of solutions that state the answer without working (see r1moe/data/corpus.py)."""
+    french_rate: float = 0.0
+    """corpus: probability that a line of a solution is in French (language mixing; see r1moe/data/corpus.py)."""
     general_fraction: float = 0.0
     """prompts: this fraction of the n prompts are general (non-reasoning) ones, for all-scenario RL."""
     template: str = "chat"
@@ -203,7 +205,7 @@ def make_data(spec: DataSpec, out_dir: Path) -> str:
         records = make_corpus(spec.task, spec.n, spec.seeds, slip_rate=spec.slip_rate,
                               untagged_rate=spec.untagged_rate, difficulty=spec.difficulty,
                               template_rate=spec.template_rate, drill_rate=spec.drill_rate,
-                              direct_rate=spec.direct_rate)
+                              direct_rate=spec.direct_rate, french_rate=spec.french_rate)
     elif spec.what == "cold_start":
         records = make_cold_start(make_dataset(spec.task, spec.n, seed=spec.seed, difficulty=spec.difficulty),
                                   template=spec.template)
