@@ -28,13 +28,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from cpu_rollout_grpo import cpu_name
 
 GOAL_S = 900
+MAKE_RUN = "recipes/tiny/r1.yaml"
 
 
 def main() -> int:
     from r1moe.pipeline import load_pipeline
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", default="recipes/tiny/r1.yaml")
+    p.add_argument("--recipe", default=MAKE_RUN)
     p.add_argument("--out", default="benchmarks/results/tiny_r1_pipeline_cpu.json")
     p.add_argument("--resume", action="store_true", help="keep complete stages (a run made in pieces)")
     p.add_argument("--timings", action="append", default=[], help="--resume: an earlier pipeline_timings.json")
@@ -55,9 +56,9 @@ def main() -> int:
     evals = [s.name for s in pipe.stages if s.kind == "eval"]
     reports = [s.name for s in pipe.stages if s.kind == "report"]
     result = {
-        "benchmark": "tiny DeepSeek-R1 pipeline (make run)",
+        "benchmark": f"pipeline {pipe.name}" + (" (make run)" if a.recipe == MAKE_RUN else ""),
         "device": f"{cpu_name()}, 2 cores (no GPU)",
-        "command": f"make run  ==  r1moe pipeline {a.recipe}",
+        "command": ("make run  ==  " if a.recipe == MAKE_RUN else "") + f"r1moe pipeline {a.recipe}",
         "wall_clock_s": round(wall, 1),
         "wall_clock": "sum of the stages' seconds (run in pieces)" if a.resume else "one run, every stage forced",
         "goal_s": GOAL_S,
