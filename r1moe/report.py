@@ -53,9 +53,10 @@ def _se(m: dict[str, Any], key: str = "pass@1") -> float:
 
 
 def _compare(a: float, b: float, se: float) -> str:
-    """"yes" when a - b > 2 se, "no" when a - b < -2 se (or a <= b without a noise estimate), else "noise"."""
+    """"yes" when a - b > 2 se, "no" when a - b < -2 se, else "noise"; without a noise estimate (se 0: N unknown,
+    or both at 0% or 100%) the sign decides, and equal values are "noise" (no difference to call)."""
     if se == 0:
-        return "yes" if a > b else "no"
+        return "yes" if a > b else ("no" if a < b else "noise")
     return "yes" if a - b > 2 * se else ("no" if a - b < -2 * se else "noise")
 
 
