@@ -81,7 +81,7 @@ def make_data(spec: DataSpec, out_dir: Path) -> str:
         records = make_corpus(spec.task, spec.n, spec.seeds, slip_rate=spec.slip_rate,
                               untagged_rate=spec.untagged_rate, difficulty=spec.difficulty,
                               template_rate=spec.template_rate, drill_rate=spec.drill_rate,
-                              direct_rate=spec.direct_rate)
+                              direct_rate=spec.direct_rate, french_rate=spec.french_rate)
     elif spec.what == "cold_start":
         records = make_cold_start(make_dataset(spec.task, spec.n, seed=spec.seed, difficulty=spec.difficulty),
                                   template=spec.template)

@@ -1,13 +1,15 @@
 """The pipeline's report: the paper's tables in miniature, measured.
 
 Writes `report.md` in the report stage's directory: one row per evaluated checkpoint (pass@1, cons@K, format rate,
-language consistency, mean response length — R1 Tables 2-5 style), the Table-6 experiment (the same student
-trained by GRPO for equal compute vs distilled), the paper's qualitative claims checked against the numbers
-(stage-2 pass@1 > stage-1; cons@K >= pass@1; distilled student > RL student), each PASS, FAIL or WITHIN NOISE as
-measured, and the per-stage curves (PNG) copied next to it.
+language consistency, mean response length — R1 Tables 2-5 style), the paper's qualitative claims checked against
+the numbers (`check_claims`: R1-Zero over its base; stage 2 over the cold start; cold start + RL over RL alone, in
+accuracy and readability; stages 3 and 4 keep improving and never fall below the base; the language-consistency
+reward fixes language mixing at a small cost; cons@K over pass@1; the distilled student over the same student
+trained by GRPO, Table 6), each PASS, FAIL or WITHIN NOISE as measured, and the per-stage curves (PNG) copied next
+to it.
 
-Pipeline `report:` keys: `eval_stage` (name of the eval stage), and the labels of its checkpoints that play
-`stage1`, `stage2`, `distilled`, `student_rl` in the claims (any of them may be absent).
+Pipeline `report:` keys: `eval_stage` (name of the eval stage), and the labels of its checkpoints that play the
+roles in `ROLES` (any of them may be absent: its claims are then NOT MEASURED).
 """
 
 from __future__ import annotations
@@ -51,9 +53,10 @@ def _se(m: dict[str, Any], key: str = "pass@1") -> float:
 
 
 def _compare(a: float, b: float, se: float) -> str:
-    """"yes" when a - b > 2 se, "no" when a - b < -2 se (or a <= b without a noise estimate), else "noise"."""
+    """"yes" when a - b > 2 se, "no" when a - b < -2 se, else "noise"; without a noise estimate (se 0: N unknown,
+    or both at 0% or 100%) the sign decides, and equal values are "noise" (no difference to call)."""
     if se == 0:
-        return "yes" if a > b else "no"
+        return "yes" if a > b else ("no" if a < b else "noise")
     return "yes" if a - b > 2 * se else ("no" if a - b < -2 * se else "noise")
 
 
@@ -61,9 +64,15 @@ Verdict = str
 """PASS, FAIL, WITHIN NOISE (the difference is under two standard errors, either way) or NOT MEASURED."""
 
 
+ROLES = ("base", "zero", "zero_language", "stage1", "stage2", "stage3", "stage4", "distilled", "student_rl")
+"""Report roles: the eval labels of the base model, the R1-Zero run from it (same RL budget as stage 2), that run
+with the language reward, the four R1 stages, and the two students (Table 6)."""
+
+
 def check_claims(results: dict[str, dict[str, Any]], roles: dict[str, str]) -> list[tuple[str, Verdict, str]]:
     """(claim, verdict, evidence). A claim PASSes or FAILs only when the difference behind it exceeds two standard
-    errors (`_se`); closer calls are WITHIN NOISE: 100 questions cannot tell 15.1% from 14.9%."""
+    errors (`_se`, for either side's metric; the two combined in quadrature); closer calls are WITHIN NOISE: 100
+    questions cannot tell 15.1% from 14.9%. A claim whose checkpoints were not evaluated is NOT MEASURED."""
     claims: list[tuple[str, Verdict, str]] = []
     word = {"yes": "PASS", "no": "FAIL", "noise": "WITHIN NOISE"}
 
@@ -71,32 +80,67 @@ def check_claims(results: dict[str, dict[str, Any]], roles: dict[str, str]) -> l
         label = roles.get(role)
         return results.get(label) if label else None
 
-    def pair(claim: str, a: dict[str, Any], b: dict[str, Any], names: tuple[str, str]) -> None:
-        se = (_se(a) ** 2 + _se(b) ** 2) ** 0.5
-        evidence = f"{names[0]} {_fmt(a['pass@1'])} vs {names[1]} {_fmt(b['pass@1'])}"
+    def diff(a: dict[str, Any], b: dict[str, Any], key: str, names: tuple[str, str]) -> tuple[str, str]:
+        """(comparison, evidence) of a[key] vs b[key]."""
+        se = (_se(a, key) ** 2 + _se(b, key) ** 2) ** 0.5
+        evidence = f"{names[0]} {_fmt(a[key])} vs {names[1]} {_fmt(b[key])}"
         if se:
-            evidence += f"; difference {100 * (a['pass@1'] - b['pass@1']):+.1f}, 2 SE = {200 * se:.1f}"
-        claims.append((claim, word[_compare(a["pass@1"], b["pass@1"], se)], evidence))
+            evidence += f"; difference {100 * (a[key] - b[key]):+.1f}, 2 SE = {200 * se:.1f}"
+        return _compare(a[key], b[key], se), evidence
 
-    s1, s2 = get("stage1"), get("stage2")
-    if s1 and s2:
-        pair("reasoning RL improves on the cold start: stage-2 pass@1 > stage-1 pass@1", s2, s1,
-             ("stage 2", "stage 1"))
+    def pair(claim: str, a_role: str, b_role: str, names: tuple[str, str], key: str = "pass@1") -> None:
+        a, b = get(a_role), get(b_role)
+        if not (a and b and key in a and key in b):
+            claims.append((claim, "NOT MEASURED", f"{a_role} or {b_role} not evaluated"))
+            return
+        verdict, evidence = diff(a, b, key, names)
+        claims.append((claim, word[verdict], evidence))
+
+    pair("RL on the base raises accuracy (R1-Zero, Fig. 2): R1-Zero pass@1 > base pass@1", "zero", "base",
+         ("R1-Zero", "base"))
+    pair("reasoning RL improves on its starting checkpoint: stage-2 pass@1 > stage-1 (cold start) pass@1",
+         "stage2", "stage1", ("stage 2", "stage 1"))
+    pair("cold start + RL beats RL alone at the same RL budget: stage-2 pass@1 >= R1-Zero pass@1", "stage2", "zero",
+         ("stage 2", "R1-Zero"))
+    pair("cold start + RL is more readable than RL alone: stage-2 language consistency > R1-Zero's", "stage2", "zero",
+         ("stage 2", "R1-Zero"), key="language_consistency")
+    pair("cold start + RL is better formatted than RL alone: stage-2 format rate > R1-Zero's", "stage2", "zero",
+         ("stage 2", "R1-Zero"), key="format_rate")
+    pair("rejection sampling + SFT keeps improving: stage-3 pass@1 >= stage-2 pass@1", "stage3", "stage2",
+         ("stage 3", "stage 2"))
+    pair("all-scenario RL keeps improving: stage-4 pass@1 >= stage-3 pass@1", "stage4", "stage3",
+         ("stage 4", "stage 3"))
+    base = get("base")
+    stages = {f"stage {i}": get(f"stage{i}") for i in range(1, 5)}
+    if base and all(stages.values()):
+        verdicts = {name: diff(m, base, "pass@1", (name, "base")) for name, m in stages.items()}
+        below = [n for n, (v, _) in verdicts.items() if v == "no"]
+        close = [n for n, (v, _) in verdicts.items() if v == "noise"]
+        claims.append(("no R1 stage falls below the base: stage-k pass@1 >= base pass@1 for k = 1..4",
+                       "FAIL" if below else ("WITHIN NOISE" if close else "PASS"),
+                       "; ".join(e for _, e in verdicts.values())))
     else:
-        claims.append(("stage-2 pass@1 > stage-1 pass@1", "NOT MEASURED", "stage 1 or 2 not evaluated"))
-    votes = {label: _compare(m[ck], m["pass@1"], (2 ** 0.5) * _se(m)) if m[ck] < m["pass@1"] else "yes"
+        claims.append(("no R1 stage falls below the base", "NOT MEASURED", "base or an R1 stage not evaluated"))
+    pair("the language-consistency reward fixes language mixing: R1-Zero + language reward's language consistency > "
+         "R1-Zero's", "zero_language", "zero", ("with the reward", "without"), key="language_consistency")
+    zl, z = get("zero_language"), get("zero")
+    if zl and z:
+        verdict, evidence = diff(zl, z, "pass@1", ("with the reward", "without"))
+        claims.append(("... at a small cost: R1-Zero + language reward's pass@1 not below R1-Zero's beyond noise",
+                       "FAIL" if verdict == "no" else "PASS", evidence))
+    else:
+        claims.append(("language reward at a small cost", "NOT MEASURED", "zero or zero_language not evaluated"))
+    votes = {label: _compare(m[ck], m["pass@1"], (2 ** 0.5) * _se(m))
              for label, m in results.items() if (ck := _cons_key(m))}
     bad = [label for label, v in votes.items() if v == "no"]
     close = [label for label, v in votes.items() if v == "noise"]
-    claims.append(("majority vote helps: cons@K >= pass@1 for every checkpoint",
+    claims.append(("majority vote helps (Table 2): cons@K > pass@1 for every checkpoint",
                    "FAIL" if bad else ("WITHIN NOISE" if close else "PASS"),
                    f"cons@K below pass@1 beyond noise for {', '.join(bad)}" if bad else
-                   (f"cons@K below pass@1 within noise for {', '.join(close)}" if close else "all checkpoints")))
-    d, r = get("distilled"), get("student_rl")
-    if d and r:
-        pair("distillation beats RL on the small student at equal steps (Table 6)", d, r, ("distilled", "RL"))
-    else:
-        claims.append(("distilled student > GRPO student", "NOT MEASURED", "student runs not evaluated"))
+                   (f"cons@K - pass@1 within noise for {', '.join(close)}" if close else
+                    "cons@K above pass@1 beyond noise for all checkpoints")))
+    pair("distillation beats RL on the small student at equal steps (Table 6)", "distilled", "student_rl",
+         ("distilled", "RL"))
     return claims
 
 

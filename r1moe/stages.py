@@ -41,6 +41,8 @@ class DataSpec:
     """corpus: fraction of drill records (correct arithmetic steps, one per line; see r1moe/data/corpus.py)."""
     direct_rate: float = 0.0
     """corpus: fraction of solutions that state the answer without working (see r1moe/data/corpus.py)."""
+    french_rate: float = 0.0
+    """corpus: probability that a line of a solution is in French (language mixing; see r1moe/data/corpus.py)."""
     general_fraction: float = 0.0
     """prompts: this fraction of the n prompts are general (non-reasoning) ones, for all-scenario RL."""
     template: str = "chat"

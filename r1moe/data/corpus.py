@@ -9,6 +9,9 @@ A base model pretrained on web text has seen many worked solutions, not all corr
   leave GRPO nothing it can raise in a 10-minute run, so the tiny recipes use 0.
 - `direct_rate`: answers stated without working ("The answer is 12."), correct, as much web text has.
 - `drill_rate`: records of bare arithmetic facts, one per line.
+- `french_rate`: each line of a solution (arithmetic tasks) is written in French with this probability, so the base
+  model's chains of thought mix languages, as R1-Zero's did (R1 §2.3.2); the language-consistency reward then has
+  something to fix (English prompts, target language "en").
 The base model then "sometimes solves the task" in the expected format, as DeepSeek-V3-Base does for AIME.
 
     (pipeline data spec)  {what: corpus, task: digits, n: 40000, seeds: [2, 3, 4, 5, 6, 7], untagged_rate: 0.6}
@@ -60,9 +63,33 @@ def direct_answer(answer: str) -> str:
     return f"The answer is {answer}."
 
 
+FRENCH = (  # the English phrases of the arithmetic tasks' solutions (tasks.py, `direct_answer`) -> French
+    (re.compile(r"^We need to compute "), "Il faut calculer "),
+    (re.compile(r"^Parentheses first, then \* and / before \+ and -\.$"),
+     "D'abord les parenthèses, puis * et / avant + et -."),
+    (re.compile(r"^First, "), "D'abord, "),
+    (re.compile(r"^Then "), "Ensuite "),
+    (re.compile(r"^So the answer is "), "Donc la réponse est "),
+    (re.compile(r"^The answer is "), "La réponse est "),
+)
+FRENCH_TASKS = ("arithmetic", "digits")
+
+
+def mix_languages(solution: str, rate: float, rng: random.Random) -> str:
+    """Each line of an arithmetic solution in French with probability `rate` (numbers and symbols unchanged)."""
+    lines = []
+    for line in solution.split("\n"):
+        if rng.random() < rate:
+            for pattern, french in FRENCH:
+                line = pattern.sub(french, line)
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def make_corpus(task: str, n: int, seeds: list[int], slip_rate: float = 0.3, untagged_rate: float = 0.1,
                 difficulty: int = 1, template_rate: float = 0.3, drill_rate: float = 0.0,
-                facts_per_drill: int = 8, direct_rate: float = 0.0) -> list[dict[str, str]]:
+                facts_per_drill: int = 8, direct_rate: float = 0.0,
+                french_rate: float = 0.0) -> list[dict[str, str]]:
     """`n` records over the problems of the splits `seeds` (use splits disjoint from the RL and eval seeds).
     Problems repeat when n exceeds the pool, each time with fresh noise, as web text would.
 
@@ -75,11 +102,15 @@ def make_corpus(task: str, n: int, seeds: list[int], slip_rate: float = 0.3, unt
     use at a fraction of a solution's length; slips occur only in solutions.
 
     A fraction `direct_rate` of the solutions are replaced by `direct_answer` (a slipped one keeps its wrong
-    answer)."""
+    answer).
+
+    Each line of a solution is in French with probability `french_rate` (`mix_languages`; arithmetic tasks only)."""
     for name, rate in (("slip_rate", slip_rate), ("untagged_rate", untagged_rate), ("template_rate", template_rate),
-                       ("drill_rate", drill_rate), ("direct_rate", direct_rate)):
+                       ("drill_rate", drill_rate), ("direct_rate", direct_rate), ("french_rate", french_rate)):
         if not 0 <= rate <= 1:
             raise ValueError(f"{name}={rate} must be in [0, 1]")
+    if french_rate and task not in FRENCH_TASKS:
+        raise ValueError(f"french_rate applies to the tasks {', '.join(FRENCH_TASKS)}, not {task!r}")
     pool = problem_pool(task, seeds, difficulty, limit=min(n, 1500))
     if not pool:
         raise ValueError(f"task {task!r}: splits {seeds} hold no problems")
@@ -98,6 +129,8 @@ def make_corpus(task: str, n: int, seeds: list[int], slip_rate: float = 0.3, unt
             sol, ans = _slip(sol, ans, rng)
         if rng.random() < direct_rate:
             sol = direct_answer(ans)
+        if french_rate:
+            sol = mix_languages(sol, french_rate, rng)
         response = sol if rng.random() < untagged_rate else format_completion(sol, ans)
         if rng.random() < template_rate:
             out.append({"prompt": s.prompt, "response": response})

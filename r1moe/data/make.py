@@ -38,7 +38,7 @@ from r1moe.templates import TEMPLATES
 SPECIAL = ("general", "pairs", "safety", "cold_start", "corpus")
 PROGRESS_MIN_N = 1000
 T = TypeVar("T")
-CORPUS_RATES = ("slip_rate", "untagged_rate", "template_rate", "drill_rate", "direct_rate")
+CORPUS_RATES = ("slip_rate", "untagged_rate", "template_rate", "drill_rate", "direct_rate", "french_rate")
 APPLIES = {  # option -> the TASKs it applies to
     "seed": [*TASKS, "general", "pairs", "safety", "cold_start"],
     "difficulty": [*TASKS, "cold_start", "corpus"],

@@ -1,11 +1,14 @@
 """The tiny pretraining corpus: slips only in solutions, drills made of correct steps, splits kept apart."""
 
+import random
 import re
 
 import pytest
 
 from r1moe.data import make_dataset
-from r1moe.data.corpus import FACT, direct_answer, make_corpus, step_facts
+from r1moe.data.corpus import FACT, direct_answer, make_corpus, mix_languages, step_facts
+from r1moe.data.schema import PromptSample
+from r1moe.rewards import language_consistency_reward
 
 
 def _fact_true(line: str) -> bool:
@@ -63,3 +66,22 @@ def test_direct_rate_answers_without_working_and_keeps_answers_correct():
         assert eval(r["prompt"].removeprefix("Compute ")) == int(answer)
     with pytest.raises(ValueError, match="direct_rate"):
         make_corpus("arithmetic", 10, seeds=[2], direct_rate=-0.1)
+
+
+def test_french_rate_mixes_languages_line_by_line_and_the_language_reward_sees_it():
+    sample = PromptSample(prompt="Compute 7 * 3 - 5", answer="16", id="q", kind="math", task="digits")
+    english = "We need to compute 7 * 3 - 5.\nFirst, 7 * 3 = 21.\nThen 21 - 5 = 16.\nSo the answer is 16."
+    french = mix_languages(english, 1.0, random.Random(0))
+    assert french == "Il faut calculer 7 * 3 - 5.\nD'abord, 7 * 3 = 21.\nEnsuite 21 - 5 = 16.\nDonc la réponse est 16."
+    assert mix_languages(english, 0.0, random.Random(0)) == english
+    assert language_consistency_reward(f"<think>\n{english}\n</think>", sample) == 1.0
+    assert language_consistency_reward(f"<think>\n{french}\n</think>", sample) == 0.0
+    records = make_corpus("digits", 400, seeds=[2], slip_rate=0.0, untagged_rate=0.0, template_rate=1.0,
+                          french_rate=0.25)
+    lines = [line for r in records for line in r["response"].split("\n") if not line.startswith("<")]
+    share = sum(line.startswith(("Il faut", "D'abord", "Ensuite", "Donc")) for line in lines) / len(lines)
+    assert 0.2 < share < 0.3
+    assert all(re.search(r"<answer>(.*?)</answer>", r["response"]).group(1) == str(eval(
+        r["prompt"].removeprefix("Compute "))) for r in records)
+    with pytest.raises(ValueError, match="french_rate"):
+        make_corpus("countdown", 10, seeds=[2], french_rate=0.5)

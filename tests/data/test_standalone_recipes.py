@@ -15,11 +15,12 @@ from r1moe.stages import DataSpec, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 PIPELINES = {"runs/tiny-r1/data": ROOT / "recipes/tiny/r1.yaml",
-             "runs/tiny-r1-zero/data": ROOT / "recipes/tiny/r1_zero.yaml"}
+             "runs/tiny-r1-zero/data": ROOT / "recipes/tiny/r1_zero.yaml",
+             "runs/tiny-r1-bilingual/data": ROOT / "recipes/tiny/r1_bilingual.yaml"}
 RELEVANT = {  # the DataSpec fields each kind of record depends on
     "prompts": ["task", "n", "seed", "difficulty", "general_fraction"],
     "corpus": ["task", "n", "seeds", "difficulty", "slip_rate", "untagged_rate", "template_rate", "drill_rate",
-               "direct_rate"],
+               "direct_rate", "french_rate"],
     "cold_start": ["task", "n", "seed", "difficulty", "template"],
     "pairs": ["n", "seed", "template"],
 }
@@ -38,7 +39,8 @@ def documented_commands() -> list[tuple[Path, list[str]]]:
 def as_spec(args: list[str]) -> DataSpec:
     """The pipeline DataSpec that `r1moe data make ARGS` corresponds to."""
     a = _parser().parse_args(args)
-    rates = {r: getattr(a, r) for r in ("slip_rate", "untagged_rate", "template_rate", "drill_rate", "direct_rate")
+    rates = {r: getattr(a, r) for r in ("slip_rate", "untagged_rate", "template_rate", "drill_rate", "direct_rate",
+                                          "french_rate")
              if getattr(a, r) is not None}
     what = "prompts" if a.task in TASKS else a.task
     return DataSpec(what=what, task=a.task if what == "prompts" else (a.source or "arithmetic"), n=a.n,
@@ -84,6 +86,8 @@ def test_documented_command_matches_the_pipeline(path, args, tmp_path):
 @pytest.mark.parametrize("spec", [
     DataSpec(what="prompts", task="digits", n=12, seed=1),
     DataSpec(what="corpus", task="digits", n=30, slip_rate=0.0, untagged_rate=0.6, template_rate=0.15),
+    DataSpec(what="corpus", task="digits", n=30, slip_rate=0.0, untagged_rate=0.1, template_rate=0.15,
+             direct_rate=0.5, french_rate=0.25),
     DataSpec(what="cold_start", task="digits", n=5, seed=0, template="chat"),
     DataSpec(what="pairs", n=4, seed=3, template="chat"),
 ], ids=lambda s: s.what)
