@@ -107,7 +107,8 @@ def spec_main(stage: str, spec_type: type, run: Callable[[Any, Path], dict], arg
                                   f"directory or delete it")
         out.mkdir(parents=True, exist_ok=True)
         summary = run(spec, out)
-        write_json_atomic(out / DONE_FILE, {"stage": stage, **summary})
+        if summary.get("complete", True):  # a rejection worker whose shards wait for others is not done yet
+            write_json_atomic(out / DONE_FILE, {"stage": stage, **summary})
         return 0
 
     return run_cli(f"r1moe {stage}", go)

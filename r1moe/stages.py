@@ -82,6 +82,13 @@ class RejectionSpec(SamplingConfig):
     """builtin: one device; sglang: SGLang over `sglang.tp` x `sglang.dp` GPUs of this node."""
     sglang: SGLangSection = field(default_factory=SGLangSection)
     """Only with engine: sglang (set colocate: false: nothing trains next to it)."""
+    shard_samples: int = 4096
+    """Samples per shard (a multiple of 64). Each finished shard is kept in out_dir/shards/, so a run that stops is
+    resumed shard by shard, and several workers can share the shards."""
+    worker: int = 0
+    num_workers: int = 1
+    """This process generates shards k with k % num_workers == worker (one process per node or per GPU group, same
+    out_dir on a shared filesystem); whichever finds every shard done merges them into sft.jsonl."""
 
 
 @dataclass

@@ -303,3 +303,54 @@ def test_rejection_and_eval_are_commands_like_the_other_stages(memorised, tmp_pa
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert set(results) == {"memorised"} and 0 <= results["memorised"]["pass@1"] <= 1
     assert json.loads((tmp_path / "ev" / "DONE.json").read_text())["results"] == str(tmp_path / "ev" / "results.json")
+
+
+def _sharding_spec(root, **kw):
+    kw.setdefault("temperature", 0.0)  # greedy: the memorised replies, the same on any CPU
+    return RejectionSpec(checkpoint=str(root / "ckpt"), prompts=str(root / "prompts.jsonl"), samples_per_prompt=48,
+                         max_new_tokens=96, template="chat", **kw)
+
+
+def test_shards_and_workers_give_the_one_shot_result(memorised, tmp_path):
+    """3 prompts x 48 samples = 144 samples: in one shard, or in 3 shards of 64 made by two workers in turn (the
+    first returns incomplete and writes no sft.jsonl), the records and the summed counts are the same."""
+    root, _, _ = memorised
+    one = run_rejection_sampling(_sharding_spec(root, shard_samples=192), tmp_path / "one")
+    first = run_rejection_sampling(_sharding_spec(root, shard_samples=64, worker=0, num_workers=2), tmp_path / "two")
+    assert first == {"complete": False, "shards": 3, "shards_waiting": 1}
+    assert not (tmp_path / "two" / "sft.jsonl").exists()
+    assert sorted(p.name for p in (tmp_path / "two" / "shards").glob("shard_*.json")) == ["shard_00000.json",
+                                                                                         "shard_00002.json"]
+    second = run_rejection_sampling(_sharding_spec(root, shard_samples=64, worker=1, num_workers=2), tmp_path / "two")
+    assert second["shards"] == 3 and one["shards"] == 1
+    for key in ("samples", "rejected", "passed_filters", "duplicates", "kept"):
+        assert second[key] == one[key], key
+    assert (tmp_path / "two" / "sft.jsonl").read_text() == (tmp_path / "one" / "sft.jsonl").read_text()
+
+
+def test_a_stopped_run_resumes_from_its_finished_shards(memorised, tmp_path):
+    root, _, _ = memorised
+    spec = _sharding_spec(root, shard_samples=64)
+    full = run_rejection_sampling(spec, tmp_path / "a")
+    # a run that stopped after its first shard: keep shard 0 only, then run again
+    out = tmp_path / "b"
+    run_rejection_sampling(spec, out)
+    for k in (1, 2):
+        (out / "shards" / f"shard_{k:05d}.json").unlink()
+    before = (out / "shards" / "shard_00000.jsonl").stat().st_mtime_ns
+    resumed = run_rejection_sampling(spec, out)
+    assert (out / "shards" / "shard_00000.jsonl").stat().st_mtime_ns == before  # not made again
+    assert {k: resumed[k] for k in ("samples", "rejected", "kept")} == {k: full[k] for k in ("samples", "rejected",
+                                                                                              "kept")}
+
+
+def test_shards_of_another_spec_are_refused(memorised, tmp_path):
+    root, _, _ = memorised
+    run_rejection_sampling(_sharding_spec(root, shard_samples=64, num_workers=2), tmp_path / "out")
+    with pytest.raises(ValueError, match=r"another rejection spec \(temperature: 0.0 -> 0.7\)"):
+        run_rejection_sampling(_sharding_spec(root, shard_samples=64, num_workers=2, worker=1,
+                                              temperature=0.7), tmp_path / "out")
+    with pytest.raises(ValueError, match="shard_samples=100 must be a positive multiple of 64"):
+        run_rejection_sampling(_sharding_spec(root, shard_samples=100), tmp_path / "x")
+    with pytest.raises(ValueError, match="worker=2 must be in 0..num_workers-1"):
+        run_rejection_sampling(_sharding_spec(root, worker=2, num_workers=2), tmp_path / "x")

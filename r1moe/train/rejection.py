@@ -23,6 +23,12 @@ paragraphs, and code blocks", v1 §2.3.3); overlong and repetition are ours. Cor
 the six readability counts + `passed_filters` = all samples, and the samples the readability filters drop were all
 correct.
 
+At the paper's size (~600k kept of several samples per prompt) the samples are made in shards of
+`shard_samples`: each finished shard is kept in `out_dir/shards/` (records + filter counts, atomic), so a run that
+stops resumes where it was, and `num_workers` processes (one per node, say, each with its own engine) share the
+shards through a common `out_dir` (`worker=i num_workers=n`); the process that finds every shard done merges them
+(deduplication and the mix run over all shards; the counts are summed). Shards made with another spec are refused.
+
 Outputs in `out_dir`: `sft.jsonl` (SFTSample records; the response is the generated text, which follows
 `render(template, prompt)` verbatim; `meta` = provenance) and `stats.json` (the returned dict), both atomic. Nothing
 surviving the filters is a ValueError naming the checkpoint and the counts, and no sft.jsonl is written.
@@ -31,6 +37,8 @@ surviving the filters is a ValueError naming the checkpoint and the counts, and 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import random
 import re
 import sys
@@ -178,10 +186,75 @@ def check_spec(spec: RejectionSpec) -> None:
     if not 0 <= spec.min_language_consistency <= 1 or spec.max_tokens < 0:
         raise ValueError(f"rejection: min_language_consistency={spec.min_language_consistency} must be in [0, 1] "
                          f"and max_tokens={spec.max_tokens} >= 0")
+    if spec.shard_samples < CHUNK or spec.shard_samples % CHUNK:
+        raise ValueError(f"rejection.shard_samples={spec.shard_samples} must be a positive multiple of {CHUNK}")
+    if spec.num_workers < 1 or not 0 <= spec.worker < spec.num_workers:
+        raise ValueError(f"rejection.worker={spec.worker} must be in 0..num_workers-1 (num_workers="
+                         f"{spec.num_workers})")
+
+
+GENERATION_KEYS = ("checkpoint", "prompts", "samples_per_prompt", "max_new_tokens", "template", "temperature", "top_p",
+                   "max_tokens", "max_repeat", "language", "min_language_consistency", "max_paragraph_words",
+                   "max_code_blocks", "stop", "seed", "shard_samples")
+"""The spec keys a shard's records depend on: finished shards are reused only when these are unchanged."""
+
+
+def _shard_fingerprint(spec: RejectionSpec) -> dict:
+    digest = hashlib.sha256(Path(spec.prompts).read_bytes()).hexdigest()
+    return {**{k: getattr(spec, k) for k in GENERATION_KEYS}, "prompts_sha256": digest}
+
+
+def _check_shard_dir(shards: Path, fingerprint: dict) -> None:
+    """shards/spec.json records what the shards were made with; a different spec is refused, key by key."""
+
+
+    path = shards / "spec.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in fingerprint.items() if old.get(k) != v]
+        if changed:
+            raise ValueError(f"{shards}: finished shards were made with another rejection spec ({'; '.join(changed)});"
+                             f" delete {shards} or use another output directory")
+    else:
+        shards.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, fingerprint)
+
+
+def _sample_shard(engine, tok, spec: RejectionSpec, prompts: list[PromptSample], owners, first: int, last: int,
+                  advance) -> tuple[list[SFTSample], dict[str, int]]:
+    """Samples first..last-1 of the run (chunk seeds by global chunk index: the same records however the run is
+    sharded or resumed)."""
+    rejected = dict.fromkeys(FILTERS, 0)
+    kept: list[SFTSample] = []
+    for start in range(first, last, CHUNK):
+        part = owners[start:min(start + CHUNK, last)]
+        ids = [encode_prompt(tok, spec.template, prompts[i].prompt) for i, _ in part]
+        params = SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
+                                stop=list(spec.stop), seed=spec.seed + start // CHUNK)
+        for (i, j), g in zip(part, engine.generate(ids, params)):
+            s = prompts[i]
+            reason = classify(g.text, len(g.token_ids), g.finish_reason, s, spec)
+            if reason is not None:
+                rejected[reason] += 1
+                continue
+            language = language_consistency_reward(full_completion(spec.template, g.text),
+                                                   dataclasses.replace(s, language=spec.language))
+            kept.append(SFTSample(
+                prompt=s.prompt, response=g.text, id=f"{s.id or i}-rs{j}", kind=s.kind, language=s.language,
+                meta={"template": spec.template, "kind": "reasoning", "source": "rejection_sampling",
+                      "checkpoint": spec.checkpoint, "prompt_index": i, "sample_index": j, "task": s.task,
+                      "num_tokens": len(g.token_ids),
+                      "reward": {"accuracy": 1.0, "format": 1.0, "language": language}}))
+        advance(f"rejection sampling: kept {len(kept)} of samples {first}..{min(start + CHUNK, last)}")
+    return kept, rejected
 
 
 def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
-    """Sample, filter, deduplicate, mix; write out_dir/sft.jsonl and out_dir/stats.json; return the stats."""
+    """Sample (shard by shard, resumable; this worker's shards), filter, and once every shard is done deduplicate,
+    mix, write out_dir/sft.jsonl and out_dir/stats.json; return the stats. A worker that finishes before the others
+    returns {"complete": False, ...} and writes no sft.jsonl."""
+
+
     check_spec(spec)
     if not (Path(spec.checkpoint) / "config.json").is_file():
         raise FileNotFoundError(f"rejection.checkpoint={spec.checkpoint}: no config.json there (missing or "
@@ -193,46 +266,51 @@ def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
     if not prompts:
         raise ValueError(f"rejection.prompts={spec.prompts}: no reasoning prompts (all {skipped} are kind general)")
     general = read_general(spec.general, spec.template) if spec.general else []
-    engine, tok = load_checkpoint_engine(spec.checkpoint, spec.engine, spec.sglang, seed=spec.seed)
+    out_dir = Path(out_dir)
+    shards = out_dir / "shards"
+    _check_shard_dir(shards, _shard_fingerprint(spec))
     N = spec.samples_per_prompt
     owners = [(i, j) for i in range(len(prompts)) for j in range(N)]
-    ids = [encode_prompt(tok, spec.template, prompts[i].prompt) for i, _ in owners]
-    rejected = dict.fromkeys(FILTERS, 0)
-    kept: list[SFTSample] = []
-    with progress_bar("rejection sampling", -(-len(ids) // CHUNK)) as advance:
-        for c, start in enumerate(range(0, len(ids), CHUNK)):
-            params = SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
-                                    stop=list(spec.stop), seed=spec.seed + c)
-            gens = engine.generate(ids[start:start + CHUNK], params)
-            for (i, j), g in zip(owners[start:start + CHUNK], gens):
-                s = prompts[i]
-                reason = classify(g.text, len(g.token_ids), g.finish_reason, s, spec)
-                if reason is not None:
-                    rejected[reason] += 1
-                    continue
-                language = language_consistency_reward(full_completion(spec.template, g.text),
-                                                       dataclasses.replace(s, language=spec.language))
-                kept.append(SFTSample(
-                    prompt=s.prompt, response=g.text, id=f"{s.id or i}-rs{j}", kind=s.kind, language=s.language,
-                    meta={"template": spec.template, "kind": "reasoning", "source": "rejection_sampling",
-                          "checkpoint": spec.checkpoint, "prompt_index": i, "sample_index": j, "task": s.task,
-                          "num_tokens": len(g.token_ids),
-                          "reward": {"accuracy": 1.0, "format": 1.0, "language": language}}))
-            advance(f"rejection sampling: kept {len(kept)}/{min(start + CHUNK, len(ids))}")
+    num_shards = -(-len(owners) // spec.shard_samples)
+    mine = [k for k in range(num_shards) if k % spec.num_workers == spec.worker
+            and not (shards / f"shard_{k:05d}.json").is_file()]
+    engine = tok = None
+    with progress_bar("rejection sampling", len(mine) * -(-spec.shard_samples // CHUNK)) as advance:
+        for k in mine:
+            if engine is None:
+                engine, tok = load_checkpoint_engine(spec.checkpoint, spec.engine, spec.sglang, seed=spec.seed)
+            first, last = k * spec.shard_samples, min((k + 1) * spec.shard_samples, len(owners))
+            kept, rejected = _sample_shard(engine, tok, spec, prompts, owners, first, last, advance)
+            write_jsonl(shards / f"shard_{k:05d}.jsonl", kept)
+            # the counts file is written last: it marks the shard done
+            write_json_atomic(shards / f"shard_{k:05d}.json", {"samples": last - first, "rejected": rejected,
+                                                               "passed_filters": len(kept)})
+    if engine is not None:
+        engine.shutdown()
+    waiting = [k for k in range(num_shards) if not (shards / f"shard_{k:05d}.json").is_file()]
+    if waiting:
+        print(f"rejection: worker {spec.worker}/{spec.num_workers} done; {len(waiting)} of {num_shards} shards are "
+              f"still to be made by other workers: run any worker again to merge once they are", flush=True)
+        return {"complete": False, "shards": num_shards, "shards_waiting": len(waiting)}
+    rejected, kept, samples = dict.fromkeys(FILTERS, 0), [], 0
+    for k in range(num_shards):
+        counts = json.loads((shards / f"shard_{k:05d}.json").read_text())
+        samples += counts["samples"]
+        for name, n in counts["rejected"].items():
+            rejected[name] += n
+        if counts["passed_filters"]:
+            kept += read_sft(shards / f"shard_{k:05d}.jsonl")
     if not kept:
         raise ValueError(f"rejection sampling from {spec.checkpoint}: no sample survived the filters "
-                         f"({len(ids)} samples; rejected {rejected})")
+                         f"({samples} samples; rejected {rejected})")
     reasoning, duplicates = deduplicate(kept)
     general, general_duplicates = deduplicate(general)
     mixed, mix = mix_records(reasoning, general, spec.reasoning_ratio, seed=spec.seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     stats = {"checkpoint": spec.checkpoint, "prompts": len(prompts), "general_prompts_skipped": skipped,
-             "samples": len(ids), "rejected": rejected,
+             "samples": samples, "shards": num_shards, "rejected": rejected,
              "passed_filters": len(kept), "duplicates": duplicates, "kept": len(reasoning),
              "general_duplicates": general_duplicates, **mix, "reasoning_ratio": spec.reasoning_ratio,
              "sft": str(out_dir / "sft.jsonl")}
-    engine.shutdown()
     write_jsonl(out_dir / "sft.jsonl", mixed)
     write_json_atomic(out_dir / "stats.json", stats)
     return stats
