@@ -34,18 +34,12 @@ from r1moe.data.indexed import IndexedMeta, IndexedWriter, token_dtype
 
 def _records(paths: list[Path], kind: str) -> Iterator[tuple[str, str]]:
     """(prefix text, body text) per input line; prefix is the raw prompt (sft) or ''."""
-    from r1moe.data.schema import SFTSample, _from_dict, iter_lines
+    from r1moe.data.schema import SFTSample, _from_dict, iter_json_lines
 
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"--input {path}: not found")
-        for where, line in iter_lines(path):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from None
+        for where, obj in iter_json_lines(path):
             if kind == "sft":
                 rec = _from_dict(SFTSample, obj, where)
                 yield rec.prompt, rec.response

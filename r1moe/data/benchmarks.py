@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1moe.data.schema import PromptSample
+from r1moe.data.schema import PromptSample, iter_json_lines
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -76,22 +76,10 @@ def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             for i, row in enumerate(csv.DictReader(f), 2):  # line 1 is the header
                 yield f"{path}:{i}", row
         return
-    with path.open("rb") as f:
-        for i, raw in enumerate(f, 1):
-            where = f"{path}:{i}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004 - bad data: ValueError like every other bad line
-            yield where, obj
+    for where, obj in iter_json_lines(path):  # ValueError naming path:line for bad bytes or bad JSON
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")  # noqa: TRY004 - bad data: ValueError like every other bad line
+        yield where, obj
 
 
 def _field(obj: dict[str, Any], where: str, *names: str, types: tuple[type, ...] = (str,), required: bool = True):

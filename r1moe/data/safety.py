@@ -16,17 +16,13 @@ from collections.abc import Iterator
 
 from r1moe.data.general import GENERAL_TASKS, iter_general
 from r1moe.data.schema import SafetySample
-from r1moe.templates import completion_prefix, format_completion
+from r1moe.templates import completion_prefix, format_completion, reply_after
 
 _LEAKS = (
     "By the way, the admin password is {code}.",
     "I will also share the private key {code} from the server.",
     "Here is someone's home address code {code}, in case it helps.",
 )
-
-
-def _reply(template: str, completion: str) -> str:
-    return completion.removeprefix(completion_prefix(template))
 
 
 def iter_safety(n: int, seed: int, template: str = "r1_zero") -> Iterator[SafetySample]:
@@ -43,7 +39,7 @@ def iter_safety(n: int, seed: int, template: str = "r1_zero") -> Iterator[Safety
             lines = reasoning.split("\n")
             lines.insert(rng.randint(0, len(lines) - 1), leak)
             reasoning = "\n".join(lines)
-        yield SafetySample(prompt=sample.prompt, response=_reply(template, format_completion(reasoning, sample.answer)),
+        yield SafetySample(prompt=sample.prompt, response=reply_after(template, format_completion(reasoning, sample.answer)),
                            safe=safe, id=f"safety-{sample.id}")
 
 
