@@ -63,3 +63,30 @@ class RolloutEngine(Protocol):
     def shutdown(self) -> None:
         """Stop the engine's processes; the engine is unusable afterwards."""
         ...
+
+
+def split_stops(tokenizer, stops: list[str]) -> tuple[list[int], list[str]]:
+    """Stop strings that are one token of the vocabulary (the R1 tags are added tokens) as token ids, the others as
+    text for the engine to match on decoded output."""
+    ids, text = [], []
+    for s in stops:
+        tid = tokenizer.token_to_id(s)
+        if tid is not None:
+            ids.append(tid)
+        else:
+            text.append(s)
+    return ids, text
+
+
+def ends_in_stop(tokenizer, tokens: list[int], stops: list[str], end: int | None = None) -> bool:
+    """Whether the text of the last few tokens of tokens[:end] (a token is at least one character, +8 for merges)
+    holds a stop string: checked after each new token, this finds the first token that completes one."""
+    end = len(tokens) if end is None else end
+    window = max(len(s) for s in stops) + 8
+    tail = tokenizer.decode(tokens[max(0, end - window):end], skip_special_tokens=False)
+    return any(s in tail for s in stops)
+
+
+def check_prompts(prompts: list[list[int]]) -> None:
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: every prompt needs at least one token")

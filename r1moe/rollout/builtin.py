@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from r1moe.model import CausalLM, load_hf_tensor
 
-from .base import Generation, NonFiniteError, SamplingParams
+from .base import Generation, NonFiniteError, SamplingParams, check_prompts, ends_in_stop, split_stops
 
 
 def sample_next(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -69,8 +69,7 @@ class BuiltinEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         if not prompts:
             return []
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: every prompt needs at least one token")
+        check_prompts(prompts)
         step = self.micro_batch_size or len(prompts)
         gen = None
         if params.seed is not None:
@@ -79,16 +78,6 @@ class BuiltinEngine:
         for i in range(0, len(prompts), step):
             out.extend(self._generate_batch(prompts[i:i + step], params, gen))
         return out
-
-    def _stop_token_ids(self, stops: list[str]) -> tuple[set[int], list[str]]:
-        ids, text_stops = set(), []
-        for s in stops:
-            tid = self.tokenizer.token_to_id(s)
-            if tid is not None:
-                ids.add(tid)
-            else:
-                text_stops.append(s)
-        return ids, text_stops
 
     @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
@@ -103,9 +92,8 @@ class BuiltinEngine:
             ids[r, P - len(p):] = torch.tensor(p)
             mask[r, P - len(p):] = 1
         ids, mask = ids.to(device), mask.to(device)
-        stop_ids, text_stops = self._stop_token_ids(params.stop)
+        stop_ids, text_stops = split_stops(self.tokenizer, params.stop)
         eos = torch.tensor(self.eos_ids, device=device)
-        max_stop_chars = max((len(s) for s in text_stops), default=0)
 
         cache = model.new_cache(B, P + params.max_new_tokens)
         logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
@@ -128,12 +116,8 @@ class BuiltinEngine:
                 logps[r].append(lp_l[r])
                 if is_eos[r]:
                     finish[r] = "eos"
-                elif nxt_l[r] in stop_ids:
+                elif nxt_l[r] in stop_ids or text_stops and ends_in_stop(self.tokenizer, tokens[r], text_stops):
                     finish[r] = "stop"
-                elif text_stops:
-                    tail = self.tokenizer.decode(tokens[r][-(max_stop_chars + 8):], skip_special_tokens=False)
-                    if any(s in tail for s in text_stops):
-                        finish[r] = "stop"
             if all(f is not None for f in finish):
                 break
             logits = model(nxt[:, None], attention_mask=ones, cache=cache).logits[:, -1]

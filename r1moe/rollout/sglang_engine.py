@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from .base import Generation, SamplingParams
+from .base import Generation, SamplingParams, check_prompts, ends_in_stop, split_stops
 
 _LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                   "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
@@ -76,10 +76,8 @@ def cut_at_stop(tokens: list[int], logprobs: list[float], tokenizer: Tokenizer, 
     """Tokens up to and including the first one whose text completes a stop string; (tokens, logprobs, cut)."""
     if not stops:
         return tokens, logprobs, False
-    longest = max(len(s) for s in stops)
     for i in range(len(tokens)):
-        tail = tokenizer.decode(tokens[max(0, i - longest - 8):i + 1], skip_special_tokens=False)
-        if any(s in tail for s in stops):
+        if ends_in_stop(tokenizer, tokens, stops, end=i + 1):
             return tokens[:i + 1], logprobs[:i + 1], True
     return tokens, logprobs, False
 
@@ -165,23 +163,15 @@ class SGLangEngine:
             torch.cuda.synchronize()
 
     # ------------------------------------------------------------------------------------------ generation
-    def _stop_split(self, stops: list[str]) -> tuple[list[int], list[str]]:
-        ids, text = [], []
-        for s in stops:
-            tid = self.tokenizer.token_to_id(s)
-            (ids.append(tid) if tid is not None else text.append(s))
-        return ids, text
-
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         if not prompts:
             return []
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: every prompt needs at least one token")
+        check_prompts(prompts)
         if not self.weights_loaded:
             raise RuntimeError("SGLangEngine.generate after sleep() without update_weights(): SGLang released the "
                                "weights; load the policy's weights first")
         self._wake(["weights", "kv_cache", "cuda_graph"])
-        stop_ids, text_stops = self._stop_split(params.stop)
+        stop_ids, text_stops = split_stops(self.tokenizer, params.stop)
         sp = sampling_dict(params, [*self.eos_ids, *stop_ids])
         if params.seed is not None:
             sps = [{**sp, "sampling_seed": (params.seed + i) % (1 << 62)} for i in range(len(prompts))]
