@@ -191,6 +191,23 @@ def test_grpo_that_diverges_stops_without_saving_nan(tmp_path, tiny_data, tiny_b
     assert ckpts and all(torch.isfinite(p).all() for p in from_pretrained(ckpts[-1]).parameters())
 
 
+def recording_engine(seen: list):
+    """An engine factory: grpo.build_engine's engine, each generate call recorded as (max_new_tokens, prompts)."""
+
+    def make_engine(cfg, policy, tok, run_dir):
+        engine = grpo.build_engine(cfg, policy, tok, run_dir)
+        inner = engine.generate
+
+        def generate(prompts, params):
+            seen.append((params.max_new_tokens, [tok.decode(p) for p in prompts]))
+            return inner(prompts, params)
+
+        engine.generate = generate
+        return engine
+
+    return make_engine
+
+
 def test_length_and_data_schedules_switch_inside_one_resumable_run(tmp_path, tiny_data, tiny_base):
     """rollout.max_new_tokens_schedule and data.train_schedule: the switch happens at its step in one job, and a run
     resumed after the switch draws the same questions as the uninterrupted one."""
@@ -207,19 +224,7 @@ def test_length_and_data_schedules_switch_inside_one_resumable_run(tmp_path, tin
             "rollout.max_new_tokens_schedule": "{3: 9}", "data.train_schedule": f"{{3: {tmp_path / 'late.jsonl'}}}",
             "checkpoint.every": 1}))
         seen = []
-
-        def make_engine(c, pol, tok, run_dir):
-            eng = grpo.build_engine(c, pol, tok, run_dir)
-            inner = eng.generate
-
-            def generate(prompts, params):
-                seen.append((params.max_new_tokens, [tok.decode(p) for p in prompts]))
-                return inner(prompts, params)
-
-            eng.generate = generate
-            return eng
-
-        grpo.run(cfg, policy_factory=grpo.build_policy, engine_factory=make_engine)
+        grpo.run(cfg, policy_factory=grpo.build_policy, engine_factory=recording_engine(seen))
         return cfg, seen
 
     cfg, seen = run("a")
@@ -235,18 +240,5 @@ def test_length_and_data_schedules_switch_inside_one_resumable_run(tmp_path, tin
     shutil.rmtree(cfg.run_dir / "checkpoints" / "step_0000004", ignore_errors=True)
     resumed = load_config(cfg.run_dir / "config.yaml", [])
     seen_r = []
-    inner_factory = grpo.build_engine
-
-    def make_engine(c, pol, tok, run_dir):
-        eng = inner_factory(c, pol, tok, run_dir)
-        inner = eng.generate
-
-        def generate(prompts, params):
-            seen_r.append((params.max_new_tokens, [tok.decode(p) for p in prompts]))
-            return inner(prompts, params)
-
-        eng.generate = generate
-        return eng
-
-    grpo.run(resumed, resume=True, policy_factory=grpo.build_policy, engine_factory=make_engine)
+    grpo.run(resumed, resume=True, policy_factory=grpo.build_policy, engine_factory=recording_engine(seen_r))
     assert seen_r == seen[3:]
