@@ -359,16 +359,15 @@ class MegatronPolicy:
         ranks (only the last pipeline stage has log-probs; data-parallel ranks hold different rows)."""
         import torch.distributed as dist
 
-        acc = torch.zeros(3, device=self.device)  # sum, count, max
+        total, peak = torch.zeros(2, device=self.device), torch.zeros(1, device=self.device)  # (sum, count), max
         for mb in mbs:
             if mb.old_logp is None:
                 continue
             d = (mb.old_logp.float() - mb.rollout_logp.float()).abs()[mb.mask]
             if d.numel():
-                acc[0] += d.sum()
-                acc[1] += d.numel()
-                acc[2] = torch.maximum(acc[2], d.max())
-        total, peak = acc[:2].clone(), acc[2:].clone()
+                total[0] += d.sum()
+                total[1] += d.numel()
+                peak = torch.maximum(peak, d.max())
         dist.all_reduce(total)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         if total[1] == 0:
@@ -408,8 +407,7 @@ class MegatronPolicy:
         self._export(engine.update_weights if engine is not None else None)
 
     def rollout_model(self):
-        """A reference CausalLM on this rank's GPU for the built-in engine, fed by `export_to` (every rank builds
-        one: use rollout.engine=sglang for models that do not fit one GPU)."""
+        """A reference CausalLM on this rank's GPU for the built-in engine, fed by `export_to` (one on every rank)."""
         if self._host is None:
             from r1moe.model import build_model
 
