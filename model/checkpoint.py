@@ -202,6 +202,17 @@ def _config_dtype(raw: dict[str, Any], source: Path) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------- save
+def write_config_files(cfg: ModelConfig, directory: Path, dtype: torch.dtype) -> None:
+    """config.json (HF names, `torch_dtype`) and generation_config.json of a checkpoint directory."""
+    config = cfg.to_hf_dict()
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    write_json(directory / CONFIG_NAME, config)
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    if cfg.pad_token_id is not None:
+        gen["pad_token_id"] = cfg.pad_token_id
+    write_json(directory / GENERATION_CONFIG_NAME, gen)
+
+
 def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: str | int = "5GB",
                     tokenizer=None, dtype: torch.dtype | None = None,
                     extra_files: dict[str, bytes | str] | None = None) -> Path:
@@ -230,13 +241,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: st
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(path) as tmp:
         _write_weights(model, tmp, dtype, limit)
-        config = cfg.to_hf_dict()
-        config["torch_dtype"] = str(dtype).removeprefix("torch.")
-        write_json(tmp / CONFIG_NAME, config)
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-        if cfg.pad_token_id is not None:
-            gen["pad_token_id"] = cfg.pad_token_id
-        write_json(tmp / GENERATION_CONFIG_NAME, gen)
+        write_config_files(cfg, tmp, dtype)
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp)
         for name, content in (extra_files or {}).items():

@@ -203,14 +203,10 @@ class SGLangEngine:
 
 
 def write_engine_dir(model_cfg, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """A directory SGLang can start from with dummy weights (`load_format=dummy`): config.json and
-    generation_config.json as save_pretrained writes them, no weights (they come by `update_weights`)."""
-    import json
+    """A directory SGLang can start from with dummy weights (`load_format=dummy`): the config files of a checkpoint
+    (model.checkpoint.write_config_files), no weights (they come by `update_weights`)."""
+    from r1moe.model.checkpoint import write_config_files
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = model_cfg.to_hf_dict()
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    gen = {"bos_token_id": model_cfg.bos_token_id, "eos_token_id": model_cfg.eos_token_id}
-    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    write_config_files(model_cfg, out_dir, dtype)
     return out_dir

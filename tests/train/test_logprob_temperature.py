@@ -64,3 +64,15 @@ def test_sglang_sampling_dict_and_stop_cut(tiny_base):
     assert was_cut and tok.decode(cut).rstrip().endswith("done") and len(lps) == len(cut) < len(ids)
     same, _, was_cut = cut_at_stop(ids, [0.1] * len(ids), tok, ["absent"])
     assert same == ids and not was_cut
+
+
+def test_sglang_engine_dir_holds_the_checkpoints_config_files(tmp_path, tiny_base):
+    """SGLang starts from config files only when there is no init checkpoint: the same ones save_pretrained writes."""
+    from r1moe.model import ModelConfig
+    from r1moe.rollout.sglang_engine import write_engine_dir
+
+    cfg = ModelConfig.from_json(tiny_base / "config.json")
+    d = write_engine_dir(cfg, tmp_path / "engine", dtype=torch.float32)
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "generation_config.json"]
+    for name in ("config.json", "generation_config.json"):
+        assert (d / name).read_text() == (tiny_base / name).read_text()
