@@ -15,7 +15,6 @@ Legend: Q questions per step, G group size, N = Q*G sequences, T padded sequence
 from __future__ import annotations
 
 import dataclasses
-import random
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from r1moe.rollout import BuiltinEngine, RolloutEngine, SamplingParams
 
 from . import common, rundir
 from .guard import NonFiniteGuard
+from .packing import shuffled_indices
 from .policy import Policy, ReferencePolicy, build_rl_batch
 
 
@@ -45,13 +45,7 @@ class QuestionSampler:
         self.samples, self.seed = samples, seed
 
     def batch(self, step: int, q: int) -> list[PromptSample]:
-        out = []
-        for i in range((step - 1) * q, step * q):
-            epoch, pos = divmod(i, len(self.samples))
-            order = list(range(len(self.samples)))
-            random.Random(self.seed + epoch).shuffle(order)
-            out.append(self.samples[order[pos]])
-        return out
+        return [self.samples[i] for i in shuffled_indices(len(self.samples), (step - 1) * q, q, self.seed)]
 
 
 def _load(cfg: JobConfig):

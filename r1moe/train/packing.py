@@ -70,6 +70,20 @@ def _pad_row(inp, tgt, seg, seq_len, pad_id):
     return inp + [pad_id] * n, tgt + [IGNORE] * n, seg + [-1] * n
 
 
+def shuffled_indices(n: int, start: int, count: int, seed: int) -> list[int]:
+    """Indices at positions start .. start+count-1 of endless epochs, each a permutation of range(n) shuffled by
+    random.Random(seed + epoch): a position gives the same index however it is reached, so resume is exact. One
+    shuffle per epoch touched (not per position)."""
+    out, orders = [], {}
+    for i in range(start, start + count):
+        epoch, pos = divmod(i, n)
+        if epoch not in orders:
+            orders[epoch] = list(range(n))
+            random.Random(seed + epoch).shuffle(orders[epoch])
+        out.append(orders[epoch][pos])
+    return out
+
+
 def iterate_batches(rows, batch_size: int, seed: int, start_step: int = 0) -> Iterator[PackedBatch]:
     """Endless shuffled batches (reshuffled each epoch, deterministic in seed), resumable at `start_step`."""
     if not rows:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import statistics
 import sys
 import time
@@ -62,6 +61,7 @@ from r1moe.tracking import MetricsLogger
 
 from . import checkpointing, checks, common, rundir
 from .guard import NonFiniteGuard, check_finite_state_dict, nonfinite_tensor
+from .packing import shuffled_indices
 
 Scope = Literal["summary", "full"]
 DEFAULT_SCOPE: Scope = "summary"
@@ -217,13 +217,7 @@ def encode_pairs(pairs: Sequence[PreferencePair], tok: Tokenizer, template: str,
 
 def pair_batch(num_pairs: int, step: int, batch: int, seed: int) -> list[int]:
     """Pair indices of `step` (1-based): a seeded shuffle per epoch, position (step - 1) * batch, so resume is exact."""
-    out = []
-    for i in range((step - 1) * batch, step * batch):
-        epoch, pos = divmod(i, num_pairs)
-        order = list(range(num_pairs))
-        random.Random(seed + epoch).shuffle(order)
-        out.append(order[pos])
-    return out
+    return shuffled_indices(num_pairs, (step - 1) * batch, batch, seed)
 
 
 def evaluate_pairs(rm: RewardModel, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, float]:
