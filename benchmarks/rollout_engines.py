@@ -1,7 +1,8 @@
 """Rollout engines on one GPU, same DeepSeek-V3-architecture MoE weights (MLA, 32 experts top-4, ~1.7B params):
 generated tokens/s of raw `sglang.Engine`, `SGLangEngine`, `BuiltinEngine` and `transformers` generate at batch
 64 and 256 (prompt 32 tokens, 256 new); weight sync into SGLang (GB/s) from the reference model and from the
-megatron export; one GRPO step split into rollout / train / sync with the built-in engine and with SGLang.
+megatron export; the engine/trainer logprob mismatch with and without MoE routing replay; one GRPO step split into
+rollout / train / sync with the built-in engine and with SGLang.
 
     PYTHONPATH=/root/sgl/site python benchmarks/rollout_engines.py --out benchmarks/results/rollout_engines_h200.json
 
@@ -141,6 +142,42 @@ def _transformers(ckpt: Path) -> float | str:
     return round((out.shape[1] - PROMPT) * 64 / t)
 
 
+def bench_replay(ckpt: Path, tok, results: dict) -> None:
+    """SGLang's sampled tokens (T = 1, 64 x 128) teacher-forced through the bf16 reference model, routing freely
+    and replaying SGLang's experts: mean/max |logprob difference| and how many token-layer routes agree."""
+    from r1moe.config import SGLangSection
+    from r1moe.model import from_pretrained
+    from r1moe.rollout import SamplingParams
+    from r1moe.rollout.sglang_engine import SGLangEngine
+    from r1moe.train.policy import build_rl_batch, sequence_logprobs
+
+    eng = SGLangEngine(ckpt, tok, eos_ids=[], settings=SGLangSection(mem_fraction_static=0.3, cuda_graph_max_bs=0,
+                                                                   colocate=False),
+                       context_length=PROMPT + 136, routing_model=BENCH_CFG)
+    gens = eng.generate(_prompts(64, seed=1), SamplingParams(temperature=1.0, max_new_tokens=128, seed=0))
+    eng.shutdown()
+    model = from_pretrained(ckpt, device="cuda", dtype=torch.bfloat16).eval()
+    out = {}
+    for mb in range(0, 64, 16):
+        b = build_rl_batch(gens[mb:mb + 16], 0, torch.device("cuda"))
+        with torch.no_grad():
+            replay = sequence_logprobs(model, b)[0]
+            own = model(b.input_ids_NT, return_routes=True)
+            free = own.logits.float().log_softmax(-1).gather(-1, b.targets_NT[..., None]).squeeze(-1)
+        m = b.response_mask_NT
+        same = (own.routed_experts.sort(-1).values == b.routes_NTMK.sort(-1).values).all(-1)[b.attention_mask_NT.bool()]
+        for k, v in (("replay", (b.rollout_logp_NT - replay).abs()[m]), ("free", (b.rollout_logp_NT - free).abs()[m]),
+                     ("same", same.float())):
+            out.setdefault(k, []).append(v)
+    d_r, d_f, same = (torch.cat(out[k]) for k in ("replay", "free", "same"))
+    results["routing_replay_bf16"] = {
+        "tokens": int(d_r.numel()), "token_layer_routes_equal": round(float(same.mean()), 4),
+        "mean_abs_diff_without_replay": round(float(d_f.mean()), 4), "max_abs_diff_without_replay": round(float(d_f.max()), 3),
+        "mean_abs_diff_with_replay": round(float(d_r.mean()), 4), "max_abs_diff_with_replay": round(float(d_r.max()), 3)}
+    del model
+    torch.cuda.empty_cache()
+
+
 def bench_grpo(ckpt: Path, root: Path, results: dict) -> None:
     """3 GRPO steps of 32 questions x 8 (256 sequences, up to 256 new tokens) per engine, reference backend bf16."""
     from r1moe.data import make_dataset, write_jsonl
@@ -185,6 +222,7 @@ def main() -> int:
     ckpt = save_pretrained(build_model(BENCH_CFG.replace(eos_token_id=2), device="cuda", dtype=torch.bfloat16, seed=0),
                            root / "ckpt", tokenizer=tok)
     for name, fn in (("engines", lambda: bench_engines(ckpt, tok, results)),
+                     ("replay", lambda: bench_replay(ckpt, tok, results)),
                      ("grpo", lambda: None if a.skip_grpo else bench_grpo(ckpt, root, results))):
         try:
             fn()

@@ -138,6 +138,10 @@ class ModelConfig:
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.is_moe and layer_idx >= self.first_k_dense_replace
 
+    def moe_layer_ids(self) -> list[int]:
+        """The main model's MoE layers (MTP layers excluded), in order."""
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
     # ------------------------------------------------------------------ HF config.json
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:

@@ -287,9 +287,16 @@ class Router(nn.Module):
         # Kept in float32 whatever the model dtype: the bias moves in steps of ~1e-3 (V3 §4.2).
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x_NH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x_NH: torch.Tensor, replay_NK: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gating weights [N, K], expert ids [N, K], affinities [N, E]). `replay_NK`: routing replay (R3): use
+        these expert ids (the rollout engine's) instead of choosing; the weights are still this router's
+        affinities of those experts, so the gate keeps its gradient."""
         c = self.cfg
         scores_NE = torch.sigmoid(F.linear(x_NH.float(), self.weight.float()))
+        if replay_NK is not None:
+            idx_NK = replay_NK.to(device=scores_NE.device, dtype=torch.long)
+            return self._gating_weights(scores_NE, idx_NK), idx_NK, scores_NE
         choice_NE = scores_NE + self.e_score_correction_bias.float()
         if c.n_group > 1 and c.topk_group < c.n_group:
             N = choice_NE.shape[0]
@@ -300,10 +307,13 @@ class Router(nn.Module):
             # -inf as in DeepSeek-V3 inference/model.py Gate: an excluded group can never win.
             choice_NE = grouped.masked_fill(~keep[..., None], float("-inf")).view(N, -1)
         idx_NK = choice_NE.topk(c.num_experts_per_tok, dim=-1)[1]
+        return self._gating_weights(scores_NE, idx_NK), idx_NK, scores_NE
+
+    def _gating_weights(self, scores_NE: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
         weights_NK = scores_NE.gather(1, idx_NK)
-        if c.norm_topk_prob:
+        if self.cfg.norm_topk_prob:
             weights_NK = weights_NK / (weights_NK.sum(-1, keepdim=True) + 1e-20)
-        return weights_NK * c.routed_scaling_factor, idx_NK, scores_NE
+        return weights_NK * self.cfg.routed_scaling_factor
 
 
 class GroupedExperts(nn.Module):
@@ -370,6 +380,8 @@ def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
 class MoEStats:
     counts_E: torch.Tensor
     aux_loss: torch.Tensor
+    idx_NK: torch.Tensor
+    """The experts each token was routed to (chosen, or replayed)."""
 
 
 class MoE(nn.Module):
@@ -383,10 +395,12 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
 
-    def forward(self, x_BTH: torch.Tensor, valid_BT: torch.Tensor | None) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x_BTH: torch.Tensor, valid_BT: torch.Tensor | None, replay_BTK: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, MoEStats]:
         B, T, H = x_BTH.shape
         x_NH = x_BTH.reshape(-1, H)
-        weights_NK, idx_NK, scores_NE = self.gate(x_NH)
+        replay_NK = None if replay_BTK is None else replay_BTK.reshape(B * T, -1)
+        weights_NK, idx_NK, scores_NE = self.gate(x_NH, replay_NK)
         y = self.experts(x_NH, weights_NK, idx_NK).view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_BTH)
@@ -395,7 +409,7 @@ class MoE(nn.Module):
             counts_E = torch.bincount(routed.reshape(-1), minlength=self.cfg.n_routed_experts)
         aux = compute_sequence_aux_loss(scores_NE, idx_NK, B, T, self.cfg) if (
             self.training and self.cfg.aux_loss_alpha > 0) else x_BTH.new_zeros((), dtype=torch.float32)
-        return y, MoEStats(counts_E, aux)
+        return y, MoEStats(counts_E, aux, idx_NK)
 
 
 def compute_sequence_aux_loss(scores_NE, idx_NK, B: int, T: int, cfg: ModelConfig) -> torch.Tensor:

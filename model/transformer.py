@@ -34,6 +34,8 @@ class ModelOutput:
     """[num_moe_layers, E] tokens routed to each expert in this forward (real tokens only): drives the bias update."""
     mtp_logits: list[torch.Tensor] | None = None
     """Per MTP depth k: [B, T, V] logits predicting token t+1+k (only with compute_mtp=True)."""
+    routed_experts: torch.Tensor | None = None
+    """[B, T, num_moe_layers, K] the experts each token was routed to (only with return_routes=True)."""
 
 
 class DecoderLayer(nn.Module):
@@ -44,11 +46,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache_layer, start, causal_no_mask, valid_BT):
+    def forward(self, x, cos, sin, mask, cache_layer, start, causal_no_mask, valid_BT, replay_BTK=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_layer, start, causal_no_mask)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
-            y, stats = self.mlp(h, valid_BT)
+            y, stats = self.mlp(h, valid_BT, replay_BTK)
             return x + y, stats
         return x + self.mlp(h), None
 
@@ -128,10 +130,13 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                compute_mtp: bool = False, segment_ids: torch.Tensor | None = None) -> ModelOutput:
+                compute_mtp: bool = False, segment_ids: torch.Tensor | None = None,
+                routed_experts: torch.Tensor | None = None, return_routes: bool = False) -> ModelOutput:
         """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = pad; left or right padding);
         with `cache`, the T tokens are appended after the cache's `length` positions. `segment_ids` [B, T]
-        (packed training sequences): attention stays within a segment and positions restart at each segment."""
+        (packed training sequences): attention stays within a segment and positions restart at each segment.
+        `routed_experts` [B, T, num_moe_layers, K]: routing replay, every MoE layer uses these experts (a rollout
+        engine's) instead of choosing its own; `return_routes` fills `ModelOutput.routed_experts`."""
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
         cfg = self.cfg
@@ -166,23 +171,32 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         rotary = self.model.layers[0].self_attn.rotary
         cos, sin = rotary(position_ids, x.dtype)
-        counts, aux = [], x.new_zeros((), dtype=torch.float32)
+        counts, routes, aux = [], [], x.new_zeros((), dtype=torch.float32)
+        moe_layers = cfg.moe_layer_ids()
+        if routed_experts is not None and tuple(routed_experts.shape[:3]) != (B, T, len(moe_layers)):
+            raise ValueError(f"routed_experts: shape {tuple(routed_experts.shape)} does not match [B={B}, T={T}, "
+                             f"num_moe_layers={len(moe_layers)}, K]")
         for i in range(cfg.num_hidden_layers):
             layer = self.model.layers[i]
             cache_layer = cache.layers[i] if cache is not None else None
+            replay = routed_experts[:, :, moe_layers.index(i)] if routed_experts is not None and i in moe_layers \
+                else None
             if self.gradient_checkpointing and self.training:
-                x, stats = checkpoint(layer, x, cos, sin, mask, cache_layer, start, causal_no_mask, valid_BT,
+                x, stats = checkpoint(layer, x, cos, sin, mask, cache_layer, start, causal_no_mask, valid_BT, replay,
                                       use_reentrant=False)
             else:
-                x, stats = layer(x, cos, sin, mask, cache_layer, start, causal_no_mask, valid_BT)
+                x, stats = layer(x, cos, sin, mask, cache_layer, start, causal_no_mask, valid_BT, replay)
             if stats is not None:
                 counts.append(stats.counts_E)
                 aux = aux + stats.aux_loss
+                if return_routes:
+                    routes.append(stats.idx_NK.view(B, T, -1))
         if cache is not None:
             cache.length = S
         hidden = self.model.norm(x)
         out = ModelOutput(logits=self.lm_head(hidden), hidden=hidden, aux_loss=aux,
-                          expert_counts=torch.stack(counts) if counts else None)
+                          expert_counts=torch.stack(counts) if counts else None,
+                          routed_experts=torch.stack(routes, dim=2) if routes else None)
         if compute_mtp and cfg.num_nextn_predict_layers:
             # MTP depth 1 reads the main model's final *normed* hidden state, as megatron-core's MTP block and
             # SGLang's DeepSeek NextN draft model do (both serve the released MTP weights).

@@ -96,6 +96,7 @@ def _run_schedule(models, microbatches: Sequence[Any], vocab_size: int, loss_fun
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
+        apply_routing_replay(model, getattr(mb, "routes", None))
         tokens = mb.input_ids.to(device, non_blocking=True)
         mask = getattr(mb, "mtp_loss_mask", None)
         out = model(tokens, position_ids, None, output_processor=_logits_processor,
@@ -106,6 +107,42 @@ def _run_schedule(models, microbatches: Sequence[Any], vocab_size: int, loss_fun
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(microbatches), model=models,
         num_microbatches=len(microbatches), seq_length=T, micro_batch_size=B, forward_only=forward_only)
+
+
+def apply_routing_replay(model: torch.nn.Module, routes_BTMK: torch.Tensor | None) -> None:
+    """Routing replay (R3) through megatron-core's RouterReplay (TransformerConfig.moe_enable_routing_replay): every
+    MoE layer of this model chunk routes the next forward's tokens to `routes_BTMK` [B, T, num_moe_layers, K] (the
+    rollout engine's experts, HF layer order); None: each router chooses (MTP routers always do). Megatron flattens
+    tokens sequence-first ([T, B]); with sequence parallelism a TP rank routes only its block of positions. The
+    backward reuses the forward's routing (no recompute of the router; recompute + PP is refused in the checks)."""
+    from megatron.core import parallel_state as ps
+
+    routers = [m.router_replay for m in model.modules() if getattr(m, "router_replay", None) is not None]
+    if not routers:
+        if routes_BTMK is not None:
+            raise ValueError("routing replay: the megatron model was built without moe_enable_routing_replay")
+        return
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+    from megatron.core.utils import get_model_config
+
+    freq = get_model_config(model).moe_layer_freq
+    moe_ids = [i for i, f in enumerate(freq) if f] if isinstance(freq, list) else list(range(len(routers)))
+    if routes_BTMK is not None:
+        r_TBMK = routes_BTMK.transpose(0, 1)
+        if get_model_config(model).sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1:
+            n = r_TBMK.shape[0] // ps.get_tensor_model_parallel_world_size()
+            r_TBMK = r_TBMK[ps.get_tensor_model_parallel_rank() * n:(ps.get_tensor_model_parallel_rank() + 1) * n]
+        if r_TBMK.shape[2] != len(moe_ids):
+            raise ValueError(f"routing replay: routes for {r_TBMK.shape[2]} MoE layers, the model has {len(moe_ids)}")
+    for router in routers:
+        router.clear_indices()
+        layer = getattr(router, "layer_number", None)
+        if routes_BTMK is None or layer is None or layer - 1 not in moe_ids:
+            router.clear_router_replay_action()
+            continue
+        k = moe_ids.index(layer - 1)
+        router.set_target_indices(r_TBMK[:, :, k].reshape(-1, r_TBMK.shape[-1]).to(torch.long).contiguous())
+        router.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
 
 
 def _reduce_metrics(reduced: list[dict[str, torch.Tensor]]) -> dict[str, float]:

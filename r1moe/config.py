@@ -193,6 +193,10 @@ class RolloutSection(SamplingConfig):
     max_new_tokens_schedule: dict[int, int] = field(default_factory=dict)
     """Rollout step -> max_new_tokens from that step on (one job; resumable across the switch). R1-Zero raises
     32,768 to 65,536 at update 8.2k: `{514: 65536}` in rollouts of 16 updates."""
+    routing_replay: bool = False
+    """MoE routing replay (R3): the engine returns the experts it routed each token to, and the trainer's forwards
+    (pi_old, pi_theta, pi_ref) use them instead of routing again, so the engine/trainer log-prob mismatch that
+    routing flips cause is gone. MoE policies, both backends (megatron: megatron-core's RouterReplay), both engines."""
 
 
 @dataclass

@@ -45,6 +45,15 @@ class Generation:
     top-p / top-k truncation: the distribution the trainers' importance ratio uses (train/policy.py)."""
     text: str
     finish_reason: FinishReason
+    routed_experts: torch.Tensor | None = None
+    """Routing replay (rollout.routing_replay): [len(prompt_ids) + len(token_ids) - 1, num_moe_layers, K], the
+    experts the engine routed each fed token to (every token but the last generated one), uint8 (int16 past 256
+    experts); None when the engine was not asked for them."""
+
+
+def compact_routes(routes: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Expert ids in the smallest integer type that holds them (a 671B rollout carries ~L*K ids per token)."""
+    return routes.to(torch.uint8 if num_experts <= 256 else torch.int16).cpu()
 
 
 class RolloutEngine(Protocol):

@@ -19,7 +19,15 @@ from tokenizers import Tokenizer
 
 from r1moe.model import CausalLM, load_hf_tensor
 
-from .base import Generation, NonFiniteError, SamplingParams, check_prompts, ends_in_stop, split_stops
+from .base import (
+    Generation,
+    NonFiniteError,
+    SamplingParams,
+    check_prompts,
+    compact_routes,
+    ends_in_stop,
+    split_stops,
+)
 
 
 def sample_next(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -45,7 +53,10 @@ class BuiltinEngine:
     or a separate model and feed it `update_weights` from a trainer's HF-named export."""
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, eos_ids: list[int], pad_id: int = 0,
-                 micro_batch_size: int = 0):
+                 micro_batch_size: int = 0, return_routed_experts: bool = False):
+        if return_routed_experts and not model.cfg.is_moe:
+            raise ValueError("return_routed_experts (rollout.routing_replay): the model has no MoE layers to route")
+        self.return_routed_experts = return_routed_experts
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = list(eos_ids)
@@ -96,7 +107,10 @@ class BuiltinEngine:
         eos = torch.tensor(self.eos_ids, device=device)
 
         cache = model.new_cache(B, P + params.max_new_tokens)
-        logits = model(ids, attention_mask=mask, cache=cache).logits[:, -1]
+        routes = self.return_routed_experts
+        out = model(ids, attention_mask=mask, cache=cache, return_routes=routes)
+        logits = out.logits[:, -1]
+        fed = [out.routed_experts] if routes else []  # [B, t, M, K] per forward: prompt, then one per step
         tokens: list[list[int]] = [[] for _ in range(B)]
         logps: list[list[float]] = [[] for _ in range(B)]
         finish: list[str | None] = [None] * B
@@ -120,12 +134,20 @@ class BuiltinEngine:
                     finish[r] = "stop"
             if all(f is not None for f in finish):
                 break
-            logits = model(nxt[:, None], attention_mask=ones, cache=cache).logits[:, -1]
+            out = model(nxt[:, None], attention_mask=ones, cache=cache, return_routes=routes)
+            logits = out.logits[:, -1]
+            if routes:
+                fed.append(out.routed_experts)
         model.train(was_training)
-        out = []
+        all_routes = torch.cat(fed, dim=1) if routes else None  # [B, P + steps, M, K], prompts left-padded
+        gens = []
         for r in range(B):
             text_ids = [t for t in tokens[r] if t not in self.eos_ids]
-            out.append(Generation(prompt_ids=list(prompts[r]), token_ids=tokens[r], logprobs=logps[r],
-                                  text=self.tokenizer.decode(text_ids, skip_special_tokens=False),
-                                  finish_reason=finish[r] or "length"))
-        return out
+            seq_routes = None
+            if routes:  # the row's prompt tokens and its generated tokens but the last (never fed for this row)
+                span = all_routes[r, P - len(prompts[r]):P + len(tokens[r]) - 1]
+                seq_routes = compact_routes(span, model.cfg.n_routed_experts)
+            gens.append(Generation(prompt_ids=list(prompts[r]), token_ids=tokens[r], logprobs=logps[r],
+                                   text=self.tokenizer.decode(text_ids, skip_special_tokens=False),
+                                   finish_reason=finish[r] or "length", routed_experts=seq_routes))
+        return gens

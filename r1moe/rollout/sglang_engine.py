@@ -21,6 +21,9 @@ What SGLang returns and what we make of it (SGLang 0.5.17, sglang/srt/layers/sam
   token id, and SGLang stops there. A stop string of several tokens is applied to the returned tokens: the
   completion is cut after the first token whose text completes the string. The tokens before it are what an
   engine stopping there would have produced (sampling is left to right); only the compute after it is wasted.
+- Routing replay (`return_routed_experts`): SGLang's `enable_return_routed_experts` captures the top-k expert ids
+  of every layer for every token it ran forward (prompt and generated, all but the last generated token), int32
+  [tokens, num_hidden_layers, K] in base64; dense layers' rows are zeros and are dropped here.
 - `seed`: passed as SGLang's per-request `sampling_seed` (seed + request index). Whether SGLang's sampling
   backends make a step's rollouts bitwise reproducible with it has not been measured; runs with SGLang are not
   claimed to resume bit for bit (the built-in engine's are).
@@ -30,6 +33,7 @@ The constructor fails with a clear message (no fallback) where SGLang cannot run
 
 from __future__ import annotations
 
+import base64
 import importlib
 import os
 import time
@@ -39,12 +43,13 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from .base import Generation, SamplingParams, check_prompts, ends_in_stop, split_stops
+from .base import Generation, SamplingParams, check_prompts, compact_routes, ends_in_stop, split_stops
 
 _LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                   "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 WEIGHT_BUCKET_BYTES = 1 << 30
-"""Tensors handed to SGLang per `update_weights_from_tensor` call: bounds the extra memory of a sync."""
+"""Tensors handed to SGLang per `update_weights_from_tensor` call: bounds the extra memory of a sync (each bucket is
+packed into one flat tensor, so SGLang opens one CUDA IPC handle per bucket, not one per tensor)."""
 
 
 def check_sglang(where: str = "rollout.engine=sglang", num_gpus: int = 1) -> None:
@@ -87,10 +92,15 @@ class SGLangEngine:
     `dummy_weights`, the weights to start from; `update_weights` replaces them before they matter."""
 
     def __init__(self, model_path: str | Path, tokenizer: Tokenizer, eos_ids: list[int], settings,
-                 context_length: int, seed: int = 0, dummy_weights: bool = False):
+                 context_length: int, seed: int = 0, dummy_weights: bool = False, routing_model=None):
+        """`routing_model`: the served model's ModelConfig, to return the experts each token was routed to
+        (routing replay); None: not asked for."""
         check_sglang(num_gpus=settings.tp * settings.dp)
         import sglang
 
+        if routing_model is not None and not routing_model.is_moe:
+            raise ValueError("routing replay (rollout.routing_replay): the model has no MoE layers to route")
+        self.routing_model = routing_model
         self.tokenizer = tokenizer
         self.eos_ids = sorted(set(eos_ids))
         self.settings = settings
@@ -101,7 +111,8 @@ class SGLangEngine:
                   "grammar_backend": "none", "skip_tokenizer_init": True, "dtype": settings.dtype,
                   "random_seed": seed, "log_level": settings.log_level,
                   "context_length": settings.context_length or context_length,
-                  "enable_memory_saver": settings.colocate, "load_format": "dummy" if dummy_weights else "auto"}
+                  "enable_memory_saver": settings.colocate, "load_format": "dummy" if dummy_weights else "auto",
+                  "enable_return_routed_experts": routing_model is not None}
         if settings.cuda_graph_max_bs:
             kwargs["cuda_graph_max_bs_decode"] = settings.cuda_graph_max_bs
         else:
@@ -140,11 +151,17 @@ class SGLangEngine:
 
     # ------------------------------------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Full HF-named tensors (any device; CUDA tensors travel by IPC handle, no copy) in ~1 GB buckets."""
+        """Full HF-named tensors (any device) in ~1 GB buckets, each packed into one flat tensor that SGLang reads
+        through one CUDA IPC handle (SGLang's `flattened_bucket` format). fp32 matrices travel in the engine's
+        dtype (half the bytes; SGLang would cast them on load anyway)."""
         self._wake(["weights"])
+        cast = _engine_dtype(self.settings.dtype)
         bucket, size = [], 0
         for name, t in named_tensors:
-            bucket.append((name, t.detach()))
+            t = t.detach()
+            if cast is not None and t.dtype == torch.float32 and t.dim() >= 2:
+                t = t.to(cast)
+            bucket.append((name, t))
             size += t.numel() * t.element_size()
             if size >= WEIGHT_BUCKET_BYTES:
                 self._send(bucket, flush=False)
@@ -153,12 +170,24 @@ class SGLangEngine:
         self.weights_loaded = True
 
     def _send(self, bucket: list[tuple[str, torch.Tensor]], flush: bool) -> None:
-        if not bucket and not flush:
+        from sglang.srt.utils import MultiprocessingSerializer
+        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+        if not bucket:
+            if flush:
+                self.engine.flush_cache()
             return
-        result = self.engine.update_weights_from_tensor(bucket, flush_cache=flush)
+        monkey_patch_torch_reductions()  # CUDA tensors are named by device UUID, as SGLang's receiver expects
+        flat = FlattenedTensorBucket(named_tensors=bucket)
+        # one payload per SGLang TP rank: each deserializes only its own (SGLang's CUDA-IPC refcounting)
+        payloads = [MultiprocessingSerializer.serialize({"flattened_tensor": flat.get_flattened_tensor(),
+                                                         "metadata": flat.get_metadata()})
+                    for _ in range(self.settings.tp)]
+        result = self.engine.update_weights_from_tensor(payloads, load_format="flattened_bucket", flush_cache=flush)
         ok = result[0] if isinstance(result, tuple) else getattr(result, "success", True)
         if not ok:
-            raise RuntimeError(f"SGLang refused the weight update ({bucket[0][0] if bucket else 'flush'}): {result}")
+            raise RuntimeError(f"SGLang refused the weight update (bucket from {bucket[0][0]}): {result}")
         if flush:
             torch.cuda.synchronize()
 
@@ -177,7 +206,8 @@ class SGLangEngine:
             sps = [{**sp, "sampling_seed": (params.seed + i) % (1 << 62)} for i in range(len(prompts))]
         else:
             sps = [sp] * len(prompts)
-        outs = self.engine.generate(input_ids=[list(p) for p in prompts], sampling_params=sps, return_logprob=True)
+        outs = self.engine.generate(input_ids=[list(p) for p in prompts], sampling_params=sps, return_logprob=True,
+                                    return_routed_experts=self.routing_model is not None)
         return [self._generation(p, o, stop_ids, text_stops) for p, o in zip(prompts, outs)]
 
     def _generation(self, prompt: list[int], out: dict, stop_ids: list[int], text_stops: list[str]) -> Generation:
@@ -195,11 +225,35 @@ class SGLangEngine:
         else:
             reason = "length"
         text_ids = [t for t in tokens if t not in self.eos_ids]
+        routes = None if self.routing_model is None else self._routes(out, len(prompt) + len(tokens) - 1)
         return Generation(prompt_ids=list(prompt), token_ids=tokens, logprobs=logps,
-                          text=self.tokenizer.decode(text_ids, skip_special_tokens=False), finish_reason=reason)
+                          text=self.tokenizer.decode(text_ids, skip_special_tokens=False), finish_reason=reason,
+                          routed_experts=routes)
+
+    def _routes(self, out: dict, fed: int) -> torch.Tensor:
+        raw = out["meta_info"].get("routed_experts")
+        if raw is None:
+            raise RuntimeError("SGLang returned no routed_experts although the engine was started with "
+                               "enable_return_routed_experts (routing replay)")
+        return decode_routes(raw, self.routing_model, fed)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def decode_routes(raw: str, cfg, fed: int) -> torch.Tensor:
+    """SGLang's base64 int32 [tokens, num_hidden_layers, K] -> the MoE layers' rows of the first `fed` tokens."""
+    ids = torch.frombuffer(bytearray(base64.b64decode(raw)), dtype=torch.int32)
+    per_token = cfg.num_hidden_layers * cfg.num_experts_per_tok
+    if ids.numel() % per_token or ids.numel() // per_token < fed:
+        raise RuntimeError(f"SGLang returned {ids.numel()} routed expert ids; the sequence fed {fed} tokens x "
+                           f"{cfg.num_hidden_layers} layers x {cfg.num_experts_per_tok} experts")
+    ids = ids.view(-1, cfg.num_hidden_layers, cfg.num_experts_per_tok)
+    return compact_routes(ids[:fed, cfg.moe_layer_ids()], cfg.n_routed_experts)
+
+
+def _engine_dtype(name: str) -> torch.dtype | None:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16}.get(name)
 
 
 def write_engine_dir(model_cfg, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:

@@ -21,6 +21,10 @@ def check_megatron_config(cfg: JobConfig) -> None:
     if cfg.parallel.cp > 1:
         raise ValueError(f"parallel.cp={cfg.parallel.cp}: the trainers do not split sequences over context-parallel "
                          f"ranks; use parallel.cp=1 with parallel.backend=megatron")
+    if cfg.rollout.routing_replay and cfg.parallel.pp > 1 and cfg.parallel.recompute is not None:
+        raise ValueError(f"rollout.routing_replay=true with parallel.pp={cfg.parallel.pp} and parallel.recompute="
+                         f"{cfg.parallel.recompute}: a recomputed router under a pipeline schedule would replay "
+                         f"another micro-batch's routes; drop parallel.recompute or routing replay")
 
 
 def check_reference_config(p: ParallelSection) -> None:

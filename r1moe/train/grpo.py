@@ -119,9 +119,13 @@ def build_engine(cfg: JobConfig, policy: Policy, tok, run_dir) -> RolloutEngine 
     """The rollout engine of rank 0 (None on other ranks with SGLang: they receive rank 0's rollouts)."""
     pad, _, eos = special_ids(tok)
     eos_ids = sorted({eos, *policy.model_cfg.eos_ids})
+    replay = cfg.rollout.routing_replay
+    if replay and not policy.model_cfg.is_moe:
+        raise ValueError(f"rollout.routing_replay=true: the policy ({policy.model_cfg.architecture}) has no MoE "
+                         f"layers to replay; set it to false")
     if cfg.rollout.engine == "builtin":
         return BuiltinEngine(policy.rollout_model(), tok, eos_ids=eos_ids, pad_id=pad,
-                             micro_batch_size=cfg.rollout.micro_batch_size)
+                             micro_batch_size=cfg.rollout.micro_batch_size, return_routed_experts=replay)
     if not policy.is_main:
         return None
     from r1moe.rollout.sglang_engine import SGLangEngine, write_engine_dir
@@ -131,7 +135,7 @@ def build_engine(cfg: JobConfig, policy: Policy, tok, run_dir) -> RolloutEngine 
     longest = max([cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens, *cfg.rollout.max_new_tokens_schedule.values()])
     ctx = cfg.data.max_prompt_tokens + longest
     return SGLangEngine(path, tok, eos_ids, cfg.rollout.sglang, context_length=ctx, seed=cfg.train.seed,
-                        dummy_weights=init is None)
+                        dummy_weights=init is None, routing_model=policy.model_cfg if replay else None)
 
 
 def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_factory=None) -> dict:

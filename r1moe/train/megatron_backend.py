@@ -5,7 +5,6 @@ r1moe.algorithms (compute_sft_loss, compute_grpo_loss, compute_token_logprobs, c
 as the `loss_fn` of r1moe.parallel.train_step (contract: parallel/README.md).
 
     torchrun --nproc_per_node 8 -m r1moe.train.grpo RECIPE parallel.backend=megatron parallel.ep=8
-    python -m r1moe.train.sft RECIPE parallel.backend=megatron            # plain python: a world of one GPU
 
 Where this path differs from the reference backend, and why:
 - No packing. The megatron model runs plain causal attention (no segment mask, positions 0..T-1), so LM
@@ -23,8 +22,9 @@ Where this path differs from the reference backend, and why:
 - Data parallel. Every rank builds the same batch; each data-parallel rank trains on its contiguous 1/dp block
   of rows (padded with empty rows to equal micro-batches, which carry no loss), and the loss denominator is the
   step's total / dp, so the DP-averaged gradient is the full batch's.
-- GRPO rollouts run on every rank (BuiltinEngine on a reference CausalLM fed by `export_to`); rank 0's
-  generations are broadcast so that all ranks train on the same samples.
+- GRPO rollouts: the built-in engine on every rank (a reference CausalLM fed by `export_to`) or SGLang driven
+  by rank 0; rank 0's generations are broadcast so all ranks train on the same samples. Routing replay:
+  parallel.apply_routing_replay.
 - Random init builds the reference model once (the reference backend's init for the same seed) and loads it;
   model.init is streamed tensor by tensor (HFReader). final/ is written by rank 0 through a host-memory reference
   model and r1moe.model.save_pretrained, so the whole model must fit in host memory.
@@ -37,11 +37,12 @@ Legend: B rows per micro-batch, T sequence length, V vocabulary, N sequences.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,6 @@ from . import checkpointing, common, rundir
 from .checks import check_megatron_config
 from .guard import NonFiniteError, NonFiniteGuard
 from .packing import IGNORE, Example, PackedBatch, pack_examples
-
-EXPORT_BUCKET_BYTES = 1 << 30
 
 
 def check_megatron_backend(cfg: JobConfig) -> None:
@@ -125,6 +124,7 @@ class RLMicroBatch:
     adv: torch.Tensor
     rollout_logp: torch.Tensor | None = None
     """[B, T] the rollout engine's logprobs (0 off the response): the engine/trainer mismatch metric."""
+    routes: torch.Tensor | None = None  # [B, T, M, K] routing replay: the engine's experts
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
 
@@ -143,11 +143,8 @@ class NullLogger:
 
 
 def _pad(t: torch.Tensor, rows: int, cols: int, fill) -> torch.Tensor:
-    out = t.new_full((rows, cols) if t.dim() == 2 else (rows,), fill)
-    if t.dim() == 2:
-        out[:t.shape[0], :t.shape[1]] = t
-    else:
-        out[:t.shape[0]] = t
+    out = t.new_full((rows, cols, *t.shape[2:]) if t.dim() >= 2 else (rows,), fill)
+    out[tuple(slice(0, n) for n in t.shape[:2])] = t
     return out
 
 
@@ -215,6 +212,8 @@ class MegatronPolicy:
         # the reference GRPO loss has no balance term (sequence_logprobs ignores aux_loss): keep megatron's off too
         extra = {} if aux_loss or not self.model_cfg.is_moe else {"moe_aux_loss_coeff": 0.0,
                                                                   "moe_router_load_balancing_type": "none"}
+        if cfg.rollout.routing_replay and self.model_cfg.is_moe:
+            extra["moe_enable_routing_replay"] = True
         self.mtp_on = mtp_weight > 0 and self.model_cfg.num_nextn_predict_layers > 0
         opts = MegatronOptions(fp8=p.fp8, recompute=p.recompute, mtp_loss_scale=mtp_weight,
                                expert_bias_rate=expert_bias_rate, extra=extra)
@@ -330,8 +329,9 @@ class MegatronPolicy:
             b = batch.rows(slice(i, i + size))
             rollout_lp = (b.rollout_logp_NT if b.rollout_logp_NT is not None
                           else torch.zeros_like(b.response_mask_NT, dtype=torch.float32))
-            parts = self._shard([(b.input_ids_NT, self.pad_id), (b.targets_NT, self.pad_id),
-                                 (b.response_mask_NT, False), (adv_N[i:i + size], 0.0), (rollout_lp, 0.0)],
+            cols = [(b.input_ids_NT, self.pad_id), (b.targets_NT, self.pad_id), (b.response_mask_NT, False),
+                    (adv_N[i:i + size], 0.0), (rollout_lp, 0.0)]
+            parts = self._shard(cols + ([(b.routes_NTMK, 0)] if b.routes_NTMK is not None else []),
                                 self.cfg.train.micro_batch_size)
             den = compute_loss_denominator(b.response_mask_NT, a.agg).clamp(min=1) / self.dp
             minis.append(([RLMicroBatch(*p) for p in parts], den))
@@ -394,17 +394,19 @@ class MegatronPolicy:
         return box[0]
 
     # ------------------------------------------------------------------------------------------ weights out
-    def _export(self, sink: Callable[[list[tuple[str, torch.Tensor]]], None] | None) -> None:
+    def _export(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The HF-named full tensors (parallel.export_hf_weights); every rank iterates it (collectives), tensors may
+        alias the live parameters: consume them before the next update."""
         from r1moe.parallel import export_hf_weights
 
-        for bucket in export_hf_weights(self.models, self.model_cfg, self.pcfg, bucket_bytes=EXPORT_BUCKET_BYTES):
-            if sink is not None:
-                sink(bucket)  # copies: the tensors may alias the live parameters
+        for bucket in export_hf_weights(self.models, self.model_cfg, self.pcfg, bucket_bytes=1 << 30):
+            yield from bucket
 
     def export_to(self, engine) -> None:
-        """The current weights into a rollout engine (`update_weights`: HF names, full tensors). Collective: ranks
-        without an engine (None) take part in the gathers and drop the tensors."""
-        self._export(engine.update_weights if engine is not None else None)
+        """The current weights into a rollout engine (`update_weights`: HF names, full tensors), one stream so the
+        engine buckets them itself. Collective: ranks without an engine (None) take part in the gathers only."""
+        stream = self._export()
+        engine.update_weights(stream) if engine is not None else collections.deque(stream, maxlen=0)
 
     def rollout_model(self):
         """A reference CausalLM on this rank's GPU for the built-in engine, fed by `export_to` (one on every rank)."""
@@ -434,11 +436,9 @@ class MegatronPolicy:
             host = build_model(self.model_cfg, device="meta", dtype=common.dtype_of(self.cfg.model.dtype))
             host = host.to_empty(device="cpu")
 
-        def load(bucket):
-            for name, t in bucket:
+        for name, t in self._export():
+            if host is not None:
                 load_hf_tensor(host, name, t)
-
-        self._export(load if host is not None else None)
         if self.rank == 0:
             checkpointing.finalize(run_dir, host, tok, {**summary, "backend": "megatron"})
         dist.barrier()

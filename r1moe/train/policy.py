@@ -8,7 +8,11 @@ rollout temperature, `log softmax(logits / T)` (T = 0 counts as 1), on both side
 pi_ref: the samples come from that tempered policy (verl and TRL do the same), and both engines report logprobs in
 that meaning (rollout/base.py).
 
-Legend: N sequences, T padded sequence length.
+Routing replay (`rollout.routing_replay`, R3): the batch carries the experts the engine routed each token to, and
+every forward of the update (pi_old, pi_theta, pi_ref) routes by them, so the trainer computes the log-probs of the
+expert choice that actually generated the tokens.
+
+Legend: N sequences, T padded sequence length, M MoE layers, K experts per token.
 """
 
 from __future__ import annotations
@@ -40,17 +44,25 @@ class RLBatch:
     """True where the target is a generated token (the policy's action)."""
     rollout_logp_NT: torch.Tensor | None = None
     """The rollout engine's logprob of each target (0 off the response); for the engine/trainer mismatch metric."""
+    routes_NTMK: torch.Tensor | None = None
+    """Routing replay: the engine's expert ids for every input position (0 on padding), long."""
 
     def rows(self, idx: slice) -> RLBatch:
         lp = None if self.rollout_logp_NT is None else self.rollout_logp_NT[idx]
+        routes = None if self.routes_NTMK is None else self.routes_NTMK[idx]
         return RLBatch(self.input_ids_NT[idx], self.attention_mask_NT[idx], self.targets_NT[idx],
-                       self.response_mask_NT[idx], lp)
+                       self.response_mask_NT[idx], lp, routes)
 
 
 def build_rl_batch(gens: list[Generation], pad_id: int, device: torch.device) -> RLBatch:
-    """prompt + completion, right-padded; inputs are seq[:-1], targets seq[1:]; loss only on completion tokens."""
+    """prompt + completion, right-padded; inputs are seq[:-1], targets seq[1:]; loss only on completion tokens.
+    Routes (routing replay) come along when every generation has them."""
     T = max(len(g.prompt_ids) + len(g.token_ids) for g in gens) - 1
     N = len(gens)
+    with_routes = all(g.routed_experts is not None for g in gens)
+    if not with_routes and any(g.routed_experts is not None for g in gens):
+        raise ValueError("build_rl_batch: some generations carry routed_experts and some do not")
+    routes = (torch.zeros((N, T, *gens[0].routed_experts.shape[1:]), dtype=torch.long) if with_routes else None)
     ids = torch.full((N, T), pad_id, dtype=torch.long)
     tgt = torch.full((N, T), pad_id, dtype=torch.long)
     att = torch.zeros((N, T), dtype=torch.long)
@@ -65,7 +77,13 @@ def build_rl_batch(gens: list[Generation], pad_id: int, device: torch.device) ->
         resp[n, len(g.prompt_ids) - 1:L] = True
         if g.logprobs:
             lp[n, len(g.prompt_ids) - 1:L] = torch.tensor(g.logprobs, dtype=torch.float32)
-    return RLBatch(ids.to(device), att.to(device), tgt.to(device), resp.to(device), lp.to(device))
+        if routes is not None:
+            if g.routed_experts.shape[0] != L:
+                raise ValueError(f"build_rl_batch: sequence {n} has {L} input tokens but routes for "
+                                 f"{g.routed_experts.shape[0]}")
+            routes[n, :L] = g.routed_experts.long()
+    return RLBatch(ids.to(device), att.to(device), tgt.to(device), resp.to(device), lp.to(device),
+                   None if routes is None else routes.to(device))
 
 
 def logprob_mismatch(trainer_logp_NT: torch.Tensor, batch: RLBatch) -> dict[str, float]:
@@ -81,7 +99,8 @@ def sequence_logprobs(model: CausalLM, b: RLBatch, temperature: float = 1.0, exp
     """log pi_T of every target. Sequences are right-padded, so under a causal mask no real token ever sees a pad:
     the unmasked (fast, fused) attention path gives the same values on real positions. Only the expert counts
     need the mask, to leave pad tokens out of the load statistics."""
-    out = model(b.input_ids_NT, attention_mask=b.attention_mask_NT if expert_counts else None)
+    out = model(b.input_ids_NT, attention_mask=b.attention_mask_NT if expert_counts else None,
+                routed_experts=b.routes_NTMK)
     return compute_token_logprobs(out.logits, b.targets_NT, temperature=temperature or 1.0), out.expert_counts
 
 

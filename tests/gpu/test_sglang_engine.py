@@ -1,8 +1,13 @@
 """SGLangEngine (r1moe/rollout/sglang_engine.py) on one GPU, against the reference model on the same weights:
-greedy tokens, per-token logprobs at T = 1 and T = 0.7, a weight update, memory release and resume; then GRPO with
-`rollout.engine=sglang` on the reference and the megatron backend.
+greedy tokens, per-token logprobs at T = 1 and T = 0.7, routing replay, a weight update, memory release and resume;
+then GRPO with `rollout.engine=sglang` on the reference and the megatron backend (the latter with routing replay).
 
     R1MOE_GPU_OUT=/tmp/out PYTHONPATH=/root/sgl/site python -m pytest -q -m gpu tests/gpu/test_sglang_engine.py
+
+With megatron-core + TE installed too, SGLang's site must not shadow the cuDNN frontend TE was built against:
+the staged SGLang site carries nvidia-cudnn-frontend 1.28 (`cudnn/`), megatron's stack 1.32; with 1.28 first on
+PYTHONPATH, importing TE fails (`libcudnn_heuristic.so.9: undefined symbol`). Remove the SGLang copy
+(`rm -rf /root/sgl/site/cudnn /root/sgl/site/nvidia_cudnn_frontend-1.28.0.dist-info`) before running both.
 
 Tolerances, and why. SGLang runs the weights in bf16 with its own kernels (triton MLA, fused MoE); the reference is
 the fp32 model teacher-forced on SGLang's own tokens. bf16 moves these tiny models' logits by ~1% (relative L2,
@@ -75,12 +80,14 @@ def data(tmp_path_factory):
 def engine(data):
     from r1moe.config import SGLangSection
     from r1moe.data.tokenizer import load_tokenizer
+    from r1moe.model import from_pretrained
     from r1moe.rollout.sglang_engine import SGLangEngine
 
     tok = load_tokenizer(data / "base" / "final")
     t0 = time.time()
     eng = SGLangEngine(data / "base" / "final", tok, eos_ids=[2],
-                       settings=SGLangSection(mem_fraction_static=0.3, cuda_graph_max_bs=0), context_length=512)
+                       settings=SGLangSection(mem_fraction_static=0.3, cuda_graph_max_bs=0), context_length=512,
+                       routing_model=from_pretrained(data / "base" / "final").cfg)
     record("sglang_engine", {"engine_start_s": round(time.time() - t0, 1)})
     yield eng
     eng.shutdown()
@@ -151,6 +158,35 @@ def test_logprobs_are_the_tempered_policy(data, engine, temperature):
         assert float(d_1.mean()) > 3 * float(d_T.mean())
 
 
+def test_routing_replay_removes_the_routing_part_of_the_mismatch(data, engine):
+    """SGLang's returned experts, replayed in the fp32 reference forward: the routes line up with the tokens (most
+    agree with the reference's own choice) and the logprob mismatch does not grow (it shrinks where bf16 flipped
+    a routing decision)."""
+    from r1moe.model import from_pretrained
+    from r1moe.rollout import SamplingParams
+    from r1moe.train.policy import build_rl_batch, sequence_logprobs
+
+    model = from_pretrained(data / "base" / "final", device="cuda").eval()
+    prompts = _prompts(data, engine.tokenizer) * 8
+    gens = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=48, seed=11))
+    b = build_rl_batch(gens, 0, torch.device("cuda"))
+    with torch.no_grad():
+        replay = sequence_logprobs(model, b)[0]
+        own = model(b.input_ids_NT, return_routes=True)
+        free = own.logits.float().log_softmax(-1).gather(-1, b.targets_NT[..., None]).squeeze(-1)
+    m = b.response_mask_NT
+    valid = b.attention_mask_NT.bool()
+    same = (own.routed_experts.sort(-1).values == b.routes_NTMK.sort(-1).values).all(-1)[valid]
+    d_replay = (b.rollout_logp_NT - replay).abs()[m]
+    d_free = (b.rollout_logp_NT - free).abs()[m]
+    record("sglang_engine", {"routing_replay": {
+        "tokens": int(m.sum()), "token_layer_routes_equal_to_fp32_reference": float(same.float().mean()),
+        "mean_abs_diff_with_replay": float(d_replay.mean()), "max_abs_diff_with_replay": float(d_replay.max()),
+        "mean_abs_diff_without_replay": float(d_free.mean()), "max_abs_diff_without_replay": float(d_free.max())}})
+    assert float(same.float().mean()) > 0.9
+    assert float(d_replay.mean()) <= float(d_free.mean()) + 1e-4
+
+
 def test_weight_update_changes_generations_and_round_trips(data, engine):
     from r1moe.model import from_pretrained
     from r1moe.rollout import SamplingParams
@@ -204,7 +240,7 @@ def test_memory_release_and_resume(data, engine):
     assert [g.token_ids for g in again] == [g.token_ids for g in before]
 
 
-def _grpo(data, run, backend, steps=4):
+def _grpo(data, run, backend, steps=4, replay=False):
     from r1moe.tracking import read_metrics
 
     over = _overrides(run, **{
@@ -213,7 +249,7 @@ def _grpo(data, run, backend, steps=4):
         "algo.num_minibatches": 2, "optim.lr": 1e-4, "eval.samples": 2, "train.eval_every": 0,
         "checkpoint.every": 0, "parallel.backend": backend, "rollout.engine": "sglang",
         "rollout.sglang.mem_fraction_static": 0.3, "rollout.sglang.cuda_graph_max_bs": 0,
-        "rewards.weights": "{accuracy: 1.0, format: 1.0}"})
+        "rewards.weights": "{accuracy: 1.0, format: 1.0}", "rollout.routing_replay": str(replay).lower()})
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", PYTHONUNBUFFERED="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
@@ -228,7 +264,7 @@ def _grpo(data, run, backend, steps=4):
            "steps": [{k: m.get(k) for k in keys} for m in steps_m]}
     if proc.returncode:
         out["stderr_tail"] = proc.stderr[-3000:]
-    record("sglang_grpo", {backend: out})
+    record("sglang_grpo", {backend + ("_routing_replay" if replay else ""): out})
     return proc, steps_m
 
 
@@ -262,5 +298,5 @@ def test_grpo_megatron_backend_with_sglang(data, tmp_path):
         import transformer_engine.pytorch  # noqa: F401
     except ImportError as e:
         pytest.skip(f"needs megatron-core and Transformer Engine ({e})")
-    proc, steps = _grpo(data, tmp_path / "mcore", "megatron")
+    proc, steps = _grpo(data, tmp_path / "mcore", "megatron", replay=True)
     _check_grpo(data, tmp_path / "mcore", proc, steps)
