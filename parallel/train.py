@@ -112,12 +112,13 @@ def _run_schedule(models, microbatches: Sequence[Any], vocab_size: int, loss_fun
 def apply_routing_replay(model: torch.nn.Module, routes_BTMK: torch.Tensor | None) -> None:
     """Routing replay (R3) through megatron-core's RouterReplay (TransformerConfig.moe_enable_routing_replay): every
     MoE layer of this model chunk routes the next forward's tokens to `routes_BTMK` [B, T, num_moe_layers, K] (the
-    rollout engine's experts, HF layer order); None: each router chooses (MTP routers always do). Megatron flattens
+    rollout engine's experts, HF layer order); None: each router chooses (MTP routers always do: they are left out). Megatron flattens
     tokens sequence-first ([T, B]); with sequence parallelism a TP rank routes only its block of positions. The
     backward reuses the forward's routing (no recompute of the router; recompute + PP is refused in the checks)."""
     from megatron.core import parallel_state as ps
 
-    routers = [m.router_replay for m in model.modules() if getattr(m, "router_replay", None) is not None]
+    routers = [m.router_replay for name, m in model.named_modules()
+               if getattr(m, "router_replay", None) is not None and "mtp" not in name.split(".")]
     if not routers:
         if routes_BTMK is not None:
             raise ValueError("routing replay: the megatron model was built without moe_enable_routing_replay")
