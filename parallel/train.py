@@ -129,6 +129,12 @@ def apply_routing_replay(model: torch.nn.Module, routes_BTMK: torch.Tensor | Non
     freq = get_model_config(model).moe_layer_freq
     moe_ids = [i for i, f in enumerate(freq) if f] if isinstance(freq, list) else list(range(len(routers)))
     if routes_BTMK is not None:
+        # padding positions carry placeholder ids (repeated expert 0): megatron's routing map counts an expert once
+        # per token, so give such tokens K distinct experts (real tokens never repeat one)
+        srt = routes_BTMK.sort(-1).values
+        dup = (srt[..., 1:] == srt[..., :-1]).any(-1, keepdim=True)
+        distinct = torch.arange(routes_BTMK.shape[-1], device=routes_BTMK.device, dtype=routes_BTMK.dtype)
+        routes_BTMK = torch.where(dup, distinct, routes_BTMK)
         r_TBMK = routes_BTMK.transpose(0, 1)
         if get_model_config(model).sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1:
             n = r_TBMK.shape[0] // ps.get_tensor_model_parallel_world_size()

@@ -2,12 +2,14 @@
 greedy tokens, per-token logprobs at T = 1 and T = 0.7, routing replay, a weight update, memory release and resume;
 then GRPO with `rollout.engine=sglang` on the reference and the megatron backend (the latter with routing replay).
 
-    R1MOE_GPU_OUT=/tmp/out PYTHONPATH=/root/sgl/site python -m pytest -q -m gpu tests/gpu/test_sglang_engine.py
+    R1MOE_GPU_OUT=/tmp/out PYTHONPATH=/root/sgl/site python -m pytest -s -q -m gpu tests/gpu/test_sglang_engine.py
 
 With megatron-core + TE installed too, SGLang's site must not shadow the cuDNN frontend TE was built against:
 the staged SGLang site carries nvidia-cudnn-frontend 1.28 (`cudnn/`), megatron's stack 1.32; with 1.28 first on
 PYTHONPATH, importing TE fails (`libcudnn_heuristic.so.9: undefined symbol`). Remove the SGLang copy
 (`rm -rf /root/sgl/site/cudnn /root/sgl/site/nvidia_cudnn_frontend-1.28.0.dist-info`) before running both.
+Run with -s: without it, the engine-level tests' pytest process was SIGKILLed with no output after the engine
+started (seen twice on an H200, not diagnosed; benchmarks/results/sglang_engine_tests_h200.json).
 
 Tolerances, and why. SGLang runs the weights in bf16 with its own kernels (triton MLA, fused MoE); the reference is
 the fp32 model teacher-forced on SGLang's own tokens. bf16 moves these tiny models' logits by ~1% (relative L2,
@@ -321,10 +323,11 @@ def test_grpo_reference_backend_with_sglang(data, tmp_path):
 
 
 def test_grpo_megatron_backend_with_sglang(data, tmp_path):
-    try:
-        import megatron.core  # noqa: F401
-        import transformer_engine.pytorch  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"needs megatron-core and Transformer Engine ({e})")
+    # checked in a child: SGLang (imported here) loads a cuDNN that TE's library then clashes with in this process;
+    # the GRPO run itself imports megatron/TE first (check_backends), as any r1moe process with both does
+    probe = subprocess.run([sys.executable, "-c", "import megatron.core, transformer_engine.pytorch"],
+                           capture_output=True, text=True, check=False)
+    if probe.returncode:
+        pytest.skip(f"needs megatron-core and Transformer Engine ({probe.stderr.strip().splitlines()[-1][:200]})")
     proc, steps = _grpo(data, tmp_path / "mcore", "megatron", replay=True)
     _check_grpo(data, tmp_path / "mcore", proc, steps)
