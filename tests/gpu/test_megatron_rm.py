@@ -8,7 +8,8 @@
    (load_reward_model) and scores as the megatron model's own held-out eval did; a checkpoint resumes;
 3. two GPUs (torchrun, skipped with fewer): TP2 (sequence parallel: the hidden states are gathered before the head),
    DP2 (each rank its block of pairs), PP2 (the head on the last stage) and EP2 give the one-GPU run's losses,
-   gradient norms and held-out loss.
+   gradient norms and held-out loss; stage 4's shared scoring over NCCL (each rank on its own GPU scores half of the
+   completions) gives every rank the one-GPU scores.
 
     R1MOE_GPU_OUT=/tmp/out python -m pytest -q -m gpu tests/gpu/test_megatron_rm.py
 
@@ -210,7 +211,7 @@ def _torchrun(nproc: int, over: list[str]) -> subprocess.CompletedProcess:
                PYTHONUNBUFFERED="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # this process's own world of one (earlier tests); torchrun sets its own
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=29561", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
            "r1moe.train.rm", RECIPE, *over]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=480, check=False)
 
@@ -246,3 +247,36 @@ def test_two_gpu_layouts_match_one_gpu(data, tmp_path):
         for a, b in zip(r["grad_norms"], base["grad_norms"], strict=True):
             assert abs(a - b) <= 0.05 * b, (name, r["grad_norms"], base["grad_norms"])
         assert abs(r["eval_final"]["loss"] - base["eval_final"]["loss"]) <= 0.02 * base["eval_final"]["loss"], name
+
+
+def test_stage4_scoring_is_shared_over_two_gpus(data, tmp_path):
+    """rm.score_shared under torchrun with NCCL: each rank loads the RM on its own GPU (LOCAL_RANK), scores every
+    other length-sorted sequence and gets all scores. Tolerance 1e-4: float32 on both sides; the batches differ
+    (other neighbours, other padding), which changes only the GEMM blocking."""
+    require_gpu_stack(2)
+    from r1moe.data.tokenizer import special_ids
+    from r1moe.train.rm import PairwiseObjective, load_reward_model, score_sequences
+
+    rm_dir = data / "ref" / "final"
+    ref, tok, _ = load_reward_model(rm_dir, device="cuda")
+    seqs = PairwiseObjective().sequences(_held_out(data, tok))
+    expected = score_sequences(ref, seqs, special_ids(tok)[0])
+    (tmp_path / "seqs.json").write_text(json.dumps(seqs))
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "tests/train/rm_shard_worker.py"), str(rm_dir), str(tmp_path / "seqs.json"),
+           str(tmp_path / "ranks.json"), "nccl"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    ranks = json.loads((tmp_path / "ranks.json").read_text()) if proc.returncode == 0 else []
+    diffs = [float((torch.tensor(r["scores"]) - expected).abs().max()) for r in ranks]
+    record("megatron_rm", {"stage4_shared_scoring_two_gpus": {
+        "returncode": proc.returncode, "num_sequences": len(seqs), "max_abs_diff_per_rank": diffs,
+        "devices": [r["device"] for r in ranks], "forwards_per_rank": [len(r["forward_rows"]) for r in ranks],
+        **({"stderr_tail": proc.stderr[-3000:]} if proc.returncode else {})}})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["device"] for r in ranks] == ["cuda:0", "cuda:1"]
+    assert all(d <= 1e-4 for d in diffs), diffs
+    # 4 sequences per forward (the worker's batch), half of them on each rank
+    assert [sum(r["forward_rows"]) for r in ranks] == [math.ceil(len(seqs) / 2), len(seqs) // 2]
