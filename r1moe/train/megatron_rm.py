@@ -73,6 +73,20 @@ def plan_micro_batches(num: int, dp: int, micro: int) -> list[list[range]]:
             for r in range(dp)]
 
 
+def micro_batch_loss(objective, scores_R: torch.Tensor, part: list, share: float, num_micro_batches: int
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's share of the step loss (objective.loss on its examples x len(part) / share, share = B / dp)
+    and its accuracy / margin, scaled so that megatron's mean over micro-batches, then over data-parallel ranks,
+    gives the step's mean over its B examples. The rows after the examples' own (padding) are ignored."""
+    if not part:
+        zero = scores_R.sum() * 0.0  # keeps the graph: every micro-batch runs a backward
+        return zero, {"accuracy": zero.detach(), "margin": zero.detach()}
+    loss, ok, margin = objective.loss(scores_R[:len(objective.sequences(part))], part)
+    stats = torch.tensor([sum(ok), sum(margin)], device=scores_R.device, dtype=torch.float32)
+    stats = stats * num_micro_batches / share
+    return loss * len(part) / share, {"accuracy": stats[0], "margin": stats[1]}
+
+
 class MegatronRewardModel(MegatronPolicy):
     """The reward model on r1moe.parallel: MegatronPolicy's model, optimizer, schedule, checkpoints and sharding,
     with the score head in place of the LM head. Every method is collective: all ranks call it together."""
@@ -144,17 +158,7 @@ class MegatronRewardModel(MegatronPolicy):
         mbs, share = self.micro_batches(objective, examples)
         n = len(mbs)
 
-        def loss_fn(scores_R: torch.Tensor, mb: RMMicroBatch):
-            if not mb.part:
-                zero = scores_R.sum() * 0.0
-                return zero, {"accuracy": zero.detach(), "margin": zero.detach()}
-            k = len(objective.sequences(mb.part))
-            loss, ok, margin = objective.loss(scores_R[:k], mb.part)
-            # metrics are averaged over micro-batches, then over DP: x n / share makes that the step's mean
-            stats = torch.tensor([sum(ok), sum(margin)], device=scores_R.device, dtype=torch.float32) * n / share
-            return loss * len(mb.part) / share, {"accuracy": stats[0], "margin": stats[1]}
-
-        r = self._step(mbs, loss_fn, guard, step)
+        r = self._step(mbs, lambda scores_R, mb: micro_batch_loss(objective, scores_R, mb.part, share, n), guard, step)
         return {"rm/loss": r.metrics["loss"], "rm/accuracy": r.metrics["accuracy"], "rm/margin": r.metrics["margin"],
                 "train/grad_norm": _num(r.grad_norm), "train/lr": self.lr, "train/skipped": int(not r.update_successful),
                 "train/nonfinite_skipped": guard.num_skipped, "perf/step_s": time.perf_counter() - t0}

@@ -1,7 +1,8 @@
 """Batched reward-model scoring (stage 4's R_RM): scores of length-sorted batches equal one-by-one scores, in the
 input order, with one forward per batch instead of one per completion; compute_rewards scores a BatchReward with one
 call per step; under torch.distributed every rank scores its share (torchrun, 2 CPU processes, gloo) and receives
-all the scores; the megatron reward model's data-parallel micro-batch plan covers the step's examples once.
+all the scores; the megatron reward model's data-parallel micro-batch plan covers the step's examples once, and
+its micro-batch losses add up to the step's loss under megatron's reductions.
 
 Tolerance: 1e-5 absolute on scores of order 1. Float32 on the CPU; mathematically a sequence's score does not
 depend on its batch (right padding after the last token, causal attention, per-token MoE routing without capacity),
@@ -22,8 +23,10 @@ from r1moe.data import PromptSample, make_preference_pairs
 from r1moe.data.tokenizer import build_tiny_tokenizer, default_corpus
 from r1moe.model import build_model, get_preset
 from r1moe.rewards import compute_rewards
-from r1moe.train.megatron_rm import plan_micro_batches
+from r1moe.train.megatron_rm import micro_batch_loss, plan_micro_batches
 from r1moe.train.rm import (
+    PairwiseObjective,
+    PointwiseObjective,
     RewardModel,
     RewardModelReward,
     encode_scored,
@@ -128,3 +131,35 @@ def test_megatron_micro_batch_plan_covers_each_example_once(num, dp, micro):
     flat = [i for rank in plan for r in rank for i in r]
     assert flat == list(range(num))  # contiguous blocks in order, each example once
     assert all(len(r) <= (micro or math.ceil(num / dp)) for rank in plan for r in rank)
+
+
+@pytest.mark.parametrize("objective", [PairwiseObjective(), PointwiseObjective()], ids=["pairwise", "pointwise"])
+@pytest.mark.parametrize("num, dp, micro", [(16, 1, 4), (16, 2, 4), (10, 3, 3), (7, 4, 0)])
+def test_megatron_micro_batch_losses_add_up_to_the_step_loss(objective, num, dp, micro):
+    """What megatron does with micro_batch_loss (sum of losses over micro-batches, mean of the other metrics; then
+    the mean over data-parallel ranks) gives the full batch's loss, accuracy and margin, as the reference step
+    computes them; padding rows (after each micro-batch's own) hold garbage that must not count."""
+    g = torch.Generator().manual_seed(num * 100 + dp)
+    pairwise = isinstance(objective, PairwiseObjective)
+    # an example is (chosen score, rejected score) or (score, safe); sequences() only needs its length
+    examples = [(float(torch.randn(1, generator=g)), float(torch.randn(1, generator=g))) if pairwise
+                else ([0], bool(i % 3)) for i in range(num)]
+    score_of = {id(ex): float(torch.randn(1, generator=g)) for ex in examples}
+
+    def rows(part: list) -> torch.Tensor:
+        own = ([c for c, _ in part] + [r for _, r in part]) if pairwise else [score_of[id(ex)] for ex in part]
+        return torch.tensor(own + [1e3, -1e3])  # padding rows
+
+    full_loss, full_ok, full_margin = objective.loss(rows(examples)[:-2], examples)
+    plan = plan_micro_batches(num, dp, micro)
+    per_rank = []
+    for rank in plan:
+        parts = [[examples[j] for j in r] for r in rank]
+        out = [micro_batch_loss(objective, rows(part), part, num / dp, len(parts)) for part in parts]
+        per_rank.append((sum(float(loss) for loss, _ in out),
+                         sum(float(m["accuracy"]) for _, m in out) / len(out),
+                         sum(float(m["margin"]) for _, m in out) / len(out)))
+    loss, accuracy, margin = (sum(x) / dp for x in zip(*per_rank))
+    assert loss == pytest.approx(float(full_loss), abs=1e-5)
+    assert accuracy == pytest.approx(sum(full_ok) / num, abs=1e-6)
+    assert margin == pytest.approx(sum(full_margin) / num, abs=1e-5)
