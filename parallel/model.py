@@ -104,12 +104,15 @@ def _mla_without_q_norm_spec(spec, tcfg):
 
 def build_mcore_model(cfg: ModelConfig, pcfg: ParallelConfig, opts: MegatronOptions | None = None, *,
                       dtype: torch.dtype = torch.bfloat16, wrap_ddp: bool = True,
-                      hf_weights: Callable[[str], torch.Tensor] | None = None) -> list[torch.nn.Module]:
+                      hf_weights: Callable[[str], torch.Tensor] | None = None,
+                      prepare: Callable[[torch.nn.Module], None] | None = None) -> list[torch.nn.Module]:
     """The megatron model chunks of this rank (one chunk: no virtual pipeline stages).
 
     hf_weights: `get(hf_name) -> full tensor` (r1moe.model.hf_io.HFReader reads an HF directory lazily); loaded before
     the DDP wrapper and the optimizer exist, so the optimizer's fp32 master copy starts from these weights.
     wrap_ddp: megatron DDP with the distributed-optimizer grad buffer (needed by train_step; off for scoring).
+    prepare: called with the GPTModel once its weights are loaded, before DDP builds its grad buffers from the
+    trainable parameters (a reward model adds its score head and freezes the unused LM head here).
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -134,6 +137,8 @@ def build_mcore_model(cfg: ModelConfig, pcfg: ParallelConfig, opts: MegatronOpti
     model.cuda(torch.cuda.current_device())
     if hf_weights is not None:
         load_hf_weights([model], cfg, pcfg, hf_weights)
+    if prepare is not None:
+        prepare(model)
     if wrap_ddp:
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=True, check_for_nan_in_grad=False)

@@ -37,6 +37,9 @@ class MicroBatch(Protocol):
 
 
 LossFn = Callable[[torch.Tensor, Any], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+HeadFn = Callable[[torch.Tensor, Any], torch.Tensor]
+"""(final normed hidden states [B, T, H] of the full sequence, micro-batch) -> the model's output (a reward model:
+scores [B]); runs in place of the LM head on the last pipeline stage."""
 
 
 @dataclass
@@ -81,8 +84,21 @@ def _logits_processor(*, hidden_states, output_layer, output_weight, context, **
     return logits[..., :vocab] if logits.shape[-1] != vocab else logits
 
 
+def _hidden_processor(*, hidden_states, output_layer, context, **_unused) -> torch.Tensor:
+    """GPTModel output_processor of a model with its own head (`head_fn`, e.g. a reward model's score):
+    [s, b, h] final normed hidden states -> head_fn(hidden_BTH, mb); the LM head is not run. With sequence
+    parallelism the sequence is gathered first, and the gather's backward takes this rank's slice without a
+    reduction: the head runs the same, on the same full hidden states, on every TP rank."""
+    head_fn, mb = context
+    if output_layer.sequence_parallel:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+    return head_fn(hidden_states.transpose(0, 1), mb)
+
+
 def _run_schedule(models, microbatches: Sequence[Any], vocab_size: int, loss_func_for: Callable,
-                  forward_only: bool) -> list[dict[str, torch.Tensor]]:
+                  forward_only: bool, head_fn: Callable | None = None) -> list[dict[str, torch.Tensor]]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not microbatches:
@@ -99,8 +115,9 @@ def _run_schedule(models, microbatches: Sequence[Any], vocab_size: int, loss_fun
         apply_routing_replay(model, getattr(mb, "routes", None))
         tokens = mb.input_ids.to(device, non_blocking=True)
         mask = getattr(mb, "mtp_loss_mask", None)
-        out = model(tokens, position_ids, None, output_processor=_logits_processor,
-                    output_processor_context=vocab_size,
+        out = model(tokens, position_ids, None,
+                    output_processor=_logits_processor if head_fn is None else _hidden_processor,
+                    output_processor_context=vocab_size if head_fn is None else (head_fn, mb),
                     loss_mask=None if mask is None else mask.to(device, torch.float32, non_blocking=True))
         return out, loss_func_for(mb)
 
@@ -178,8 +195,9 @@ def _reduce_metrics(reduced: list[dict[str, torch.Tensor]]) -> dict[str, float]:
 
 
 def train_step(models: list[torch.nn.Module], optimizer, microbatches: Sequence[MicroBatch], loss_fn: LossFn,
-               vocab_size: int) -> StepResult:
-    """Forward + backward over all micro-batches (1F1B when pp > 1), gradient reductions, one optimizer step."""
+               vocab_size: int, head_fn: HeadFn | None = None) -> StepResult:
+    """Forward + backward over all micro-batches (1F1B when pp > 1), gradient reductions, one optimizer step.
+    `head_fn(hidden_BTH, mb)` replaces the LM head: loss_fn then receives its output instead of logits."""
     n = len(microbatches)
     for m in models:
         m.zero_grad_buffer()
@@ -192,7 +210,7 @@ def train_step(models: list[torch.nn.Module], optimizer, microbatches: Sequence[
             return loss * n, {"loss": loss.detach(), **{k: v.detach() for k, v in metrics.items()}}
         return loss_func
 
-    reduced = _run_schedule(models, microbatches, vocab_size, loss_func_for, forward_only=False)
+    reduced = _run_schedule(models, microbatches, vocab_size, loss_func_for, forward_only=False, head_fn=head_fn)
     metrics = _reduce_metrics(reduced)
     # megatron's bf16 optimizer applies NaN/inf gradients (only an fp16 loss scaler checks them): the step is
     # skipped here instead, before any weight moves; both checks give the same answer on every rank
@@ -234,9 +252,10 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
 
 @torch.no_grad()
 def forward_only(models: list[torch.nn.Module], microbatches: Sequence[MicroBatch],
-                 fn: Callable[[torch.Tensor, Any], torch.Tensor], vocab_size: int) -> list[torch.Tensor] | None:
-    """Per micro-batch fn(logits_BTV, mb) (e.g. token log-probs of the old / reference policy). Results live on
-    the last pipeline stage; other stages get None."""
+                 fn: Callable[[torch.Tensor, Any], torch.Tensor], vocab_size: int,
+                 head_fn: HeadFn | None = None) -> list[torch.Tensor] | None:
+    """Per micro-batch fn(logits_BTV, mb) (e.g. token log-probs of the old / reference policy), or fn(head output,
+    mb) with `head_fn` (train_step). Results live on the last pipeline stage; other stages get None."""
     for m in models:
         m.eval()
     try:
@@ -245,7 +264,7 @@ def forward_only(models: list[torch.nn.Module], microbatches: Sequence[MicroBatc
                 return torch.zeros((), device=logits_BTV.device), {"out": fn(logits_BTV, mb)}
             return loss_func
 
-        reduced = _run_schedule(models, microbatches, vocab_size, loss_func_for, forward_only=True)
+        reduced = _run_schedule(models, microbatches, vocab_size, loss_func_for, forward_only=True, head_fn=head_fn)
     finally:
         for m in models:
             m.train()

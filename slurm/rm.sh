@@ -4,15 +4,17 @@
 #   sbatch slurm/rm.sh recipes/deepseek-v3/r1/rm.yaml [key=value ...] [--resume]
 #   bash   slurm/rm.sh recipes/tiny/r1/rm.yaml                                # one node, no SLURM (CPU or GPUs)
 #
-# Runs r1moe.train.rm, which trains on the reference backend only (one process, one device; the megatron reward
-# model is not built yet): one node and one GPU is what the job uses, so that is what it asks for. Chosen (the paper
-# states no compute for it): 12 hours (66k pairs, 1 epoch, 8K tokens). Each value is overridable (sbatch --time=...).
+# Runs r1moe.train.rm; the real-scale recipe trains on the megatron backend with the 671B layout of the other
+# stages. #SBATCH values are real-scale defaults, each overridable (sbatch --nodes=... --time=...). Chosen (the
+# paper states no compute for it): 64 nodes x 8 GPUs as for the other 671B stages; 12 hours (66k pairs, 1 epoch,
+# 8K tokens). A reference-backend recipe (one device) runs with sbatch --nodes=1 --gpus-per-node=1.
 # Submit from any directory: the job runs there (relative paths in the recipe and the arguments are read from
 # it) and the job's log, slurm-<job name>-<job id>.out, lands there.
 #SBATCH --job-name=r1-rm
-#SBATCH --nodes=1
+#SBATCH --nodes=64
 #SBATCH --ntasks-per-node=1
-#SBATCH --gpus-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
 #SBATCH --time=12:00:00
 #SBATCH --output=slurm-%x-%j.out
 

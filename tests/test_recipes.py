@@ -78,13 +78,14 @@ def test_recipe_passes_its_stages_pre_run_checks(path):
 
 
 @pytest.mark.parametrize("edit, error", [
-    ({"parallel": {"backend": "megatron"}}, r"parallel\.backend=megatron: the rm stage runs on the reference"),
-    ({"parallel": {"tp": 8}}, r"parallel\.tp=8: no effect with parallel\.backend=reference"),
+    ({"model": {"gradient_checkpointing": True}}, r"model\.gradient_checkpointing=true: no effect on the megatron"),
+    ({"train": {"mtp_weight": 0.3}}, r"train\.mtp_weight=0\.3: a reward model trains no MTP loss"),
+    ({"parallel": {"backend": "reference"}}, r"parallel\.tp=8, .*: no effect with parallel\.backend=reference"),
     ({"data": {"train": None}}, r"data\.train is required for rm"),
     ({"model": {"init": None}}, r"model\.init is required for rm"),
 ])
 def test_the_recipe_check_catches_a_recipe_its_stage_refuses(tmp_path, edit, error):
-    """The rm recipe as it was (backend: megatron, which `r1moe rm` refuses) fails the check, and so do the others."""
+    """The rm recipe with a key that would have no effect, or without a required one, fails the check."""
     bad = tmp_path / "rm.yaml"
     OmegaConf.save(OmegaConf.merge(OmegaConf.load(V3 / "r1/rm.yaml"), edit), bad)
     with pytest.raises(ValueError, match=error):
@@ -92,7 +93,7 @@ def test_the_recipe_check_catches_a_recipe_its_stage_refuses(tmp_path, edit, err
 
 
 @pytest.mark.parametrize("recipe, override, error", [
-    ("deepseek-v3/r1/rm.yaml", "parallel.backend=megatron", "the rm stage runs on the reference backend only"),
+    ("deepseek-v3/r1/rm.yaml", "model.gradient_checkpointing=true", "no effect on the megatron reward model"),
     ("tiny/r1/rm.yaml", "parallel.ep=2", r"parallel\.ep=2: no effect with parallel\.backend=reference"),
     ("tiny/r1/stage1_cold_start.yaml", "data.train=null", "data.train is required for sft"),
     ("tiny/r1/stage1_cold_start.yaml", "model.init=null", "sft needs a tokenizer"),
@@ -185,12 +186,12 @@ def test_reward_model_carries_the_paper_numbers_and_says_what_runs():
     cfg = load_config(V3 / "r1/rm.yaml")
     assert cfg.stage == "rm"
     assert (cfg.optim.lr, cfg.train.batch_size, cfg.train.epochs, cfg.data.seq_len) == (6e-6, 256, 1, 8192)
-    # `r1moe rm` runs the reference backend (one device); the recipe and its launcher say so
-    assert cfg.parallel.backend == "reference"
-    assert "the megatron RM is not built yet" in (V3 / "r1/rm.yaml").read_text()
+    # `r1moe rm` runs the megatron backend with the other 671B stages' layout, on as many GPUs as they ask for
+    assert cfg.parallel.backend == "megatron"
+    assert "r1moe/train/megatron_rm.py" in (V3 / "r1/rm.yaml").read_text()
     launcher = (ROOT / "slurm" / LAUNCHER["r1/rm"]).read_text()
-    assert re.search(r"^#SBATCH --nodes=1$", launcher, flags=re.MULTILINE)
-    assert re.search(r"^#SBATCH --gpus-per-node=1$", launcher, flags=re.MULTILINE)
+    assert re.search(r"^#SBATCH --nodes=64$", launcher, flags=re.MULTILINE)
+    assert re.search(r"^#SBATCH --gpus-per-node=8$", launcher, flags=re.MULTILINE)
 
 
 DISTILL_LR = {"qwen2.5-1.5b": 1e-4, "qwen2.5-7b": 8e-5, "qwen2.5-14b": 7e-5, "qwen2.5-32b": 6e-5,
@@ -232,9 +233,9 @@ def megatron_recipes(under: Path) -> list[Path]:
     return [p for p in stage_recipes(under) if load_config(p).parallel.backend == "megatron"]
 
 
-def test_every_real_scale_stage_but_the_reward_model_runs_on_megatron():
+def test_every_real_scale_stage_runs_on_megatron():
     others = {rel(p) for p in stage_recipes(V3)} - {rel(p) for p in megatron_recipes(V3)}
-    assert others == {"recipes/deepseek-v3/r1/rm.yaml"}
+    assert others == set()
 
 
 @pytest.mark.parametrize("path", megatron_recipes(V3), ids=rel)

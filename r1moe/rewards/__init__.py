@@ -3,6 +3,7 @@ code sandbox. See `rule.py` for the dispatch and `sandbox.py` for what the sandb
 
 from r1moe.rewards.rule import (
     REWARD_FUNCS,
+    BatchReward,
     RewardBatch,
     RewardFunc,
     accuracy_reward,
@@ -21,6 +22,7 @@ from r1moe.rewards.sandbox import SandboxLimits, SandboxResult, run_python
 
 __all__ = [
     "REWARD_FUNCS",
+    "BatchReward",
     "RewardBatch",
     "RewardFunc",
     "SandboxLimits",

@@ -26,6 +26,7 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from r1moe.data.schema import PromptSample
 from r1moe.data.tasks import TASKS
@@ -33,6 +34,14 @@ from r1moe.rewards.sandbox import SandboxLimits, run_tests
 from r1moe.templates import ANSWER_CLOSE, ANSWER_OPEN, REASONING_TAGS, THINK_CLOSE, THINK_OPEN
 
 RewardFunc = Callable[[str, PromptSample], float]
+
+
+@runtime_checkable
+class BatchReward(Protocol):
+    """A reward that is cheaper scored many at once (a neural reward model: one forward per batch of completions):
+    compute_rewards calls `score_batch` once with all completions instead of the reward once per completion."""
+
+    def score_batch(self, completions: Sequence[str], samples: Sequence[PromptSample]) -> list[float]: ...
 
 # ---------------------------------------------------------------- answer extraction
 
@@ -335,7 +344,7 @@ def compute_rewards(
     extra: dict[str, RewardFunc] | None = None,
 ) -> RewardBatch:
     """Score `completions[i]` against `samples[i]` with every reward in `weights`; `extra` adds callables (e.g. a
-    neural reward model) for this call only."""
+    neural reward model) for this call only. A BatchReward scores the whole batch in one call."""
     if len(completions) != len(samples):
         raise ValueError(f"compute_rewards: {len(completions)} completions but {len(samples)} samples")
     extra = extra or {}
@@ -346,6 +355,8 @@ def compute_rewards(
     for name in weights:
         if name not in funcs:
             raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(funcs))}")
-    components = {name: [float(funcs[name](c, s)) for c, s in zip(completions, samples)] for name in weights}
+    components = {name: ([float(x) for x in funcs[name].score_batch(completions, samples)]
+                         if isinstance(funcs[name], BatchReward)
+                         else [float(funcs[name](c, s)) for c, s in zip(completions, samples)]) for name in weights}
     total = [sum(weights[name] * components[name][i] for name in weights) for i in range(len(completions))]
     return RewardBatch(total=total, components=components)

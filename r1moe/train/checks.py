@@ -78,9 +78,12 @@ def check_rm(cfg: JobConfig) -> None:
     if cfg.model.init is None:
         raise ValueError("model.init is required for rm: the policy/SFT checkpoint the reward model starts from "
                          "(R1 v2 §3.1: the R1 architecture + a scalar head)")
-    if cfg.parallel.backend != "reference":
-        raise ValueError(f"parallel.backend={cfg.parallel.backend}: the rm stage runs on the reference backend only "
-                         f"(one device); a megatron reward model is not implemented")
+    if cfg.train.mtp_weight:
+        raise ValueError(f"train.mtp_weight={cfg.train.mtp_weight}: a reward model trains no MTP loss (it reads the "
+                         f"main model's final hidden state only); remove it")
+    if cfg.parallel.backend == "megatron" and cfg.model.gradient_checkpointing:
+        raise ValueError("model.gradient_checkpointing=true: no effect on the megatron reward model; use "
+                         "parallel.recompute=full (or selective) instead")
 
 
 STAGE_CHECKS: dict[str, Callable[[JobConfig], None]] = {

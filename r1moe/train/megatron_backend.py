@@ -38,6 +38,7 @@ Legend: B rows per micro-batch, T sequence length, V vocabulary, N sequences.
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import math
 import shutil
@@ -129,22 +130,19 @@ class RLMicroBatch:
     ref_logp: torch.Tensor | None = None
 
 
-class NullLogger:
+class NullLogger(contextlib.nullcontext):
     """The metrics logger of ranks other than 0: they compute the same numbers and write nothing."""
 
-    def __enter__(self) -> NullLogger:  # noqa: PYI034 - typing.Self needs python 3.11
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
+    def __init__(self) -> None:
+        super().__init__(self)  # `with NullLogger() as logger` gives the logger
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         pass
 
 
 def _pad(t: torch.Tensor, rows: int, cols: int, fill) -> torch.Tensor:
-    out = t.new_full((rows, cols, *t.shape[2:]) if t.dim() >= 2 else (rows,), fill)
-    out[tuple(slice(0, n) for n in t.shape[:2])] = t
+    out = t.new_full((rows, cols, *t.shape[2:])[:t.dim()], fill)
+    out[tuple(slice(0, n) for n in t.shape)] = t
     return out
 
 
@@ -155,8 +153,8 @@ def record_step(guard: NonFiniteGuard, step: int, result) -> bool:
     return guard.check_step(step, loss=result.metrics.get("loss"), grad_norm=grad_norm) and result.update_successful
 
 
-def _num(x: float | None) -> float:
-    return float("nan") if x is None else float(x)  # megatron reports no grad norm when it does not clip
+def _num(x: float | None) -> float:  # megatron reports no grad norm when it does not clip
+    return float("nan") if x is None else float(x)
 
 
 def _model_config_and_weights(cfg: JobConfig, tok: Tokenizer, device: torch.device
@@ -217,7 +215,7 @@ class MegatronPolicy:
         self.mtp_on = mtp_weight > 0 and self.model_cfg.num_nextn_predict_layers > 0
         opts = MegatronOptions(fp8=p.fp8, recompute=p.recompute, mtp_loss_scale=mtp_weight,
                                expert_bias_rate=expert_bias_rate, extra=extra)
-        self.models = build_mcore_model(self.model_cfg, self.pcfg, opts, hf_weights=get_hf)
+        self.models = self._build_models(opts, get_hf)
         self.ref_models = (build_mcore_model(self.model_cfg, self.pcfg, opts, wrap_ddp=False, hf_weights=get_hf)
                            if with_ref else None)
         del get_hf  # frees the random-init host model
@@ -226,9 +224,13 @@ class MegatronPolicy:
                                          clip_grad=max(o.grad_clip, 0.0))  # megatron: 0 = no clipping
         self.lr_factor = common.lr_factor(o, total_updates)
         self.num_updates = 0
-        self.trainer_extra: dict = {}
-        """`extra` of the checkpoint restore() loaded (the guard's counts)."""
+        self.trainer_extra: dict = {}  # `extra` of the checkpoint restore() loaded (the guard's counts)
         dist.barrier()  # rank 0 has prepared the run directory
+
+    def _build_models(self, opts, get_hf: Callable[[str], torch.Tensor]) -> list[torch.nn.Module]:
+        """The trained model chunks (train/megatron_rm.py's reward model adds its head here)."""
+        from r1moe.parallel import build_mcore_model
+        return build_mcore_model(self.model_cfg, self.pcfg, opts, hf_weights=get_hf)
 
     @property
     def lr(self) -> float:
@@ -345,11 +347,9 @@ class MegatronPolicy:
         mismatch = self._logprob_mismatch(minis[0][0]) if a.num_minibatches > 1 else {}
         results = [self.train_step_grpo(mbs, a, norm_const, den, temperature, guard, step) for mbs, den in minis]
 
-        def mean(key: str) -> float:
-            return sum(r.metrics[key] for r in results) / len(results)
-
+        mean = {k: sum(r.metrics[k] for r in results) / len(results) for k in ("kl", "clip_frac", "ratio_mean")}
         return {"train/grad_norm": _num(results[-1].grad_norm), "train/pg_loss": sum(r.metrics["pg_loss"] for r in results),
-                "train/kl": mean("kl"), "train/clip_frac": mean("clip_frac"), "train/ratio_mean": mean("ratio_mean"),
+                "train/kl": mean["kl"], "train/clip_frac": mean["clip_frac"], "train/ratio_mean": mean["ratio_mean"],
                 "train/ratio_max": max(r.metrics["ratio_max"] for r in results),
                 "train/skipped": sum(not r.update_successful for r in results),
                 "train/num_tokens": int(batch.response_mask_NT.sum()), "train/num_seqs": N, **mismatch}

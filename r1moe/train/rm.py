@@ -27,6 +27,11 @@ constant, so `load_reward_fn` returns sigmoid(score) in (0, 1): the probability 
 reply of score 0. Group-normalised advantages (eq. 3) see only the ranking and spread inside a group; the squash sets
 the RM's weight against the rule rewards. The paper does not state its normalisation.
 
+Backends: this file is the reference backend (one device); `parallel.backend: megatron` trains the same model and
+objective over TP/PP/EP/DP (train/megatron_rm.py) and writes the same final/ directory. Stage 4 scores every
+completion of a step in one call (`RewardModelReward.score_batch`: length-sorted batches of EVAL_BATCH, and under
+torchrun each rank its share, `score_shared`).
+
 Legend: B pairs in a (micro-)batch, N = 2B sequences (chosen rows then rejected rows), T padded length, H hidden.
 """
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -129,15 +135,25 @@ def build_rm_batch(seqs: Sequence[list[int]], pad_id: int, device: torch.device)
     return ids.to(device), mask.to(device)
 
 
+def length_batches(seqs: Sequence[list[int]], batch: int) -> list[list[int]]:
+    """Indices of `seqs` sorted by length, in chunks of `batch`: each chunk is padded only to its own longest."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    return [order[i:i + batch] for i in range(0, len(order), batch)]
+
+
 @torch.no_grad()
 def score_sequences(rm: RewardModel, seqs: Sequence[list[int]], pad_id: int, batch: int = EVAL_BATCH) -> torch.Tensor:
-    """Raw scores [N] of token sequences, `batch` at a time, in eval mode (the caller's mode is restored)."""
+    """Raw scores [N] of token sequences in their input order, in eval mode (the caller's mode is restored): one
+    forward per `batch` sequences of similar length (length_batches). A sequence's score does not depend on its
+    batch: right padding follows the last token, which attends to its own prefix only."""
     was_training = rm.training
     rm.eval()
     device = rm.score_head.weight.device
-    scores = [rm(*build_rm_batch(seqs[i:i + batch], pad_id, device)).scores_N.cpu() for i in range(0, len(seqs), batch)]
+    out = torch.zeros(len(seqs))
+    for idx in length_batches(seqs, batch):
+        out[idx] = rm(*build_rm_batch([seqs[i] for i in idx], pad_id, device)).scores_N.float().cpu()
     rm.train(was_training)
-    return torch.cat(scores) if scores else torch.zeros(0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- save / load
@@ -161,6 +177,8 @@ def load_reward_model(path: str | Path, device: str = "auto") -> tuple[RewardMod
             raise FileNotFoundError(f"{path}: not a reward model directory (no {name}; train one with `r1moe rm`)")
     meta = json.loads((path / META_FILE).read_text())
     dev = common.resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:  # under torchrun (stage 4 on megatron): this rank's GPU
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     rm = RewardModel(from_pretrained(path, device=str(dev)))
     try:
         head = load_file(path / SCORE_HEAD_FILE, device=str(dev))
@@ -186,16 +204,35 @@ class RewardModelReward:
         self.prefix = completion_prefix(template) if template != "none" else ""
 
     def score_batch(self, completions: Sequence[str], samples: Sequence[PromptSample]) -> list[float]:
+        """All completions of a step at once (r1moe.rewards.compute_rewards calls this for a BatchReward). With
+        torch.distributed initialised and several ranks it is collective: every rank holds the same completions
+        (GRPO broadcasts them), scores its own share and receives the others' (score_shared)."""
         idx = [i for i, s in enumerate(samples) if s.kind == "general"]
         seqs = [encode_scored(self.tok, self.template, samples[i].prompt, completions[i].removeprefix(self.prefix),
                               self.meta["scope"], self.meta["seq_len"]) for i in idx]
         out = [0.0] * len(samples)
-        for i, s in zip(idx, torch.sigmoid(score_sequences(self.rm, seqs, self.pad_id)).tolist()):
+        for i, s in zip(idx, torch.sigmoid(score_shared(self.rm, seqs, self.pad_id)).tolist()):
             out[i] = s
         return out
 
     def __call__(self, completion: str, sample: PromptSample) -> float:
         return self.score_batch([completion], [sample])[0]
+
+
+def score_shared(rm: RewardModel, seqs: Sequence[list[int]], pad_id: int, batch: int = EVAL_BATCH) -> torch.Tensor:
+    """score_sequences spread over the ranks of torch.distributed, when it is initialised with several: rank r
+    scores the sorted-by-length sequences r, r + W, r + 2W, ... (equal work, similar lengths per batch), then one
+    all-reduce of the [N] scores gives every rank all of them. Collective: all ranks call it with the same `seqs`."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not seqs:
+        return score_sequences(rm, seqs, pad_id, batch)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))[rank::world]
+    out = torch.zeros(len(seqs), device=rm.score_head.weight.device)
+    out[mine] = score_sequences(rm, [seqs[i] for i in mine], pad_id, batch).to(out.device)
+    dist.all_reduce(out)  # each score comes from exactly one rank; the others add 0
+    return out.cpu()
 
 
 def load_reward_fn(path: str | Path, template: str) -> RewardModelReward:
@@ -222,11 +259,7 @@ def pair_batch(num_pairs: int, step: int, batch: int, seed: int) -> list[int]:
 
 def evaluate_pairs(rm: RewardModel, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, float]:
     """Pairwise accuracy (chosen strictly above rejected), Bradley-Terry loss and mean margin."""
-    s = score_sequences(rm, [c for c, _ in pairs] + [r for _, r in pairs], pad_id)
-    chosen, rejected = s[:len(pairs)], s[len(pairs):]
-    return {"accuracy": float((chosen > rejected).float().mean()),
-            "loss": float(compute_bradley_terry_loss(chosen, rejected)),
-            "margin": float((chosen - rejected).mean())}
+    return PairwiseObjective().evaluate(rm, pairs, pad_id)
 
 
 # ---------------------------------------------------------------------------------------------- objectives
@@ -243,8 +276,15 @@ class PairwiseObjective:
         return (compute_bradley_terry_loss(chosen, rejected), (chosen > rejected).tolist(),
                 (chosen - rejected).detach().tolist())
 
+    def metrics(self, scores_N: torch.Tensor, data) -> dict[str, float]:
+        """Held-out metrics from the scores of self.sequences(data) (either backend scores them)."""
+        chosen, rejected = scores_N[:len(data)], scores_N[len(data):]
+        return {"accuracy": float((chosen > rejected).float().mean()),
+                "loss": float(compute_bradley_terry_loss(chosen, rejected)),
+                "margin": float((chosen - rejected).mean())}
+
     def evaluate(self, rm: RewardModel, data, pad_id: int) -> dict[str, float]:
-        return evaluate_pairs(rm, data, pad_id)
+        return self.metrics(score_sequences(rm, self.sequences(data), pad_id), data)
 
 
 class PointwiseObjective:
@@ -262,7 +302,9 @@ class PointwiseObjective:
         return loss, ((scores_N > 0) == labels.bool()).tolist(), (scores_N.detach() * (2 * labels - 1)).tolist()
 
     def evaluate(self, rm: RewardModel, data, pad_id: int) -> dict[str, float]:
-        s = score_sequences(rm, self.sequences(data), pad_id)
+        return self.metrics(score_sequences(rm, self.sequences(data), pad_id), data)
+
+    def metrics(self, s: torch.Tensor, data) -> dict[str, float]:
         loss, correct, _ = self.loss(s, data)
         safe = torch.tensor([safe for _, safe in data])
         margin = (float(s[safe].mean() - s[~safe].mean()) if safe.any() and (~safe).any() else float("nan"))
@@ -276,7 +318,11 @@ def encode_safety(samples: Sequence[SafetySample], tok: Tokenizer, template: str
 
 def _load(cfg: JobConfig, scope: Scope):
     """Inputs checked before a run directory exists: init checkpoint, tokenizer, pairs (or safety labels)."""
-    checks.validate(cfg)  # data.train, model.init, the reference backend
+    checks.validate(cfg)  # data.train, model.init, the parallel layout
+    if cfg.parallel.backend == "megatron":
+        from .megatron_backend import check_megatron_backend
+
+        check_megatron_backend(cfg)  # a GPU, megatron-core and Transformer Engine
     if scope not in ("summary", "full"):
         raise ValueError(f"reward model scope {scope!r}: expected 'summary' or 'full'")
     common.init_checkpoint_dir(cfg.model)
@@ -306,13 +352,17 @@ def run(cfg: JobConfig, resume: bool = False, scope: Scope | None = None) -> dic
         raise ValueError(f"rm.kind=safety reads the whole response; scope={scope!r} contradicts it")
     scope = scope or SCOPE_OF_KIND[cfg.rm.kind]
     objective, train, dropped, (held_out, eval_dropped), tok = _load(cfg, scope)
-    device = common.setup_torch(cfg.train)
-    rm = RewardModel(common.build_policy(cfg, tok, device)).train()  # a bad model.init fails before the run dir
-    run_dir = rundir.prepare_run_dir(cfg, resume)
     B = cfg.train.batch_size
     steps = cfg.train.steps
     if cfg.train.epochs is not None:
         steps = max(1, math.ceil(cfg.train.epochs * len(train) / B))
+    if cfg.parallel.backend == "megatron":
+        from .megatron_rm import train_megatron_rm
+
+        return train_megatron_rm(cfg, resume, scope, steps, objective, train, dropped, held_out, eval_dropped, tok)
+    device = common.setup_torch(cfg.train)
+    rm = RewardModel(common.build_policy(cfg, tok, device)).train()  # a bad model.init fails before the run dir
+    run_dir = rundir.prepare_run_dir(cfg, resume)
     opt, sched = common.build_optimizer(rm, cfg.optim, steps)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, what="rm")
     start = 0
@@ -370,16 +420,21 @@ def run(cfg: JobConfig, resume: bool = False, scope: Scope | None = None) -> dic
                                                "nonfinite": guard.state_dict()}, cfg.checkpoint.keep)
             advance(f"rm loss {last['rm/loss']:.3f} acc {last['rm/accuracy']:.2f}")
         run_eval(steps)
-    meta = {"kind": objective.kind, "rm_kind": cfg.rm.kind, "template": cfg.data.template, "scope": scope, "seq_len": cfg.data.seq_len,
-            "squash": "sigmoid", "init": cfg.model.init, "reference": "DeepSeek-R1 v2 §3.1"}
     summary = {"stage": "rm", "rm_kind": cfg.rm.kind, "steps": steps, objective.unit: len(train), "pairs_dropped_identical": dropped,
                "final_loss": last.get("rm/loss"), "nonfinite_steps_skipped": guard.num_skipped,
                "eval_base": evals.get(0), "eval_final": evals.get(steps)}
     # checkpointing.finalize writes a plain HF directory; a reward model needs its head in final/ as well.
     check_finite_state_dict(rm.state_dict().items(), f"{run_dir}: final reward model")
-    save_reward_model(rm, tok, run_dir / "final", meta)
+    save_reward_model(rm, tok, run_dir / "final", reward_model_meta(cfg, objective, scope))
     rundir.mark_done(run_dir, summary)
     return summary
+
+
+def reward_model_meta(cfg: JobConfig, objective, scope: Scope) -> dict[str, Any]:
+    """reward_model.json of a trained RM (either backend): what scoring must reproduce."""
+    return {"kind": objective.kind, "rm_kind": cfg.rm.kind, "template": cfg.data.template, "scope": scope,
+            "seq_len": cfg.data.seq_len, "squash": "sigmoid", "init": cfg.model.init,
+            "reference": "DeepSeek-R1 v2 §3.1"}
 
 
 def main(argv: list[str] | None = None) -> int:
