@@ -45,7 +45,8 @@ class RLBatch:
     rollout_logp_NT: torch.Tensor | None = None
     """The rollout engine's logprob of each target (0 off the response); for the engine/trainer mismatch metric."""
     routes_NTMK: torch.Tensor | None = None
-    """Routing replay: the engine's expert ids for every input position (0 on padding), long."""
+    """Routing replay: the engine's expert ids for every input position (0 on padding; uint8, or int16 past 256
+    experts: the routers cast them when they use them)."""
 
     def rows(self, idx: slice) -> RLBatch:
         lp = None if self.rollout_logp_NT is None else self.rollout_logp_NT[idx]
@@ -62,7 +63,8 @@ def build_rl_batch(gens: list[Generation], pad_id: int, device: torch.device) ->
     with_routes = all(g.routed_experts is not None for g in gens)
     if not with_routes and any(g.routed_experts is not None for g in gens):
         raise ValueError("build_rl_batch: some generations carry routed_experts and some do not")
-    routes = (torch.zeros((N, T, *gens[0].routed_experts.shape[1:]), dtype=torch.long) if with_routes else None)
+    routes = (torch.zeros((N, T, *gens[0].routed_experts.shape[1:]), dtype=gens[0].routed_experts.dtype)
+              if with_routes else None)  # the engine's compact integer type: L*K ids per token add up at scale
     ids = torch.full((N, T), pad_id, dtype=torch.long)
     tgt = torch.full((N, T), pad_id, dtype=torch.long)
     att = torch.zeros((N, T), dtype=torch.long)
@@ -81,7 +83,7 @@ def build_rl_batch(gens: list[Generation], pad_id: int, device: torch.device) ->
             if g.routed_experts.shape[0] != L:
                 raise ValueError(f"build_rl_batch: sequence {n} has {L} input tokens but routes for "
                                  f"{g.routed_experts.shape[0]}")
-            routes[n, :L] = g.routed_experts.long()
+            routes[n, :L] = g.routed_experts
     return RLBatch(ids.to(device), att.to(device), tgt.to(device), resp.to(device), lp.to(device),
                    None if routes is None else routes.to(device))
 

@@ -122,7 +122,7 @@ def test_grpo_replays_the_engines_routes_in_every_forward(tmp_path, tiny_data, t
     from r1moe.tracking import read_metrics
 
     steps = [m for m in read_metrics(cfg.run_dir) if "reward/total" in m]
-    assert len(seen) == 2 and all(r is not None and r.dtype == torch.long for r in seen)
+    assert len(seen) == 2 and all(r is not None and r.dtype == torch.uint8 for r in seen)
     assert all(m["rollout/logprob_abs_diff"] < 1e-4 for m in steps)
 
 
