@@ -5,6 +5,11 @@
 - response_length.png: `rollout/response_length` vs step with a +-1 std band from
   `rollout/response_length_std` when present, like R1 Figure 3.
 - rewards.png: every `reward/*` component; loss.png: `train/loss`.
+- step_time.png: seconds per RL step split into rollout / train / weight sync (`perf/*_s`), stacked.
+- logprob_mismatch.png: mean and max |log pi_trainer - log pi_engine| on the rollout's tokens before each update
+  (`rollout/logprob_abs_diff*`): how far the rollout engine's numerics are from the trainer's (SGLang's bf16
+  kernels, routing flips; routing replay removes the latter). Skipped when it stays below 1e-4 (the built-in
+  engine sampling from the trainer's own module: float noise).
 
 Matplotlib's object API on the Agg canvas: no pyplot, no global backend switch, no display needed. Each PNG
 is written to a temporary file in the same directory and renamed, so a reader never sees half a file.
@@ -145,13 +150,43 @@ def build_loss_figure(records) -> Figure | None:
     return fig
 
 
+_STEP_PARTS = (("perf/rollout_s", "rollout"), ("perf/train_s", "train"), ("perf/sync_s", "weight sync"))
+
+
+def build_step_time_figure(records) -> Figure | None:
+    parts = {label: dict(_series(records, key)) for key, label in _STEP_PARTS}
+    steps = sorted(set.intersection(*(set(p) for p in parts.values())))
+    if not steps:
+        return None
+    fig, ax = _new_axes("Time per RL step", "Steps", "Seconds")
+    ax.stackplot(steps, *[[p[s] for s in steps] for p in parts.values()], labels=list(parts), alpha=0.8)
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def build_mismatch_figure(records) -> Figure | None:
+    mean = _series(records, "rollout/logprob_abs_diff")
+    if not mean or max(v for _, v in mean) < 1e-4:
+        return None
+    fig, ax = _new_axes("Rollout engine vs trainer log-probs (same weights)", "Steps", "|log-prob difference| (nats)")
+    ax.plot(*_xy(mean), linewidth=1.5, marker="o", markersize=3, label="mean")
+    peak = _series(records, "rollout/logprob_abs_diff_max")
+    if peak:
+        ax.plot(*_xy(peak), linewidth=1.0, linestyle="--", label="max")
+    if all(v > 0 for _, v in mean + peak):
+        ax.set_yscale("log")
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
 def plot_run(
     run_dir: str | os.PathLike,
     *,
     out_dir: str | os.PathLike | None = None,
     accuracy_refs: dict[str, float] | None = None,
 ) -> list[Path]:
-    """Write accuracy.png, response_length.png, rewards.png and loss.png for the curves present in
+    """Write accuracy.png, response_length.png, rewards.png, loss.png, step_time.png and logprob_mismatch.png for
+    the curves present in
     `run_dir/metrics.jsonl` (a plot whose keys never appear is skipped). Returns the written paths.
 
     out_dir: where the PNGs go (default: run_dir). accuracy_refs: dashed horizontal reference levels on the
@@ -165,6 +200,8 @@ def plot_run(
         "response_length.png": build_length_figure(records),
         "rewards.png": build_rewards_figure(records),
         "loss.png": build_loss_figure(records),
+        "step_time.png": build_step_time_figure(records),
+        "logprob_mismatch.png": build_mismatch_figure(records),
     }
     return [_save(fig, out / name) for name, fig in figures.items() if fig is not None]
 

@@ -84,6 +84,9 @@ def _write_synthetic_run(run_dir, *, with_eval=True, with_std=True):
                 "reward/format": min(1.0, step / 10),
                 "rollout/response_length": 100 + 10 * step,
             }
+            if with_eval:  # an RL run's perf split and engine/trainer mismatch
+                record.update({"perf/rollout_s": 2.0, "perf/train_s": 1.0, "perf/sync_s": 0.1,
+                               "rollout/logprob_abs_diff": 0.004, "rollout/logprob_abs_diff_max": 0.05})
             if with_std:
                 record["rollout/response_length_std"] = 20 + step
             f.write(json.dumps(record) + "\n")
@@ -97,7 +100,8 @@ def test_plot_run_writes_pngs(tmp_path):
     _write_synthetic_run(run_dir)
     paths = plot_run(run_dir, accuracy_refs={"reference": 0.7})
     names = sorted(p.name for p in paths)
-    assert names == ["accuracy.png", "loss.png", "response_length.png", "rewards.png"]
+    assert names == ["accuracy.png", "logprob_mismatch.png", "loss.png", "response_length.png", "rewards.png",
+                     "step_time.png"]
     for p in paths:
         data = p.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000
