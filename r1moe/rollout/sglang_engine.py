@@ -28,11 +28,15 @@ What SGLang returns and what we make of it (SGLang 0.5.17, sglang/srt/layers/sam
   backends make a step's rollouts bitwise reproducible with it has not been measured; runs with SGLang are not
   claimed to resume bit for bit (the built-in engine's are).
 
-The constructor fails with a clear message (no fallback) where SGLang cannot run: `check_sglang`.
+The constructor fails with a clear message (no fallback) where SGLang cannot run: `check_sglang`. When one of
+SGLang's own processes fails (its traceback goes to the log), SGLang's default is to SIGKILL the whole process
+tree, this trainer included, which ends a run with "Killed" and loses its output; here SGLang's processes are
+stopped and the call in progress raises `SGLangFailure` instead, so the run ends with an error and a traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import importlib
 import os
@@ -50,6 +54,37 @@ _LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP
 WEIGHT_BUCKET_BYTES = 1 << 30
 """Tensors handed to SGLang per `update_weights_from_tensor` call: bounds the extra memory of a sync (each bucket is
 packed into one flat tensor, so SGLang opens one CUDA IPC handle per bucket, not one per tensor)."""
+
+
+class SGLangFailure(RuntimeError):
+    """One of SGLang's processes (scheduler, detokenizer) failed; its traceback is in the log above."""
+
+
+def _stop_sglang_children() -> None:
+    from sglang.srt.utils import kill_process_tree
+
+    kill_process_tree(os.getpid(), include_parent=False)
+
+
+def _on_launch_failure(signum, frame) -> None:
+    """SIGQUIT from an SGLang child while the engine starts (sglang's `custom_sigquit_handler`)."""
+    _stop_sglang_children()
+    raise SGLangFailure("an SGLang process failed while the engine started (its traceback is in the log above)")
+
+
+def _running_failure_handler(owner: SGLangEngine):
+    """SGLang's tokenizer-manager signal handler with the SIGQUIT of a failed child turned into an error of the
+    call in progress (SGLang's own handler SIGKILLs this process)."""
+    from sglang.srt.managers.tokenizer_manager import SignalHandler
+
+    class OnChildFailure(SignalHandler):
+        def running_phase_sigquit_handler(self, signum=None, frame=None):
+            owner.failed = True
+            _stop_sglang_children()
+            for task in asyncio.all_tasks(self.tokenizer_manager.event_loop):
+                task.cancel()
+
+    return OnChildFailure
 
 
 def check_sglang(where: str = "rollout.engine=sglang", num_gpus: int = 1) -> None:
@@ -112,7 +147,8 @@ class SGLangEngine:
                   "random_seed": seed, "log_level": settings.log_level,
                   "context_length": settings.context_length or context_length,
                   "enable_memory_saver": settings.colocate, "load_format": "dummy" if dummy_weights else "auto",
-                  "enable_return_routed_experts": routing_model is not None}
+                  "enable_return_routed_experts": routing_model is not None,
+                  "custom_sigquit_handler": _on_launch_failure}
         if settings.cuda_graph_max_bs:
             kwargs["cuda_graph_max_bs_decode"] = settings.cuda_graph_max_bs
         else:
@@ -128,14 +164,27 @@ class SGLangEngine:
         finally:
             os.environ.update(saved)
         self.start_s = time.perf_counter() - t0
+        self.failed = False
+        self.engine.tokenizer_manager.signal_handler_class = _running_failure_handler(self)
         self.asleep: set[str] = set()
         self.weights_loaded = True  # from model_path (or dummy ones, replaced before the first rollout)
+
+    def _call(self, fn, *args, **kwargs):
+        if self.failed:
+            raise SGLangFailure("SGLang's processes failed earlier in this run; the engine is stopped")
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:  # a failed child cancels the call's asyncio tasks (CancelledError)
+            if self.failed:
+                raise SGLangFailure(f"an SGLang process failed during {fn.__name__} (its traceback is in the log "
+                                    f"above); SGLang's processes were stopped") from e
+            raise
 
     # ------------------------------------------------------------------------------------------ memory
     def _wake(self, tags: list[str]) -> None:
         todo = [t for t in tags if t in self.asleep]
         if todo:
-            self.engine.resume_memory_occupation(tags=todo)
+            self._call(self.engine.resume_memory_occupation, tags=todo)
             self.asleep.difference_update(todo)
 
     def sleep(self) -> None:
@@ -143,8 +192,8 @@ class SGLangEngine:
         Released weights are gone (measured: greedy output all token 0 after a plain resume), so the next
         `generate` needs an `update_weights` first; it refuses to run without one."""
         if self.colocate and not self.asleep:
-            self.engine.flush_cache()
-            self.engine.release_memory_occupation()
+            self._call(self.engine.flush_cache)
+            self._call(self.engine.release_memory_occupation)
             self.asleep = {"weights", "kv_cache", "cuda_graph"}
             self.weights_loaded = False
             torch.cuda.empty_cache()
@@ -176,7 +225,7 @@ class SGLangEngine:
 
         if not bucket:
             if flush:
-                self.engine.flush_cache()
+                self._call(self.engine.flush_cache)
             return
         monkey_patch_torch_reductions()  # CUDA tensors are named by device UUID, as SGLang's receiver expects
         flat = FlattenedTensorBucket(named_tensors=bucket)
@@ -184,7 +233,8 @@ class SGLangEngine:
         payloads = [MultiprocessingSerializer.serialize({"flattened_tensor": flat.get_flattened_tensor(),
                                                          "metadata": flat.get_metadata()})
                     for _ in range(self.settings.tp)]
-        result = self.engine.update_weights_from_tensor(payloads, load_format="flattened_bucket", flush_cache=flush)
+        result = self._call(self.engine.update_weights_from_tensor, payloads, load_format="flattened_bucket",
+                            flush_cache=flush)
         ok = result[0] if isinstance(result, tuple) else getattr(result, "success", True)
         if not ok:
             raise RuntimeError(f"SGLang refused the weight update (bucket from {bucket[0][0]}): {result}")
@@ -206,7 +256,8 @@ class SGLangEngine:
             sps = [{**sp, "sampling_seed": (params.seed + i) % (1 << 62)} for i in range(len(prompts))]
         else:
             sps = [sp] * len(prompts)
-        outs = self.engine.generate(input_ids=[list(p) for p in prompts], sampling_params=sps, return_logprob=True,
+        outs = self._call(self.engine.generate, input_ids=[list(p) for p in prompts], sampling_params=sps,
+                          return_logprob=True,
                                     return_routed_experts=self.routing_model is not None)
         return [self._generation(p, o, stop_ids, text_stops) for p, o in zip(prompts, outs)]
 
@@ -238,7 +289,8 @@ class SGLangEngine:
         return decode_routes(raw, self.routing_model, fed)
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        if not self.failed:
+            self.engine.shutdown()
 
 
 def decode_routes(raw: str, cfg, fed: int) -> torch.Tensor:

@@ -146,3 +146,4 @@ def test_routing_replay_with_pipeline_recompute_is_refused():
         "parallel.backend=megatron", "parallel.pp=2", "parallel.recompute=full", "rollout.routing_replay=true"])
     with pytest.raises(ValueError, match="rollout.routing_replay=true with parallel.pp=2"):
         check_megatron_config(cfg)
+
