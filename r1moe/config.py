@@ -54,7 +54,7 @@ class DataSection:
     `format: indexed`: a PREFIX of PREFIX.bin/.idx (tools/preprocess_data.py, or megatron's for pretrain)."""
     format: Literal["jsonl", "indexed"] = "jsonl"
     """jsonl = read and tokenized whole at start; indexed = pre-tokenized, memory-mapped megatron .bin/.idx, packed
-    lazily (pretrain and sft on the reference backend; r1moe/data/loader.py)."""
+    lazily (pretrain and sft; megatron backend: pretrain only; r1moe/data/loader.py)."""
     blend: dict[str, float] = field(default_factory=dict)
     """format indexed: several PREFIX -> weight, blended as megatron's BlendedDataset does (instead of `train`)."""
     eval: str | None = None
@@ -367,9 +367,10 @@ def _check_data_format(cfg: JobConfig) -> None:
         return
     if cfg.stage not in ("pretrain", "sft"):
         raise ValueError(f"data.format=indexed: only pretrain and sft read indexed datasets; {cfg.stage} reads JSONL")
-    if cfg.parallel.backend != "reference":
-        raise ValueError("data.format=indexed runs on parallel.backend=reference; the megatron backend reads JSONL "
-                         "(data.format=jsonl)")
+    if cfg.parallel.backend == "megatron" and cfg.stage != "pretrain":
+        raise ValueError(f"data.format=indexed with parallel.backend=megatron: pretraining only (packed rows without a "
+                         f"segment mask); {cfg.stage} on megatron reads JSONL (data.format=jsonl), or use "
+                         f"parallel.backend=reference")
     if d.blend and d.train is not None:
         raise ValueError(f"data.train={d.train} and data.blend are both set; name the datasets in data.blend only")
     for prefix, w in d.blend.items():

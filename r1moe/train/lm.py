@@ -114,25 +114,33 @@ def train_lm(cfg: JobConfig, examples: list[Example] | IndexedRows, tok: Tokeniz
     return summary
 
 
-def _train_lm_megatron(cfg: JobConfig, examples: list[Example], tok: Tokenizer, resume: bool) -> dict:
-    """The same loop on r1moe.parallel (train/megatron_backend.py: one example per row, MTP inside the model)."""
+def _train_lm_megatron(cfg: JobConfig, examples: list[Example] | IndexedRows, tok: Tokenizer, resume: bool) -> dict:
+    """The same loop on r1moe.parallel (train/megatron_backend.py: MTP inside the model). JSONL examples: one per row.
+    Indexed rows (pretraining): packed as on the reference backend, each data-parallel rank reading only its share,
+    but without the segment mask: a packed document attends to the earlier ones of its row and positions run on
+    (megatron's own pretraining default, reset_attention_mask / reset_position_ids off); the loss never crosses
+    documents (their last target is their own EOS)."""
     from .megatron_backend import MegatronPolicy, check_megatron_backend, unpacked_rows
 
     check_megatron_backend(cfg)
     common.setup_torch(cfg.train)
-    rows = unpacked_rows(examples, cfg.data.seq_len, special_ids(tok)[0])
-    steps = _num_steps(cfg.train, len(rows))
+    indexed = isinstance(examples, IndexedRows)
+    rows = examples if indexed else unpacked_rows(examples, cfg.data.seq_len, special_ids(tok)[0])
+    num_rows = examples.num_rows if indexed else len(rows)
+    steps = _num_steps(cfg.train, num_rows)
     run_dir = rundir.prepare_run_dir(cfg, resume)
     policy = MegatronPolicy(cfg, tok, steps, mtp_weight=cfg.train.mtp_weight,
                             expert_bias_rate=cfg.train.expert_bias_rate)
     start = policy.restore(run_dir) if resume else 0
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, what=cfg.stage)
     guard.load_state_dict(policy.trainer_extra.get("nonfinite", {}))
-    batches = iterate_batches(rows, cfg.train.batch_size, cfg.train.seed, start_step=start)
+    batches = (rows.batches(cfg.train.batch_size, cfg.train.seed, start_step=start, rank=policy.dp_rank,
+                            world=policy.dp) if indexed
+               else iterate_batches(rows, cfg.train.batch_size, cfg.train.seed, start_step=start))
     last: dict = {}
     with policy.build_logger(cfg, run_dir) as logger, progress_bar(cfg.stage, steps, start) as advance:
         for step in range(start + 1, steps + 1):
-            last = policy.train_step_lm(next(batches), guard, step)
+            last = policy.train_step_lm(next(batches), guard, step, local=indexed)
             if step % cfg.train.log_every == 0 or step == steps:
                 logger.log(step, last)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < steps:
@@ -140,7 +148,7 @@ def _train_lm_megatron(cfg: JobConfig, examples: list[Example], tok: Tokenizer, 
             advance(f"{cfg.stage} loss {last['train/loss']:.3f}")
     if cfg.logging.plots and policy.rank == 0:
         plot_run(run_dir)
-    summary = {"stage": cfg.stage, "steps": steps, "final_loss": last.get("train/loss"), "rows": len(rows),
+    summary = {"stage": cfg.stage, "steps": steps, "final_loss": last.get("train/loss"), "rows": num_rows,
                "nonfinite_steps_skipped": guard.num_skipped}
     policy.save_final(run_dir, tok, summary)
     return summary

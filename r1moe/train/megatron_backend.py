@@ -7,27 +7,21 @@ as the `loss_fn` of r1moe.parallel.train_step (contract: parallel/README.md).
     torchrun --nproc_per_node 8 -m r1moe.train.grpo RECIPE parallel.backend=megatron parallel.ep=8
 
 Where this path differs from the reference backend, and why:
-- No packing. The megatron model runs plain causal attention (no segment mask, positions 0..T-1), so LM
-  examples are not packed: one example per row, right-padded to data.seq_len (longer ones truncated). Padding
-  follows the real tokens, so causal attention gives the real tokens exactly their unpadded logits; the price is
-  compute spent on padding (packed THD batches with PackedSeqParams would win it back).
-- MTP. Megatron adds lambda/D * sum_k L_MTP^k (lambda = train.mtp_weight) inside the model (labels rolled from
-  the inputs), over the same target tokens as the reference loop (`mtp_loss_mask`: prompt and padding masked),
-  and logs it as train/mtp_loss (sum over depths of the per-token cross-entropy, as the reference loop does).
-  GRPO sets lambda = 0 (the reference GRPO loop does not train MTP either).
-- Expert bias. Updated in megatron's finalize_model_grads after every optimizer step (GRPO: per mini-batch when
-  algo.update_expert_bias, the reference loop: once per rollout step). finalize_model_grads runs before the
-  non-finite check, so a step skipped for NaN/inf (train/guard.py) still moves the bias; the reference loop's does
-  not (the bias is a function of token counts only, which stay finite).
-- Data parallel. Every rank builds the same batch; each data-parallel rank trains on its contiguous 1/dp block
-  of rows (padded with empty rows to equal micro-batches, which carry no loss), and the loss denominator is the
-  step's total / dp, so the DP-averaged gradient is the full batch's.
+- No packing of JSONL examples: the megatron model runs plain causal attention (no segment mask, positions
+  0..T-1), so each example is one row, right-padded to data.seq_len (longer ones truncated); padding follows the
+  real tokens, which thus get exactly their unpadded logits, at the price of compute on padding. Indexed
+  pretraining rows are packed, without the mask (lm._train_lm_megatron).
+- MTP: lambda/D * sum_k L_MTP^k (lambda = train.mtp_weight) is added inside the model (labels rolled from the
+  inputs) over the reference loop's target tokens (`mtp_loss_mask`), logged as train/mtp_loss; GRPO: lambda = 0.
+- Expert bias: updated in megatron's finalize_model_grads after every optimizer step (GRPO: per mini-batch; the
+  reference loop: per rollout step), before the non-finite check, so a step skipped for NaN/inf still moves it.
+- Data parallel: every rank builds the same batch (indexed rows: only its share) and trains on its contiguous
+  1/dp block of rows (padded with empty rows to equal micro-batches); the loss denominator is the step's total /
+  dp, so the DP-averaged gradient is the full batch's.
 - GRPO rollouts: the built-in engine on every rank (a reference CausalLM fed by `export_to`) or SGLang driven
-  by rank 0; rank 0's generations are broadcast so all ranks train on the same samples. Routing replay:
-  parallel.apply_routing_replay.
-- Random init builds the reference model once (the reference backend's init for the same seed) and loads it;
-  model.init is streamed tensor by tensor (HFReader). final/ is written by rank 0 through a host-memory reference
-  model and r1moe.model.save_pretrained, so the whole model must fit in host memory.
+  by rank 0; rank 0's generations are broadcast to all ranks. Routing replay: parallel.apply_routing_replay.
+- Random init builds the reference model once (same seed, same weights) and loads it; model.init is streamed
+  (HFReader). final/ is written by rank 0 through a host-memory reference model (it must fit in host memory).
 
 Intermediate checkpoints: checkpoints/step_N/{trainer_state.pt, dist/ (torch_dist model + optimizer, loads under
 another TP/EP/PP layout), ref/ (GRPO with algo.ref_refresh_every)}, renamed into place when complete.
@@ -98,16 +92,14 @@ class LMMicroBatch:
 
 
 def _clear_mtp_tracker() -> None:
-    """megatron's MTP loss tracker is process-global and accumulates every training forward (other models'
-    included): a step clears it before its first forward."""
+    """megatron's MTP loss tracker is process-global (all forwards add to it): a step clears it first."""
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     MTPLossLoggingHelper.clean_metrics_in_tracker()
 
 
 def _take_mtp_loss() -> dict[str, torch.Tensor]:
-    """The MTP loss megatron recorded since the tracker was last cleared (sum over depths), then cleared; {} when
-    nothing was recorded."""
+    """The MTP loss recorded since the last clear (sum over depths), then cleared; {} when nothing was."""
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     values = MTPLossLoggingHelper.tracker.get("loss_values")
@@ -120,11 +112,9 @@ def _take_mtp_loss() -> dict[str, torch.Tensor]:
 class RLMicroBatch:
     input_ids: torch.Tensor
     targets: torch.Tensor
-    mask: torch.Tensor
-    """[B, T] True on response tokens."""
+    mask: torch.Tensor  # [B, T] True on response tokens
     adv: torch.Tensor
-    rollout_logp: torch.Tensor | None = None
-    """[B, T] the rollout engine's logprobs (0 off the response): the engine/trainer mismatch metric."""
+    rollout_logp: torch.Tensor | None = None  # [B, T] the engine's logprobs (0 off the response): mismatch metric
     routes: torch.Tensor | None = None  # [B, T, M, K] routing replay: the engine's experts
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
@@ -238,19 +228,22 @@ class MegatronPolicy:
         return self.cfg.optim.lr * self.lr_factor(self.num_updates)
 
     # ------------------------------------------------------------------------------------------ batches
-    def _shard(self, columns: list[tuple[torch.Tensor, Any]], mb_rows: int) -> list[list[torch.Tensor]]:
+    def _shard(self, columns: list[tuple[torch.Tensor, Any]], mb_rows: int, local: bool = False
+               ) -> list[list[torch.Tensor]]:
         """This rank's micro-batches of equal shape: rows padded with `fill` to a multiple of dp * mb_rows and
-        columns to what sequence parallelism needs; data-parallel rank r takes the r-th block of rows."""
+        columns to what sequence parallelism needs; data-parallel rank r takes the r-th block of rows (`local`: the
+        rows are this rank's already)."""
         n, T = columns[0][0].shape
-        per_rank = -(-n // self.dp)
+        dp, dp_rank = (1, 0) if local else (self.dp, self.dp_rank)
+        per_rank = -(-n // dp)
         mb_rows = min(mb_rows, per_rank) if mb_rows else per_rank
         per_rank = -(-per_rank // mb_rows) * mb_rows
         # multiples of 16: TE's FP8 GEMMs need the token count aligned; of tp: sequence parallelism splits T
         div = math.lcm(16, self.pcfg.tp if self.pcfg.sequence_parallel else 1)
         T = -(-T // div) * div
-        mine = slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
-        local = [_pad(t.to(self.device), per_rank * self.dp, T, fill)[mine] for t, fill in columns]
-        return [[t[i:i + mb_rows] for t in local] for i in range(0, per_rank, mb_rows)]
+        mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        rows = [_pad(t.to(self.device), per_rank * dp, T, fill)[mine] for t, fill in columns]
+        return [[t[i:i + mb_rows] for t in rows] for i in range(0, per_rank, mb_rows)]
 
     def _step(self, mbs: list, loss_fn, guard: NonFiniteGuard | None, step: int):
         """One optimizer update; a NaN/inf loss or gradient skips it (parallel.train_step checks before megatron's
@@ -265,14 +258,21 @@ class MegatronPolicy:
         return result
 
     # ------------------------------------------------------------------------------------------ pretrain / sft
-    def train_step_lm(self, batch: PackedBatch, guard: NonFiniteGuard, step: int) -> dict[str, float]:
-        """One optimizer step of next-token cross-entropy on a batch of unpacked rows (`unpacked_rows`); a
-        non-finite one is skipped and counted by `guard` (train/skipped 1)."""
+    def train_step_lm(self, batch: PackedBatch, guard: NonFiniteGuard, step: int, local: bool = False
+                      ) -> dict[str, float]:
+        """One optimizer step of next-token cross-entropy on a batch of rows (`unpacked_rows`, or `local`: this
+        data-parallel rank's share of packed indexed rows); a non-finite one is skipped, counted by `guard`."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
         t0 = time.perf_counter()
-        total = max(1, batch.num_target_tokens)
+        total = torch.tensor(float(batch.num_target_tokens), device=self.device)
+        if local:  # the loss denominator is the global batch's token count
+            dist.all_reduce(total, group=ps.get_data_parallel_group())
+        total = max(1, int(total))
         den = total / self.dp
         parts = self._shard([(batch.input_ids_RT, self.pad_id), (batch.targets_RT, IGNORE)],
-                            self.cfg.train.micro_batch_size)
+                            self.cfg.train.micro_batch_size, local)
 
         def loss_fn(logits_BTV: torch.Tensor, mb: LMMicroBatch):
             mask = mb.targets != IGNORE

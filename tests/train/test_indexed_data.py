@@ -63,13 +63,19 @@ def test_pretrain_on_a_blend(tmp_path, tiny_data, tiny_base):
 @pytest.mark.parametrize("over,message", [
     ({"data.blend": "{x: 1.0}"}, "data.blend is set but data.format=jsonl"),
     ({"data.format": "indexed", "stage": "grpo"}, "only pretrain and sft read indexed datasets; grpo"),
-    ({"data.format": "indexed", "parallel.backend": "megatron"}, "runs on parallel.backend=reference"),
+    ({"data.format": "indexed", "parallel.backend": "megatron"}, "parallel.backend=megatron: pretraining only"),
     ({"data.format": "indexed", "data.train": "p", "data.blend": "{x: 1.0}"}, "both set"),
     ({"data.format": "indexed", "data.train": "null", "data.blend": "{x: 0.0}"}, "data.blend.x=0.0 must be > 0"),
 ])
 def test_config_errors(tmp_path, over, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, tiny_overrides(tmp_path, **{"stage": "sft", **over}))
+
+
+def test_indexed_pretraining_is_accepted_on_megatron(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"stage": "pretrain", "data.format": "indexed",
+                                                        "parallel.backend": "megatron", "data.train": "corpus"}))
+    assert cfg.data.format == "indexed" and cfg.parallel.backend == "megatron"
 
 
 def test_file_and_stage_mismatches(tmp_path, tiny_base, sft_files):
