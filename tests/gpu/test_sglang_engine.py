@@ -8,7 +8,8 @@ With megatron-core + TE installed too, SGLang's site must not shadow the cuDNN f
 the staged SGLang site carries nvidia-cudnn-frontend 1.28 (`cudnn/`), megatron's stack 1.32; with 1.28 first on
 PYTHONPATH, importing TE fails (`libcudnn_heuristic.so.9: undefined symbol`). Remove the SGLang copy
 (`rm -rf /root/sgl/site/cudnn /root/sgl/site/nvidia_cudnn_frontend-1.28.0.dist-info`) before running both.
-Run with -s: without it, the engine-level tests' pytest process was SIGKILLed with no output after the engine
+r1moe's own dependency wordfreq (the language reward, rejection sampling's language filter) must be importable
+too (the GPU image lacks it: install its wheel and ftfy, langcodes, locate). Run with -s: without it, the engine-level tests' pytest process was SIGKILLed with no output after the engine
 started (seen twice on an H200, not diagnosed; benchmarks/results/sglang_engine_tests_h200.json).
 
 Tolerances, and why. SGLang runs the weights in bf16 with its own kernels (triton MLA, fused MoE); the reference is
