@@ -131,6 +131,11 @@ class SGLangSection:
     leaves free (SGLang's memory is released while the policy trains, `colocate`)."""
     colocate: bool = True
     """Release SGLang's weights and KV cache while the policy trains, take them back for rollouts."""
+    base_gpu_id: int = 0
+    """First GPU of this node SGLang runs on (base_gpu_id .. base_gpu_id + tp*dp - 1). Below the number of training
+    ranks on the node: on the trainer's GPUs, weights by CUDA IPC. At or past it: on GPUs of its own, weights
+    broadcast by rank 0 over NCCL (SGLang's init_weights_update_group / update_weights_from_distributed; dp = 1,
+    colocate = false). The dedicated mode has not yet run on GPUs."""
     attention_backend: str = "triton"
     """SGLang attention backend (triton | flashinfer | fa3 | ...); triton serves MLA on every Hopper build."""
     sampling_backend: Literal["pytorch", "flashinfer"] = "pytorch"
@@ -152,7 +157,7 @@ class SGLangSection:
             raise ValueError(f"rollout.sglang.ep={self.ep} must divide rollout.sglang.tp={self.tp}")
         if not 0 < self.mem_fraction_static < 1:
             raise ValueError(f"rollout.sglang.mem_fraction_static={self.mem_fraction_static} must be in (0, 1)")
-        for name in ("cuda_graph_max_bs", "context_length", "max_running_requests"):
+        for name in ("cuda_graph_max_bs", "context_length", "max_running_requests", "base_gpu_id"):
             if getattr(self, name) < 0:
                 raise ValueError(f"rollout.sglang.{name}={getattr(self, name)} must be >= 0")
 

@@ -6,7 +6,8 @@
     engine.update_weights(policy_named_tensors)  # wakes the weights, loads the new ones (HF names, full tensors)
 
 Placement. One engine, created by rank 0's process, drives SGLang's own scheduler processes on this node's GPUs
-0 .. tp*dp-1, the same GPUs the training ranks use (colocated). The other ranks receive rank 0's generations by
+base_gpu_id .. base_gpu_id + tp*dp - 1: by default the GPUs the training ranks use (colocated, weights by CUDA
+IPC), or GPUs of its own (weights broadcast over NCCL by rank 0; not yet run on GPUs). The other ranks receive rank 0's generations by
 broadcast. SGLang takes the GPU memory `mem_fraction_static` of what is there when it starts; with `colocate`, its
 weights and KV cache are released while the policy trains (`release_memory_occupation`, needs SGLang's
 `enable_memory_saver`) and taken back for the next rollout.
@@ -40,6 +41,7 @@ import asyncio
 import base64
 import importlib
 import os
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -127,10 +129,12 @@ class SGLangEngine:
     `dummy_weights`, the weights to start from; `update_weights` replaces them before they matter."""
 
     def __init__(self, model_path: str | Path, tokenizer: Tokenizer, eos_ids: list[int], settings,
-                 context_length: int, seed: int = 0, dummy_weights: bool = False, routing_model=None):
+                 context_length: int, seed: int = 0, dummy_weights: bool = False, routing_model=None,
+                 nccl_sync: bool = False):
         """`routing_model`: the served model's ModelConfig, to return the experts each token was routed to
-        (routing replay); None: not asked for."""
-        check_sglang(num_gpus=settings.tp * settings.dp)
+        (routing replay); None: not asked for. `nccl_sync`: SGLang is on GPUs of its own (settings.base_gpu_id);
+        `update_weights` broadcasts from this process's GPU over NCCL instead of handing over CUDA IPC handles."""
+        check_sglang(num_gpus=settings.base_gpu_id + settings.tp * settings.dp)
         import sglang
 
         if routing_model is not None and not routing_model.is_moe:
@@ -147,7 +151,7 @@ class SGLangEngine:
                   "random_seed": seed, "log_level": settings.log_level,
                   "context_length": settings.context_length or context_length,
                   "enable_memory_saver": settings.colocate, "load_format": "dummy" if dummy_weights else "auto",
-                  "enable_return_routed_experts": routing_model is not None,
+                  "enable_return_routed_experts": routing_model is not None, "base_gpu_id": settings.base_gpu_id,
                   "custom_sigquit_handler": _on_launch_failure}
         if settings.cuda_graph_max_bs:
             kwargs["cuda_graph_max_bs_decode"] = settings.cuda_graph_max_bs
@@ -165,6 +169,7 @@ class SGLangEngine:
             os.environ.update(saved)
         self.start_s = time.perf_counter() - t0
         self.failed = False
+        self.nccl_sync, self._group = nccl_sync, None
         self.engine.tokenizer_manager.signal_handler_class = _running_failure_handler(self)
         self.asleep: set[str] = set()
         self.weights_loaded = True  # from model_path (or dummy ones, replaced before the first rollout)
@@ -227,8 +232,10 @@ class SGLangEngine:
             if flush:
                 self._call(self.engine.flush_cache)
             return
-        monkey_patch_torch_reductions()  # CUDA tensors are named by device UUID, as SGLang's receiver expects
         flat = FlattenedTensorBucket(named_tensors=bucket)
+        if self.nccl_sync:
+            return self._broadcast(bucket, flat.get_flattened_tensor(), flush)
+        monkey_patch_torch_reductions()  # CUDA tensors are named by device UUID, as SGLang's receiver expects
         # one payload per SGLang TP rank: each deserializes only its own (SGLang's CUDA-IPC refcounting)
         payloads = [MultiprocessingSerializer.serialize({"flattened_tensor": flat.get_flattened_tensor(),
                                                          "metadata": flat.get_metadata()})
@@ -240,6 +247,65 @@ class SGLangEngine:
             raise RuntimeError(f"SGLang refused the weight update (bucket from {bucket[0][0]}): {result}")
         if flush:
             torch.cuda.synchronize()
+
+    def _broadcast(self, bucket: list[tuple[str, torch.Tensor]], flat: torch.Tensor, flush: bool) -> None:
+        """One bucket over NCCL: SGLang allocates the same flattened layout from (names, dtypes, shapes) and
+        receives it by broadcast from rank 0 of the weight group (this process); the engine call blocks until
+        SGLang has loaded it, so the broadcast runs beside it in a thread."""
+        import torch.distributed as dist
+
+        flat = flat.cuda() if not flat.is_cuda else flat
+        group = self._weight_group(flat.device)
+        errors: list[BaseException] = []
+
+        def send():
+            try:
+                torch.cuda.set_device(flat.device)
+                dist.broadcast(flat, src=0, group=group)
+            except BaseException as e:  # noqa: BLE001 -- re-raised below, in the caller's thread
+                errors.append(e)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        result = self._call(self.engine.update_weights_from_distributed, names=[n for n, _ in bucket],
+                            dtypes=[str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                            shapes=[list(t.shape) for _, t in bucket], group_name=WEIGHT_GROUP,
+                            flush_cache=flush, load_format="flattened_bucket")
+        sender.join()
+        if errors:
+            raise RuntimeError(f"broadcasting weights to SGLang failed: {errors[0]}") from errors[0]
+        ok = result[0] if isinstance(result, tuple) else getattr(result, "success", True)
+        if not ok:
+            raise RuntimeError(f"SGLang refused the weight update (bucket from {bucket[0][0]}): {result}")
+
+    def _weight_group(self, device: torch.device):
+        """The NCCL group {this process (rank 0), SGLang's TP ranks (1 ..)}, made on first use; SGLang's side
+        joins through its engine call while this side joins in a thread."""
+        if self._group is None:
+            from sglang.srt.utils import init_custom_process_group
+
+            port, world, box = _free_port(), 1 + self.settings.tp, []
+
+            def join():
+                try:
+                    torch.cuda.set_device(device)
+                    box.append(init_custom_process_group(backend="nccl", init_method=f"tcp://127.0.0.1:{port}",
+                                                         world_size=world, rank=0, group_name=WEIGHT_GROUP))
+                except BaseException as e:  # noqa: BLE001 -- re-raised below
+                    box.append(e)
+
+            joiner = threading.Thread(target=join, daemon=True)
+            joiner.start()
+            result = self._call(self.engine.init_weights_update_group, master_address="127.0.0.1",
+                                master_port=port, rank_offset=1, world_size=world, group_name=WEIGHT_GROUP,
+                                backend="nccl")
+            joiner.join()
+            ok = result[0] if isinstance(result, tuple) else getattr(result, "success", True)
+            if not ok or not box or isinstance(box[0], BaseException):
+                raise RuntimeError(f"the NCCL weight group with SGLang did not form: {result}; "
+                                   f"{box[0] if box else 'no answer'}")
+            self._group = box[0]
+        return self._group
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
@@ -291,6 +357,17 @@ class SGLangEngine:
     def shutdown(self) -> None:
         if not self.failed:
             self.engine.shutdown()
+
+
+WEIGHT_GROUP = "r1moe_weights"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def decode_routes(raw: str, cfg, fed: int) -> torch.Tensor:

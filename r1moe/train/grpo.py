@@ -102,7 +102,27 @@ def check_backends(cfg: JobConfig) -> None:
         if cfg.train.device != "auto" and not cfg.train.device.startswith("cuda"):
             raise ValueError(f"rollout.engine=sglang runs on GPUs: train.device={cfg.train.device!r} must be auto "
                              f"or cuda (or use rollout.engine=builtin)")
-        check_sglang(num_gpus=cfg.rollout.sglang.tp * cfg.rollout.sglang.dp)
+        sg = cfg.rollout.sglang
+        if sglang_has_own_gpus(sg):
+            if sg.colocate:
+                raise ValueError(f"rollout.sglang.base_gpu_id={sg.base_gpu_id} puts SGLang on GPUs the trainer does "
+                                 f"not use ({trainer_gpus_on_node()} training ranks on this node): nothing to release "
+                                 f"them for; set rollout.sglang.colocate=false")
+            if sg.dp != 1:
+                raise ValueError(f"rollout.sglang.dp={sg.dp}: SGLang on GPUs of its own (base_gpu_id="
+                                 f"{sg.base_gpu_id}) takes weights over NCCL with one replica (dp=1)")
+        check_sglang(num_gpus=sg.base_gpu_id + sg.tp * sg.dp)
+
+
+def trainer_gpus_on_node() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def sglang_has_own_gpus(sg) -> bool:
+    """SGLang starts at or past the GPUs this node's training ranks use: weights travel by NCCL, not IPC."""
+    return sg.base_gpu_id >= trainer_gpus_on_node()
 
 
 def build_policy(cfg: JobConfig, tok, device: torch.device) -> Policy:
@@ -135,7 +155,8 @@ def build_engine(cfg: JobConfig, policy: Policy, tok, run_dir) -> RolloutEngine 
     longest = max([cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens, *cfg.rollout.max_new_tokens_schedule.values()])
     ctx = cfg.data.max_prompt_tokens + longest
     return SGLangEngine(path, tok, eos_ids, cfg.rollout.sglang, context_length=ctx, seed=cfg.train.seed,
-                        dummy_weights=init is None, routing_model=policy.model_cfg if replay else None)
+                        dummy_weights=init is None, routing_model=policy.model_cfg if replay else None,
+                        nccl_sync=sglang_has_own_gpus(cfg.rollout.sglang))
 
 
 def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_factory=None) -> dict:

@@ -218,6 +218,50 @@ def test_weight_update_changes_generations_and_round_trips(data, engine):
     assert [g.token_ids for g in back] == [g.token_ids for g in before]
 
 
+def test_sglang_on_a_gpu_of_its_own_takes_weights_over_nccl(data):
+    """rollout.sglang.base_gpu_id past the trainer's GPUs: this process (GPU 0) broadcasts the weights to SGLang
+    on GPU 1 over NCCL; a perturbed model's weights change the generations and the base weights bring them back."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs: SGLang on GPU 1, the weights' source on GPU 0")
+    from r1moe.config import SGLangSection
+    from r1moe.model import from_pretrained
+    from r1moe.rollout import SamplingParams
+    from r1moe.rollout.sglang_engine import SGLangEngine
+
+    base = from_pretrained(data / "base" / "final", device="cuda:0").eval()
+    eng = SGLangEngine(data / "base" / "final", _tokenizer_of(data), eos_ids=[2], context_length=512,
+                       settings=SGLangSection(base_gpu_id=1, colocate=False, mem_fraction_static=0.3,
+                                              cuda_graph_max_bs=0), nccl_sync=True)
+    try:
+        params = SamplingParams(temperature=0.0, max_new_tokens=16)
+        prompts = _prompts(data, eng.tokenizer)
+        before = eng.generate(prompts, params)
+        other = from_pretrained(data / "base" / "final", device="cuda:0").eval()
+        g = torch.Generator(device="cuda:0").manual_seed(0)
+        with torch.no_grad():
+            for p in other.parameters():
+                if p.dim() == 2:
+                    p.add_(torch.randn(p.shape, generator=g, device="cuda:0") * p.std() * 0.5)
+        t0 = time.time()
+        eng.update_weights(other.state_dict().items())
+        sync_s = time.time() - t0
+        after = eng.generate(prompts, params)
+        eng.update_weights(base.state_dict().items())
+        back = eng.generate(prompts, params)
+    finally:
+        eng.shutdown()
+    changed = sum(a.token_ids != b.token_ids for a, b in zip(before, after))
+    record("sglang_engine", {"nccl_weight_sync": {"sync_s": round(sync_s, 3), "sequences_changed": changed}})
+    assert changed > len(prompts) // 2
+    assert [x.token_ids for x in back] == [x.token_ids for x in before]
+
+
+def _tokenizer_of(data):
+    from r1moe.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(data / "base" / "final")
+
+
 def test_memory_release_and_resume(data, engine):
     from r1moe.model import from_pretrained
     from r1moe.rollout import SamplingParams

@@ -142,10 +142,36 @@ def test_sglang_settings_without_the_sglang_engine_are_an_error():
     ("rollout.sglang.mem_fraction_static=1.5", "mem_fraction_static=1.5"),
     ("rollout.sglang.cuda_graph_max_bs=-1", "cuda_graph_max_bs=-1"),
     ("rollout.sglang.sampling_backend=cuda", "sampling_backend"),
+    ("rollout.sglang.base_gpu_id=-1", "base_gpu_id=-1 must be >= 0"),
 ])
 def test_sglang_section_validation(override, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("=", "=")):
         load_config(None, ["rollout.engine=sglang", override])
+
+
+@pytest.mark.parametrize(("over", "message"), [
+    ({"rollout.sglang.base_gpu_id": 1}, "set rollout.sglang.colocate=false"),
+    ({"rollout.sglang.base_gpu_id": 1, "rollout.sglang.colocate": "false", "rollout.sglang.dp": 2},
+     "rollout.sglang.dp=2: SGLang on GPUs of its own"),
+])
+def test_sglang_on_gpus_of_its_own_needs_colocate_off_and_one_replica(over, message):
+    """One training rank on the node (no torchrun): base_gpu_id=1 is a GPU of SGLang's own."""
+    from r1moe.train.grpo import check_backends, sglang_has_own_gpus
+
+    cfg = load_config(None, ["rollout.engine=sglang", *[f"{k}={v}" for k, v in over.items()]])
+    assert sglang_has_own_gpus(cfg.rollout.sglang)
+    with pytest.raises(ValueError, match=message):
+        check_backends(cfg)
+
+
+def test_sglang_placement_follows_the_training_ranks_on_the_node(monkeypatch):
+    from r1moe.config import SGLangSection
+    from r1moe.train.grpo import sglang_has_own_gpus
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert not sglang_has_own_gpus(SGLangSection(base_gpu_id=0))
+    assert not sglang_has_own_gpus(SGLangSection(base_gpu_id=2))  # on GPUs 2-3 of the trainer's: IPC
+    assert sglang_has_own_gpus(SGLangSection(base_gpu_id=4, colocate=False))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
