@@ -5,6 +5,7 @@ megatron export; the engine/trainer logprob mismatch with and without MoE routin
 rollout / train / sync with the built-in engine and with SGLang.
 
     PYTHONPATH=/root/sgl/site python benchmarks/rollout_engines.py --out benchmarks/results/rollout_engines_h200.json
+    ... --only grpo --out grpo.json      # one part (engines, replay, grpo) per call where calls are time-limited
 
 Goals (the SGLang issue): SGLangEngine >= 0.9x raw SGLang and >= 5x BuiltinEngine at batch 256; a GRPO step
 >= 3x faster with SGLang than with the built-in engine; weight sync >= 20 GB/s colocated on one GPU.
@@ -211,7 +212,8 @@ def bench_grpo(ckpt: Path, root: Path, results: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--skip-grpo", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=["engines", "replay", "grpo"], default=["engines", "replay", "grpo"],
+                    help="parts to run (each fits one 10-minute call on an H200: engines ~5 min, replay ~1, grpo ~5)")
     a = ap.parse_args()
     from r1moe.data.tokenizer import build_tiny_tokenizer, default_corpus
 
@@ -221,9 +223,9 @@ def main() -> int:
     tok = build_tiny_tokenizer(default_corpus(100), 512)
     ckpt = save_pretrained(build_model(BENCH_CFG.replace(eos_token_id=2), device="cuda", dtype=torch.bfloat16, seed=0),
                            root / "ckpt", tokenizer=tok)
-    for name, fn in (("engines", lambda: bench_engines(ckpt, tok, results)),
-                     ("replay", lambda: bench_replay(ckpt, tok, results)),
-                     ("grpo", lambda: None if a.skip_grpo else bench_grpo(ckpt, root, results))):
+    parts = {"engines": lambda: bench_engines(ckpt, tok, results), "replay": lambda: bench_replay(ckpt, tok, results),
+             "grpo": lambda: bench_grpo(ckpt, root, results)}
+    for name, fn in ((n, parts[n]) for n in a.only):
         try:
             fn()
         except Exception as e:  # noqa: BLE001 -- record what broke and keep the other measurements
