@@ -5,7 +5,7 @@ megatron export; the engine/trainer logprob mismatch with and without MoE routin
 rollout / train / sync with the built-in engine and with SGLang.
 
     PYTHONPATH=/root/sgl/site python benchmarks/rollout_engines.py --out benchmarks/results/rollout_engines_h200.json
-    ... --only grpo --out grpo.json      # one part (engines, replay, grpo) per call where calls are time-limited
+    ... --only grpo --out grpo.json      # one part at a time where calls are time-limited
 
 Goals (the SGLang issue): SGLangEngine >= 0.9x raw SGLang and >= 5x BuiltinEngine at batch 256; a GRPO step
 >= 3x faster with SGLang than with the built-in engine; weight sync >= 20 GB/s colocated on one GPU.
@@ -213,7 +213,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", nargs="+", choices=["engines", "replay", "grpo"], default=["engines", "replay", "grpo"],
-                    help="parts to run (each fits one 10-minute call on an H200: engines ~5 min, replay ~1, grpo ~5)")
+                    help="parts to run (on an H200, engines + replay took under 7 min; grpo not yet timed)")
     a = ap.parse_args()
     from r1moe.data.tokenizer import build_tiny_tokenizer, default_corpus
 
