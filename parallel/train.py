@@ -77,7 +77,13 @@ def build_optimizer(models: list[torch.nn.Module], *, lr: float, weight_decay: f
     overrides = get_standard_config_overrides(ocfg)  # what config_overrides=None gives, plus the float32 groups
     fp32 = ParamKey(predicate=ParamPredicate(name="float32", fn=lambda p: p.dtype == torch.float32))
     overrides[fp32] = {"optimizer": "adam"}
-    return get_megatron_optimizer(ocfg, models, config_overrides=overrides)
+    optimizer = get_megatron_optimizer(ocfg, models, config_overrides=overrides)
+    # megatron applies a group's wd_mult (0 for biases and 1-D parameters: norms, a score head's bias) only in its
+    # OptimizerParamScheduler, which is not used here (set_learning_rate): without this every group would decay,
+    # unlike the reference backend's AdamW groups (train/common.py build_optimizer)
+    for group in optimizer.param_groups:
+        group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
+    return optimizer
 
 
 def set_learning_rate(optimizer, lr: float) -> None:
