@@ -57,13 +57,33 @@ def build_optimizer(models: list[torch.nn.Module], *, lr: float, weight_decay: f
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, clip_grad: float = 1.0,
                     dtype: torch.dtype = torch.bfloat16):
     """Megatron's distributed Adam (fp32 master weights and moments sharded over data-parallel ranks; routed
-    experts get their own optimizer over the expert-data-parallel group)."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    experts get their own optimizer over the expert-data-parallel group). float32 parameters in a bf16 model (a
+    reward model's score head) get parameter groups of their own: megatron-core 0.19's DistributedOptimizer lists a
+    group's shards float32-first (_build_model_and_main_param_groups) but indexes them in grad-buffer order
+    (_build_optimizer_group_ranges, model_param_group_index_map), so in a mixed group a dist-checkpoint save or
+    load pairs parameters with other parameters' optimizer state. The override {"optimizer": "adam"} (the optimizer
+    every group uses) only makes their group keys distinct."""
+    from megatron.core.optimizer import (
+        OptimizerConfig,
+        ParamKey,
+        ParamPredicate,
+        get_megatron_optimizer,
+        get_standard_config_overrides,
+    )
 
     ocfg = OptimizerConfig(optimizer="adam", lr=lr, min_lr=0.0, weight_decay=weight_decay, adam_beta1=betas[0],
                            adam_beta2=betas[1], adam_eps=eps, clip_grad=clip_grad, bf16=dtype == torch.bfloat16,
                            params_dtype=dtype, use_distributed_optimizer=True)
-    return get_megatron_optimizer(ocfg, models)
+    overrides = get_standard_config_overrides(ocfg)  # what config_overrides=None gives, plus the float32 groups
+    fp32 = ParamKey(predicate=ParamPredicate(name="float32", fn=lambda p: p.dtype == torch.float32))
+    overrides[fp32] = {"optimizer": "adam"}
+    optimizer = get_megatron_optimizer(ocfg, models, config_overrides=overrides)
+    # megatron applies a group's wd_mult (0 for biases and 1-D parameters: norms, a score head's bias) only in its
+    # OptimizerParamScheduler, which is not used here (set_learning_rate): without this every group would decay,
+    # unlike the reference backend's AdamW groups (train/common.py build_optimizer)
+    for group in optimizer.param_groups:
+        group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
+    return optimizer
 
 
 def set_learning_rate(optimizer, lr: float) -> None:

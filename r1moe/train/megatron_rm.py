@@ -9,9 +9,10 @@ a float32 nn.Linear(hidden, 1) with bias, zero-initialised as the reference's, o
 GPTModel's output_processor (r1moe.parallel `head_fn`) takes the final normed hidden states in place of the LM head
 (sequence-parallel shards gathered first) and scores the last non-pad token of each row, as RewardModel.forward
 does. The head is a submodule of the GPTModel, so megatron's DDP reduces its gradient over data-parallel ranks, its
-distributed optimizer steps it and its dist checkpoints hold it. Every TP rank runs the head on the same hidden
-states: the head is replicated, its gradient identical across TP, so it needs no TP reduction. The loss is the
-shared objective of train/rm.py (Bradley-Terry, or pointwise BCE for rm.kind=safety) on those scores.
+distributed optimizer steps it (in float32 parameter groups of its own: parallel.build_optimizer) and its dist
+checkpoints hold it. Every TP rank runs the head on the same hidden states: the head is replicated, its gradient
+identical across TP, so it needs no TP reduction. The loss is the shared objective of train/rm.py (Bradley-Terry, or
+pointwise BCE for rm.kind=safety) on those scores.
 
 Where this differs from the reference backend, and why:
 - No MTP layers: the RM never reads them (the reference keeps them untouched, unused). final/ is written without
@@ -231,11 +232,9 @@ class MegatronRewardModel(MegatronPolicy):
             host = build_model(self.model_cfg, device="meta", dtype=common.dtype_of(self.cfg.model.dtype))
             host = host.to_empty(device="cpu")
 
-        def load(bucket):
-            for name, t in bucket:
+        for name, t in self._export():  # every rank iterates it (collectives); rank 0 keeps the tensors
+            if host is not None:
                 load_hf_tensor(host, name, t)
-
-        self._export(load if host is not None else None)
         head = self.head_state()
         if self.rank == 0:
             rm = RewardModel(host)

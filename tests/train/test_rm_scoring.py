@@ -2,7 +2,8 @@
 input order, with one forward per batch instead of one per completion; compute_rewards scores a BatchReward with one
 call per step; under torch.distributed every rank scores its share (torchrun, 2 CPU processes, gloo) and receives
 all the scores; the megatron reward model's data-parallel micro-batch plan covers the step's examples once, and
-its micro-batch losses add up to the step's loss under megatron's reductions.
+its micro-batch losses add up to the step's loss under megatron's reductions, and its save path writes the
+reference's final/ layout.
 
 Tolerance: 1e-5 absolute on scores of order 1. Float32 on the CPU; mathematically a sequence's score does not
 depend on its batch (right padding after the last token, causal attention, per-token MoE routing without capacity),
@@ -12,18 +13,21 @@ instead of the last token) or a mixed-up order moves scores by O(1).
 
 import json
 import math
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from r1moe.config import load_config
 from r1moe.data import PromptSample, make_preference_pairs
 from r1moe.data.tokenizer import build_tiny_tokenizer, default_corpus
 from r1moe.model import build_model, get_preset
 from r1moe.rewards import compute_rewards
-from r1moe.train.megatron_rm import micro_batch_loss, plan_micro_batches
+from r1moe.train.megatron_rm import MegatronRewardModel, micro_batch_loss, plan_micro_batches
 from r1moe.train.rm import (
     PairwiseObjective,
     PointwiseObjective,
@@ -163,3 +167,38 @@ def test_megatron_micro_batch_losses_add_up_to_the_step_loss(objective, num, dp,
     assert loss == pytest.approx(float(full_loss), abs=1e-5)
     assert accuracy == pytest.approx(sum(full_ok) / num, abs=1e-6)
     assert margin == pytest.approx(sum(full_margin) / num, abs=1e-5)
+
+
+class _ExportedRM(MegatronRewardModel):
+    """MegatronRewardModel's save path in a world of one, without megatron: its export is a reference model's
+    HF-named tensors and its score head is given (what the megatron model gathers from its ranks)."""
+
+    def __init__(self, rm: RewardModel):
+        self.cfg, self.rank, self.models, self.model_cfg = load_config(None), 0, [rm.backbone], rm.backbone.cfg
+        self._head = {k: v.detach().clone() for k, v in rm.score_head.state_dict().items()}
+
+    def _export(self):
+        yield from self.models[0].state_dict().items()
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return self._head
+
+
+def test_megatron_final_dir_loads_with_the_reference_loader(scored, tmp_path):
+    """save_final_rm (rank 0 of a gloo world of one) writes final/ + DONE.json; the reference loader reads back
+    the model it exported, with the same scores."""
+    _, tok, rm, seqs = scored
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        _ExportedRM(rm).save_final_rm(tmp_path, tok, META, {"stage": "rm"})
+    finally:
+        dist.destroy_process_group()
+    loaded, _, meta = load_reward_model(tmp_path / "final", device="cpu")
+    assert meta == META
+    assert json.loads((tmp_path / "DONE.json").read_text())["backend"] == "megatron"
+    expected = score_sequences(rm, seqs, pad_id=0)
+    assert expected.std() > 0.1  # not a constant
+    assert torch.allclose(score_sequences(loaded, seqs, pad_id=0), expected, atol=1e-5, rtol=0)
