@@ -27,7 +27,8 @@ def run_eval(spec: EvalSpec, out: Path) -> dict:
     results = {}
     for label, ckpt in spec.checkpoints.items():
         settings = EvalSettings(samples=spec.samples, temperature=spec.temperature, top_p=spec.top_p,
-                                max_new_tokens=spec.max_new_tokens, template=spec.templates.get(label, spec.template))
+                                max_new_tokens=spec.max_new_tokens, chunk=spec.chunk,
+                                template=spec.templates.get(label, spec.template))
         results[label] = evaluate_checkpoint(ckpt, spec.data, settings, engine=spec.engine, sglang=spec.sglang,
                                              benchmark=spec.benchmark,
                                              contest_dates=date_pair("eval", spec.contest_dates),
