@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from tokenizers import Tokenizer
@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from r1moe.config import SamplingConfig
 from r1moe.data import PromptSample
 from r1moe.data.benchmarks import BENCHMARKS, LoadedBenchmark
-from r1moe.metrics import SampleResult, summarize_eval
+from r1moe.metrics import SampleResult, per_question_scores, summarize_eval
 from r1moe.rewards import same_answer
 from r1moe.rollout import RolloutEngine, SamplingParams
 
@@ -72,8 +72,11 @@ def grade(completion: str, sample: PromptSample, template: str, num_tokens: int,
 
 
 def evaluate(engine: RolloutEngine, tok: Tokenizer, samples: list[PromptSample], s: EvalSettings,
-             show_progress: bool = True, benchmark: LoadedBenchmark | None = None) -> dict[str, float]:
-    """`benchmark` (r1moe.data.benchmarks): its grader and answer equivalence replace the accuracy reward's."""
+             show_progress: bool = True, benchmark: LoadedBenchmark | None = None,
+             per_question: bool = False) -> dict[str, Any]:
+    """`benchmark` (r1moe.data.benchmarks): its grader and answer equivalence replace the accuracy reward's.
+    `per_question`: also return each question's scores under "per_question" ({"id": [...], "pass@1": [...],
+    "cons@K": [...]}, r1moe.metrics.per_question_scores), for paired comparisons of checkpoints."""
     from r1moe.data.prompts import encode_prompt
     from r1moe.progress import progress_bar
 
@@ -99,17 +102,22 @@ def evaluate(engine: RolloutEngine, tok: Tokenizer, samples: list[PromptSample],
                 with ThreadPoolExecutor(threads) as pool:
                     graded += list(pool.map(grade_one, pairs))
             advance(f"eval {min(i + s.chunk, len(prompts))}/{len(prompts)} samples")
-    per_question = [graded[i:i + s.samples] for i in range(0, len(graded), s.samples)]
+    graded_by_question = [graded[i:i + s.samples] for i in range(0, len(graded), s.samples)]
     same = benchmark.same_answer if benchmark is not None else same_answer
-    return summarize_eval(per_question, [functools.partial(same, sample=q) for q in samples])
+    equivalences = [functools.partial(same, sample=q) for q in samples]
+    summary: dict[str, Any] = dict(summarize_eval(graded_by_question, equivalences))
+    if per_question:
+        summary["per_question"] = {"id": [q.id for q in samples],
+                                   **per_question_scores(graded_by_question, equivalences)}
+    return summary
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, s: EvalSettings, max_questions: int = 0,
                         device: str = "auto", engine: str = "builtin", sglang=None, benchmark: str | None = None,
-                        contest_dates: tuple[str, str] | None = None) -> dict[str, float]:
+                        contest_dates: tuple[str, str] | None = None, per_question: bool = False) -> dict[str, Any]:
     """Evaluate a saved checkpoint through the built-in engine (one device) or SGLang (`sglang`: a
     config.SGLangSection; tp x dp GPUs of this node). `benchmark` names a release format of `data`
-    (r1moe.data.benchmarks.BENCHMARKS); None = our prompts JSONL."""
+    (r1moe.data.benchmarks.BENCHMARKS); None = our prompts JSONL. `per_question`: as `evaluate`."""
     from r1moe.data import read_prompts
     from r1moe.data.benchmarks import load_benchmark
     from r1moe.rollout.loader import load_checkpoint_engine
@@ -129,7 +137,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, s: EvalSetting
     rollout, tok = load_checkpoint_engine(checkpoint, engine, sglang, device, seed=s.seed)
     torch.manual_seed(s.seed)
     try:
-        return evaluate(rollout, tok, samples, s, benchmark=loaded)
+        return evaluate(rollout, tok, samples, s, benchmark=loaded, per_question=per_question)
     finally:
         rollout.shutdown()
 

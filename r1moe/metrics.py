@@ -113,6 +113,23 @@ def _ks_up_to(num_samples: int) -> list[int]:
     return ks if ks[-1] == num_samples else [*ks, num_samples]
 
 
+def per_question_scores(results: Sequence[Sequence[SampleResult]],
+                        same_answer: Sequence[SameAnswer | None] | None = None) -> dict[str, list[float]]:
+    """Each question's `pass@1` (the fraction of its K samples that are correct) and `cons@K` (1.0 when its majority
+    vote is correct), in question order: `summarize_eval`'s pass@1 and cons@K are their means. Two checkpoints
+    evaluated on the same questions are compared through the per-question differences (r1moe/report.py)."""
+    if not results:
+        raise ValueError("per_question_scores needs at least one question")
+    equivalences = list(same_answer) if same_answer is not None else [None] * len(results)
+    if len(equivalences) != len(results):
+        raise ValueError(f"same_answer has {len(equivalences)} entries for {len(results)} questions")
+    k = len(results[0])
+    if k == 0 or any(len(samples) != k for samples in results):
+        raise ValueError("every question needs the same number (>= 1) of samples")
+    return {"pass@1": [sum(s.correct for s in samples) / k for samples in results],
+            f"cons@{k}": [_cons_from_samples(samples, same) for samples, same in zip(results, equivalences)]}
+
+
 def summarize_eval(results: Sequence[Sequence[SampleResult]],
                    same_answer: Sequence[SameAnswer | None] | None = None) -> dict[str, float]:
     """Metrics of one benchmark from K graded samples per question (`results[q][i]`); `same_answer[q]` is question

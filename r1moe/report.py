@@ -52,6 +52,22 @@ def _se(m: dict[str, Any], key: str = "pass@1") -> float:
     return (p * (1 - p) / n) ** 0.5 if n else 0.0
 
 
+def _paired_se(a: dict[str, Any], b: dict[str, Any], key_a: str, key_b: str) -> float | None:
+    """The standard error of mean(a[key_a]) - mean(b[key_b]) from the per-question differences, when both sides
+    were scored question by question on the same questions (r1moe.metrics.per_question_scores, the eval stage's
+    "per_question"): sd(d_q) / sqrt(N). The questions' shared difficulty cancels in d_q, which the unpaired bound
+    counts twice. None when either side lacks those scores or the questions differ."""
+    qa, qb = a.get("per_question"), b.get("per_question")
+    if not (qa and qb and key_a in qa and key_b in qb and qa.get("id") == qb.get("id")):
+        return None
+    d = [x - y for x, y in zip(qa[key_a], qb[key_b], strict=True)]
+    n = len(d)
+    if n < 2:
+        return None
+    mean = sum(d) / n
+    return (sum((x - mean) ** 2 for x in d) / (n - 1) / n) ** 0.5
+
+
 def _compare(a: float, b: float, se: float) -> str:
     """"yes" when a - b > 2 se, "no" when a - b < -2 se, else "noise"; without a noise estimate (se 0: N unknown,
     or both at 0% or 100%) the sign decides, and equal values are "noise" (no difference to call)."""
@@ -71,8 +87,9 @@ with the language reward, the four R1 stages, and the two students (Table 6)."""
 
 def check_claims(results: dict[str, dict[str, Any]], roles: dict[str, str]) -> list[tuple[str, Verdict, str]]:
     """(claim, verdict, evidence). A claim PASSes or FAILs only when the difference behind it exceeds two standard
-    errors (`_se`, for either side's metric; the two combined in quadrature); closer calls are WITHIN NOISE: 100
-    questions cannot tell 15.1% from 14.9%. A claim whose checkpoints were not evaluated is NOT MEASURED."""
+    errors (`_paired_se` when both sides were scored question by question on the same questions; else `_se` for
+    either side's metric, the two combined in quadrature); closer calls are WITHIN NOISE: 100 questions cannot tell
+    15.1% from 14.9%. A claim whose checkpoints were not evaluated is NOT MEASURED."""
     claims: list[tuple[str, Verdict, str]] = []
     word = {"yes": "PASS", "no": "FAIL", "noise": "WITHIN NOISE"}
 
@@ -81,11 +98,14 @@ def check_claims(results: dict[str, dict[str, Any]], roles: dict[str, str]) -> l
         return results.get(label) if label else None
 
     def diff(a: dict[str, Any], b: dict[str, Any], key: str, names: tuple[str, str]) -> tuple[str, str]:
-        """(comparison, evidence) of a[key] vs b[key]."""
-        se = (_se(a, key) ** 2 + _se(b, key) ** 2) ** 0.5
+        """(comparison, evidence) of a[key] vs b[key]: paired over the same questions when both were scored
+        question by question (`_paired_se`), else the unpaired bound in quadrature."""
+        paired = _paired_se(a, b, key, key)
+        se = paired if paired is not None else (_se(a, key) ** 2 + _se(b, key) ** 2) ** 0.5
         evidence = f"{names[0]} {_fmt(a[key])} vs {names[1]} {_fmt(b[key])}"
         if se:
-            evidence += f"; difference {100 * (a[key] - b[key]):+.1f}, 2 SE = {200 * se:.1f}"
+            evidence += (f"; difference {100 * (a[key] - b[key]):+.1f}, 2 SE = {200 * se:.1f}"
+                         f"{' (paired)' if paired is not None else ''}")
         return _compare(a[key], b[key], se), evidence
 
     def pair(claim: str, a_role: str, b_role: str, names: tuple[str, str], key: str = "pass@1") -> None:
@@ -130,7 +150,11 @@ def check_claims(results: dict[str, dict[str, Any]], roles: dict[str, str]) -> l
                        "FAIL" if verdict == "no" else "PASS", evidence))
     else:
         claims.append(("language reward at a small cost", "NOT MEASURED", "zero or zero_language not evaluated"))
-    votes = {label: _compare(m[ck], m["pass@1"], (2 ** 0.5) * _se(m))
+    def vote_se(m: dict[str, Any], ck: str) -> float:
+        paired = _paired_se(m, m, ck, "pass@1")
+        return paired if paired is not None else (2 ** 0.5) * _se(m)
+
+    votes = {label: _compare(m[ck], m["pass@1"], vote_se(m, ck))
              for label, m in results.items() if (ck := _cons_key(m))}
     bad = [label for label, v in votes.items() if v == "no"]
     close = [label for label, v in votes.items() if v == "noise"]
@@ -196,8 +220,10 @@ def write_report(p: PipelineConfig, out: Path) -> dict[str, Any]:
              *results_table(results), "", "## The paper's claims, as measured", ""]
     for claim, verdict, evidence in claims:
         lines.append(f"- **{verdict}** — {claim} ({evidence})")
-    lines += ["", ("A claim passes or fails only when its difference exceeds two standard errors "
-                   "(at most sqrt(p(1-p)/N) per pass@1 over N questions); closer calls are reported as within noise.")]
+    lines += ["", ("A claim passes or fails only when its difference exceeds two standard errors; closer calls are "
+                   "reported as within noise. Accuracies (pass@1, cons@K) of checkpoints evaluated on the same N "
+                   "questions are compared question by question ('paired': SE = sd of the per-question differences / "
+                   "sqrt(N)); other rates use the unpaired bound sqrt(p(1-p)/N) per side, in quadrature.")]
     lines += ["", "## Curves", "", *_curves(p, out)]
     if timings_path.is_file():
         lines += ["", "## Stage timings (seconds, this run)", "", "```", timings_path.read_text().strip(), "```"]

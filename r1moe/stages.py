@@ -106,6 +106,9 @@ class EvalSpec(SamplingConfig):
     """livecodebench only: [FROM, TO] ISO dates of `contest_date` kept (R1: 2024-08-01, 2025-01-31)."""
     samples: int = 8
     max_new_tokens: int = 128
+    chunk: int = 64
+    """Sequences generated per engine call (r1moe.evaluate.EvalSettings.chunk): larger batches decode faster on a
+    CPU, at the cost of memory."""
     template: str = "r1_zero"
     templates: dict[str, str] = field(default_factory=dict)
     """Per-label template overrides (e.g. R1-Zero checkpoints use r1_zero, R1 stages use chat)."""

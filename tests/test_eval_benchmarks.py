@@ -48,6 +48,11 @@ def test_gpqa_pass1_and_cons(tok):
     r = evaluate(ScriptedEngine(replies), tok, bench.samples, s, show_progress=False, benchmark=bench)
     assert r["pass@1"] == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
     assert r["cons@3"] == pytest.approx(1 / 3)
+    assert "per_question" not in r  # only when asked (the eval stage asks, for the report's paired comparisons)
+    per_q = evaluate(ScriptedEngine(replies), tok, bench.samples, s, show_progress=False, benchmark=bench,
+                     per_question=True)["per_question"]
+    assert per_q["id"] == [q.id for q in bench.samples]
+    assert per_q["pass@1"] == pytest.approx([2 / 3, 1 / 3, 0]) and per_q["cons@3"] == [1.0, 0.0, 0.0]
 
 
 def test_math500_grading_uses_math_equivalence(tok):

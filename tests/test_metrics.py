@@ -8,7 +8,15 @@ import math
 import pytest
 
 from r1moe.data import PromptSample
-from r1moe.metrics import SampleResult, answer_classes, cons_at_k, majority_vote, pass_at_k, summarize_eval
+from r1moe.metrics import (
+    SampleResult,
+    answer_classes,
+    cons_at_k,
+    majority_vote,
+    pass_at_k,
+    per_question_scores,
+    summarize_eval,
+)
 from r1moe.rewards import math_answers_equal, same_answer
 
 
@@ -132,6 +140,21 @@ def test_summarize_eval_hand_computed():
         "num_questions",
         "num_samples",
     }
+
+
+def test_per_question_scores_average_to_the_summary():
+    results = [
+        [_s(True, "5", 10), _s(True, "5", 20), _s(False, "6", 30), _s(False, "7", 40)],  # 2/4, majority right
+        [_s(False, "2", 10), _s(False, "2", 10), _s(True, "1", 10), _s(False, None, 10)],  # 1/4, majority wrong
+        [_s(False, None, 100) for _ in range(4)],  # nothing to vote on
+    ]
+    scores = per_question_scores(results)
+    assert scores == {"pass@1": [0.5, 0.25, 0.0], "cons@4": [1.0, 0.0, 0.0]}
+    summary = summarize_eval(results)
+    assert sum(scores["pass@1"]) / 3 == pytest.approx(summary["pass@1"])
+    assert sum(scores["cons@4"]) / 3 == pytest.approx(summary["cons@4"])
+    with pytest.raises(ValueError, match="same number"):
+        per_question_scores([results[0], results[1][:2]])
 
 
 def test_summarize_eval_k_not_power_of_two_and_no_language():

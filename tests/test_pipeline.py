@@ -129,3 +129,36 @@ def test_claims_within_two_standard_errors_are_reported_as_noise():
     assert worse["no R1 stage falls below the base"][0] == "FAIL"
     assert worse["... at a small cost"][0] == "FAIL"
     assert worse["cold start + RL is more readable than RL alone"][0] == "WITHIN NOISE"  # 100% vs 100%: SE 0
+
+def test_claims_on_the_same_questions_are_compared_question_by_question():
+    """500 questions: every question gains 4 points from stage 1 to stage 2. The unpaired bound (2 SE = 5.8 points
+    near 30%) cannot tell; paired, every question agrees (SE ~0: PASS). A per-question difference of the same mean
+    that is mostly noise stays WITHIN NOISE."""
+    n = 500
+    ids = [f"q{i}" for i in range(n)]
+    base = [(i % 16) / 16 * 0.6 for i in range(n)]  # mean ~0.28
+
+    def m(per_q, cons=None):
+        cons = cons if cons is not None else [1.0 if p >= 0.5 else 0.0 for p in per_q]
+        return {"pass@1": sum(per_q) / n, "cons@16": sum(cons) / n, "num_questions": n,
+                "per_question": {"id": ids, "pass@1": per_q, "cons@16": cons}}
+
+    s1 = m(base)
+    s2 = m([p + 0.04 for p in base])
+    claims = _claims({"s1": s1, "s2": s2}, {"stage1": "s1", "stage2": "s2"})
+    verdict, evidence = claims["reasoning RL improves on its starting checkpoint"]
+    assert verdict == "PASS" and "(paired)" in evidence
+    noisy = m([p + (0.5 if i % 2 else -0.5) + 0.04 for i, p in enumerate(base)])  # sd 0.5: 2 SE = 4.5
+    verdict, evidence = _claims({"s1": s1, "s2": noisy}, {"stage1": "s1", "stage2": "s2"})[
+        "reasoning RL improves on its starting checkpoint"]
+    assert verdict == "WITHIN NOISE" and "(paired)" in evidence
+    # other questions (different ids): no pairing, the unpaired bound
+    other = dict(s2, per_question=dict(s2["per_question"], id=[f"x{i}" for i in range(n)]))
+    verdict, evidence = _claims({"s1": s1, "s2": other}, {"stage1": "s1", "stage2": "s2"})[
+        "reasoning RL improves on its starting checkpoint"]
+    assert verdict == "WITHIN NOISE" and "(paired)" not in evidence and "2 SE = 5.8" in evidence
+    # cons@K vs pass@1 of one checkpoint: paired over its own questions
+    votes = _claims({"s1": m(base, [min(1.0, p + 0.2) for p in base])}, {})["majority vote helps (Table 2)"]
+    assert votes[0] == "PASS"
+    votes = _claims({"s1": m(base, [max(0.0, p - 0.2) for p in base])}, {})["majority vote helps (Table 2)"]
+    assert votes[0] == "FAIL"

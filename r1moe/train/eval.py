@@ -18,7 +18,8 @@ from r1moe.stages import EvalSpec, date_pair
 
 
 def run_eval(spec: EvalSpec, out: Path) -> dict:
-    """Evaluate each labelled checkpoint; write out/results.json; return {"results": its path}."""
+    """Evaluate each labelled checkpoint; write out/results.json (with each question's scores, for the report's
+    paired comparisons); return {"results": its path}."""
     from r1moe.evaluate import EvalSettings, evaluate_checkpoint
 
     if not spec.checkpoints:
@@ -26,10 +27,12 @@ def run_eval(spec: EvalSpec, out: Path) -> dict:
     results = {}
     for label, ckpt in spec.checkpoints.items():
         settings = EvalSettings(samples=spec.samples, temperature=spec.temperature, top_p=spec.top_p,
-                                max_new_tokens=spec.max_new_tokens, template=spec.templates.get(label, spec.template))
+                                max_new_tokens=spec.max_new_tokens, chunk=spec.chunk,
+                                template=spec.templates.get(label, spec.template))
         results[label] = evaluate_checkpoint(ckpt, spec.data, settings, engine=spec.engine, sglang=spec.sglang,
                                              benchmark=spec.benchmark,
-                                             contest_dates=date_pair("eval", spec.contest_dates))
+                                             contest_dates=date_pair("eval", spec.contest_dates),
+                                             per_question=True)
         print(f"  eval {label}: pass@1={results[label]['pass@1']:.3f}", flush=True)
     write_json_atomic(out / "results.json", results)
     return {"results": str(out / "results.json")}

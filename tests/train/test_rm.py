@@ -51,7 +51,7 @@ def base(tmp_path_factory):
 
 def _overrides(root: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
     return [f"model.init={root / 'base'}", f"data.train={root / 'train.jsonl'}", f"data.eval={root / 'eval.jsonl'}",
-           "train.epochs=null", f"train.steps={steps}", "train.eval_every=0", "logging.wandb=disabled",
+           "data.template=chat", "train.epochs=null", f"train.steps={steps}", "train.eval_every=0", "logging.wandb=disabled",
            "logging.plots=false", f"logging.run_dir={run_dir}", *extra, "stage=rm"]
 
 
@@ -64,7 +64,7 @@ def trained(base):
 
 def test_recipe_loads():
     cfg = load_config(RECIPE, ["stage=rm"])
-    assert cfg.stage == "rm" and cfg.model.init and cfg.data.template == "chat" and cfg.train.epochs == 1
+    assert cfg.stage == "rm" and cfg.model.init and cfg.data.template == "r1_zero" and cfg.train.epochs == 1
 
 
 def test_loss_decreases_and_held_out_pairs_ranked(trained, base):

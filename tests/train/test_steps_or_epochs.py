@@ -7,12 +7,12 @@ from r1moe import cli
 from r1moe.config import load_config
 from r1moe.train.lm import _num_steps
 
-SFT = "recipes/tiny/r1/stage1_cold_start.yaml"  # sets train.epochs: 4
-GRPO = "recipes/tiny/r1/stage2.yaml"  # sets train.steps: 40
+SFT = "recipes/tiny/r1/stage1_cold_start.yaml"  # sets train.epochs: 1
+GRPO = "recipes/tiny/r1/stage2.yaml"  # sets train.steps: 80
 
 
 @pytest.mark.parametrize("recipe, overrides, message", [
-    (SFT, ["train.steps=5"], "train.steps=5 (override) has no effect: train.epochs=4.0 (recipe " + SFT),
+    (SFT, ["train.steps=5"], "train.steps=5 (override) has no effect: train.epochs=1.0 (recipe " + SFT),
     (SFT, ["train.epochs=0"], "train.epochs=0.0 must be > 0"),
     (SFT, ["train.epochs=-1"], "train.epochs=-1.0 must be > 0"),
     (GRPO, ["train.epochs=1"], "train.epochs=1.0 (override) has no effect on a grpo run"),
@@ -31,7 +31,7 @@ def test_recipe_steps_next_to_override_epochs_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, steps", [
-    ([], None),  # the recipe's 4 epochs decide
+    ([], None),  # the recipe's 1 epoch decides
     (["train.epochs=null", "train.steps=5"], 5),
     (["train.epochs=0.5"], None),
 ])
