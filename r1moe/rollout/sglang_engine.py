@@ -242,8 +242,7 @@ class SGLangEngine:
                     for _ in range(self.settings.tp)]
         result = self._call(self.engine.update_weights_from_tensor, payloads, load_format="flattened_bucket",
                             flush_cache=flush)
-        ok = result[0] if isinstance(result, tuple) else getattr(result, "success", True)
-        if not ok:
+        if not _succeeded(result):
             raise RuntimeError(f"SGLang refused the weight update (bucket from {bucket[0][0]}): {result}")
         if flush:
             torch.cuda.synchronize()
@@ -274,8 +273,7 @@ class SGLangEngine:
         sender.join()
         if errors:
             raise RuntimeError(f"broadcasting weights to SGLang failed: {errors[0]}") from errors[0]
-        ok = result[0] if isinstance(result, tuple) else getattr(result, "success", True)
-        if not ok:
+        if not _succeeded(result):
             raise RuntimeError(f"SGLang refused the weight update (bucket from {bucket[0][0]}): {result}")
 
     def _weight_group(self, device: torch.device):
@@ -300,8 +298,7 @@ class SGLangEngine:
                                 master_port=port, rank_offset=1, world_size=world, group_name=WEIGHT_GROUP,
                                 backend="nccl")
             joiner.join()
-            ok = result[0] if isinstance(result, tuple) else getattr(result, "success", True)
-            if not ok or not box or isinstance(box[0], BaseException):
+            if not _succeeded(result) or not box or isinstance(box[0], BaseException):
                 raise RuntimeError(f"the NCCL weight group with SGLang did not form: {result}; "
                                    f"{box[0] if box else 'no answer'}")
             self._group = box[0]
@@ -360,6 +357,11 @@ class SGLangEngine:
 
 
 WEIGHT_GROUP = "r1moe_weights"
+
+
+def _succeeded(result) -> bool:
+    """SGLang's weight-update calls answer (success, message), or an object with `.success`."""
+    return result[0] if isinstance(result, tuple) else getattr(result, "success", True)
 
 
 def _free_port() -> int:
