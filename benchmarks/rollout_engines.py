@@ -1,7 +1,7 @@
 """Rollout engines on one GPU, same DeepSeek-V3-architecture MoE weights (MLA, 32 experts top-4, ~1.7B params):
 generated tokens/s of raw `sglang.Engine`, `SGLangEngine`, `BuiltinEngine` and `transformers` generate at batch
-64 and 256 (prompt 32 tokens, 256 new); weight sync into SGLang (GB/s) from the reference model and from the
-megatron export; the engine/trainer logprob mismatch with and without MoE routing replay; one GRPO step split into
+64 and 256 (prompt 32 tokens, 256 new); weight sync into SGLang (GB/s, 256 MB to 4 GB buckets) from the reference
+model and from the megatron export; the engine/trainer logprob mismatch with and without MoE routing replay; one GRPO step split into
 rollout / train / sync with the built-in engine and with SGLang.
 
     PYTHONPATH=/root/sgl/site python benchmarks/rollout_engines.py --out benchmarks/results/rollout_engines_h200.json
@@ -78,19 +78,10 @@ def bench_engines(ckpt: Path, tok, results: dict) -> None:
         n_ours = sum(len(g.token_ids) for g in gens)
         results[f"batch{batch}"] = {"sglang_raw_tok_s": round(n_raw / t_raw), "sglang_engine_tok_s": round(n_ours / t_ours),
                                     "sglang_engine_over_raw": round((n_ours / t_ours) / (n_raw / t_raw), 3)}
-    # weight sync from the reference model's bf16 state dict (CUDA IPC, colocated on this GPU)
-    model = from_pretrained(ckpt, device="cuda", dtype=torch.bfloat16).eval()
-    sd = model.state_dict()
-    gb = sum(t.numel() * t.element_size() for t in sd.values()) / 1e9
-    t_sync, _ = _timed(lambda: eng.update_weights(sd.items()), repeat=3)
-    results["weight_sync_reference"] = {"gb": round(gb, 3), "seconds": round(t_sync, 4), "gb_per_s": round(gb / t_sync, 1)}
-    try:
-        results["weight_sync_megatron_export"] = _megatron_sync(model, eng)
-    except (ImportError, OSError, RuntimeError) as e:
-        results["weight_sync_megatron_export"] = f"not measured: {type(e).__name__}: {str(e)[:300]}"
     eng.shutdown()
     eng = None  # drop the engine (not `del`: the timing closures above name it)
     torch.cuda.empty_cache()
+    model = from_pretrained(ckpt, device="cuda", dtype=torch.bfloat16).eval()
     builtin = BuiltinEngine(model, tok, eos_ids=[])
     for batch in (64, 256):
         prompts = _prompts(batch)
@@ -101,6 +92,48 @@ def bench_engines(ckpt: Path, tok, results: dict) -> None:
     builtin = model = None  # free the GPU memory before the transformers measurement
     torch.cuda.empty_cache()
     results["batch64"]["transformers_generate_tok_s"] = _transformers(ckpt)
+
+
+def bench_sync(ckpt: Path, tok, results: dict) -> None:
+    """Weight sync into a colocated SGLang (CUDA IPC) at several bucket sizes, from the reference model's bf16
+    state dict and from the megatron export; `pack_s`: the part spent packing buckets on our side."""
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+    from r1moe.config import SGLangSection
+    from r1moe.model import from_pretrained
+    from r1moe.rollout.sglang_engine import SGLangEngine
+
+    eng = SGLangEngine(ckpt, tok, eos_ids=[], settings=SGLangSection(mem_fraction_static=0.3, cuda_graph_max_bs=0,
+                                                                   colocate=False),
+                       context_length=PROMPT + NEW + 8)
+    model = from_pretrained(ckpt, device="cuda", dtype=torch.bfloat16).eval()
+    sd = model.state_dict()
+    gb = sum(t.numel() * t.element_size() for t in sd.values()) / 1e9
+    rows = {}
+    for mb in (256, 1024, 4096):
+        eng.settings.weight_bucket_mb = mb
+        t_sync, _ = _timed(lambda: eng.update_weights(sd.items()), repeat=3)
+
+        def pack(mb=mb):
+            bucket, size = [], 0
+            for name, t in sd.items():
+                bucket.append((name, t))
+                size += t.numel() * t.element_size()
+                if size >= mb << 20:
+                    FlattenedTensorBucket(named_tensors=bucket).get_flattened_tensor()
+                    bucket, size = [], 0
+            FlattenedTensorBucket(named_tensors=bucket).get_flattened_tensor()
+
+        t_pack, _ = _timed(pack, repeat=3)
+        rows[f"{mb}MB"] = {"seconds": round(t_sync, 4), "gb_per_s": round(gb / t_sync, 1), "pack_s": round(t_pack, 4)}
+    results["weight_sync_reference"] = {"gb": round(gb, 3), "buckets": rows}
+    try:
+        results["weight_sync_megatron_export"] = _megatron_sync(model, eng)
+    except (ImportError, OSError, RuntimeError) as e:
+        results["weight_sync_megatron_export"] = f"not measured: {type(e).__name__}: {str(e)[:300]}"
+    eng.shutdown()
+    eng = model = None
+    torch.cuda.empty_cache()
 
 
 def _megatron_sync(model, eng) -> dict:
@@ -116,13 +149,23 @@ def _megatron_sync(model, eng) -> dict:
     initialize_parallel(pcfg, seed=0)
     sd = model.state_dict()
     models = build_mcore_model(model.cfg, pcfg, MegatronOptions(), hf_weights=sd.__getitem__)
-
-    def sync():
-        eng.update_weights(itertools.chain.from_iterable(export_hf_weights(models, model.cfg, pcfg)))
-
-    t, _ = _timed(sync, repeat=3)
     gb = sum(t_.numel() * t_.element_size() for t_ in sd.values()) / 1e9
-    return {"gb": round(gb, 3), "seconds": round(t, 4), "gb_per_s": round(gb / t, 1)}
+    rows = {}
+    for mb in (1024, 4096):
+        eng.settings.weight_bucket_mb = mb
+
+        def sync():
+            eng.update_weights(itertools.chain.from_iterable(export_hf_weights(models, model.cfg, pcfg)))
+
+        def export():
+            for bucket in export_hf_weights(models, model.cfg, pcfg):
+                for _ in bucket:
+                    pass
+
+        t, _ = _timed(sync, repeat=3)
+        t_export, _ = _timed(export, repeat=3)
+        rows[f"{mb}MB"] = {"seconds": round(t, 4), "gb_per_s": round(gb / t, 1), "export_s": round(t_export, 4)}
+    return {"gb": round(gb, 3), "buckets": rows}
 
 
 def _transformers(ckpt: Path) -> float | str:
@@ -212,7 +255,8 @@ def bench_grpo(ckpt: Path, root: Path, results: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--only", nargs="+", choices=["engines", "replay", "grpo"], default=["engines", "replay", "grpo"],
+    ap.add_argument("--only", nargs="+", choices=["engines", "sync", "replay", "grpo"],
+                    default=["engines", "sync", "replay", "grpo"],
                     help="parts to run (on an H200, engines + replay took under 7 min; grpo not yet timed)")
     a = ap.parse_args()
     from r1moe.data.tokenizer import build_tiny_tokenizer, default_corpus
@@ -223,7 +267,8 @@ def main() -> int:
     tok = build_tiny_tokenizer(default_corpus(100), 512)
     ckpt = save_pretrained(build_model(BENCH_CFG.replace(eos_token_id=2), device="cuda", dtype=torch.bfloat16, seed=0),
                            root / "ckpt", tokenizer=tok)
-    parts = {"engines": lambda: bench_engines(ckpt, tok, results), "replay": lambda: bench_replay(ckpt, tok, results),
+    parts = {"engines": lambda: bench_engines(ckpt, tok, results), "sync": lambda: bench_sync(ckpt, tok, results),
+             "replay": lambda: bench_replay(ckpt, tok, results),
              "grpo": lambda: bench_grpo(ckpt, root, results)}
     for name, fn in ((n, parts[n]) for n in a.only):
         try:

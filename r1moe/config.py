@@ -148,9 +148,13 @@ class SGLangSection:
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """SGLang's weights and activations; the trainer's weights are cast on sync."""
     log_level: str = "error"
+    weight_bucket_mb: int = 1024
+    """Weights handed to SGLang per update call (one flat tensor, one CUDA IPC handle or one NCCL broadcast): the
+    extra GPU memory a sync takes. Fewer, larger buckets cost SGLang fewer load passes
+    (benchmarks/results/rollout_engines_h200.json measures 256 MB to 4 GB)."""
 
     def __post_init__(self) -> None:
-        for name in ("tp", "dp", "ep"):
+        for name in ("tp", "dp", "ep", "weight_bucket_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.sglang.{name}={getattr(self, name)} must be >= 1")
         if self.tp % self.ep:

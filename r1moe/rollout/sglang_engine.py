@@ -53,9 +53,6 @@ from .base import Generation, SamplingParams, check_prompts, compact_routes, end
 
 _LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                   "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-WEIGHT_BUCKET_BYTES = 1 << 30
-"""Tensors handed to SGLang per `update_weights_from_tensor` call: bounds the extra memory of a sync (each bucket is
-packed into one flat tensor, so SGLang opens one CUDA IPC handle per bucket, not one per tensor)."""
 
 
 class SGLangFailure(RuntimeError):
@@ -205,19 +202,19 @@ class SGLangEngine:
 
     # ------------------------------------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Full HF-named tensors (any device) in ~1 GB buckets, each packed into one flat tensor that SGLang reads
-        through one CUDA IPC handle (SGLang's `flattened_bucket` format). fp32 matrices travel in the engine's
-        dtype (half the bytes; SGLang would cast them on load anyway)."""
+        """Full HF-named tensors (any device) in buckets of `rollout.sglang.weight_bucket_mb`, each packed into one
+        flat tensor that SGLang reads through one CUDA IPC handle (SGLang's `flattened_bucket` format). fp32
+        matrices travel in the engine's dtype (half the bytes; SGLang would cast them on load anyway)."""
         self._wake(["weights"])
         cast = _engine_dtype(self.settings.dtype)
-        bucket, size = [], 0
+        bucket, size, limit = [], 0, self.settings.weight_bucket_mb << 20
         for name, t in named_tensors:
             t = t.detach()
             if cast is not None and t.dtype == torch.float32 and t.dim() >= 2:
                 t = t.to(cast)
             bucket.append((name, t))
             size += t.numel() * t.element_size()
-            if size >= WEIGHT_BUCKET_BYTES:
+            if size >= limit:
                 self._send(bucket, flush=False)
                 bucket, size = [], 0
         self._send(bucket, flush=True)

@@ -143,6 +143,7 @@ def test_sglang_settings_without_the_sglang_engine_are_an_error():
     ("rollout.sglang.cuda_graph_max_bs=-1", "cuda_graph_max_bs=-1"),
     ("rollout.sglang.sampling_backend=cuda", "sampling_backend"),
     ("rollout.sglang.base_gpu_id=-1", "base_gpu_id=-1 must be >= 0"),
+    ("rollout.sglang.weight_bucket_mb=0", "weight_bucket_mb=0 must be >= 1"),
 ])
 def test_sglang_section_validation(override, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("=", "=")):
