@@ -34,6 +34,9 @@ class MicroBatch(Protocol):
     # Optional: `mtp_loss_mask` [B, T], 1 on the input positions whose token is a prediction target (0 on prompt
     # and padding). megatron computes the MTP loss inside the model with labels rolled from input_ids; the mask
     # keeps it to those tokens, as the reference loop's loss (absent or None: every position).
+    # Optional: `segments` [B, T], packed rows (r1moe.train.packing: the document of each position, -1 padding):
+    # the micro-batch runs as one THD sequence of B * T tokens in which attention never crosses a run of equal
+    # segment ids and positions restart at each (`packed_sequences`), as the reference model's segment mask does.
 
 
 LossFn = Callable[[torch.Tensor, Any], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -129,21 +132,61 @@ def _run_schedule(models, microbatches: Sequence[Any], vocab_size: int, loss_fun
             raise ValueError(f"micro-batch {i} has shape {tuple(mb.input_ids.shape)}, micro-batch 0 has {(B, T)}")
     device = torch.device("cuda", torch.cuda.current_device())
     position_ids = torch.arange(T, device=device).unsqueeze(0).expand(B, T)
+    packed = getattr(microbatches[0], "segments", None) is not None
+    if packed and (head_fn is not None or getattr(microbatches[0], "routes", None) is not None):
+        raise ValueError("packed micro-batches (segments) are for next-token training: no head_fn, no routes")
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         apply_routing_replay(model, getattr(mb, "routes", None))
         tokens = mb.input_ids.to(device, non_blocking=True)
         mask = getattr(mb, "mtp_loss_mask", None)
-        out = model(tokens, position_ids, None,
+        mask = None if mask is None else mask.to(device, torch.float32, non_blocking=True)
+        pos, psp, loss_func = position_ids, None, loss_func_for(mb)
+        if packed:
+            pos, psp = packed_sequences(mb.segments.to(device, non_blocking=True))
+            tokens, mask = tokens.reshape(1, B * T), None if mask is None else mask.reshape(1, B * T)
+            loss_func = _unflatten(loss_func, B, T)
+        out = model(tokens, pos, None,
                     output_processor=_logits_processor if head_fn is None else _hidden_processor,
                     output_processor_context=vocab_size if head_fn is None else (head_fn, mb),
-                    loss_mask=None if mask is None else mask.to(device, torch.float32, non_blocking=True))
-        return out, loss_func_for(mb)
+                    loss_mask=mask, packed_seq_params=psp)
+        return out, loss_func
 
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(microbatches), model=models,
-        num_microbatches=len(microbatches), seq_length=T, micro_batch_size=B, forward_only=forward_only)
+        num_microbatches=len(microbatches), seq_length=B * T if packed else T, micro_batch_size=1 if packed else B,
+        forward_only=forward_only)
+
+
+def packed_sequences(segments_BT: torch.Tensor):
+    """(position ids [1, B*T], megatron PackedSeqParams) of B packed rows run as one THD sequence: every run of
+    equal segment ids in a row (a document, or the row's padding) is a sequence of its own (`packed_layout`)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    position_ids, cu, longest = packed_layout(segments_BT)
+    return position_ids, PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                                         max_seqlen_kv=longest)
+
+
+def packed_layout(segments_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """B rows of segment ids flattened row after row: (positions [1, B*T] restarting at 0 in every run of equal ids,
+    cumulative run lengths [runs + 1] int32 from 0 to B*T, the longest run)."""
+    B, T = segments_BT.shape
+    start = torch.ones_like(segments_BT, dtype=torch.bool)
+    start[:, 1:] = segments_BT[:, 1:] != segments_BT[:, :-1]
+    start = start.reshape(-1)
+    starts = torch.nonzero(start).squeeze(1)
+    cu = torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
+    position_ids = torch.arange(B * T, device=segments_BT.device) - starts[torch.cumsum(start, 0) - 1]
+    return position_ids.unsqueeze(0), cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _unflatten(loss_func: Callable, B: int, T: int) -> Callable:
+    """The loss of a packed micro-batch sees its logits as [B, T, V] again (the model returned [1, B*T, V])."""
+    def f(out, *args, **kwargs):
+        return loss_func(out.reshape(B, T, *out.shape[2:]), *args, **kwargs)
+    return f
 
 
 def apply_routing_replay(model: torch.nn.Module, routes_BTMK: torch.Tensor | None) -> None:

@@ -376,10 +376,6 @@ def _check_data_format(cfg: JobConfig) -> None:
         return
     if cfg.stage not in ("pretrain", "sft"):
         raise ValueError(f"data.format=indexed: only pretrain and sft read indexed datasets; {cfg.stage} reads JSONL")
-    if cfg.parallel.backend == "megatron" and cfg.stage != "pretrain":
-        raise ValueError(f"data.format=indexed with parallel.backend=megatron: pretraining only (packed rows without a "
-                         f"segment mask); {cfg.stage} on megatron reads JSONL (data.format=jsonl), or use "
-                         f"parallel.backend=reference")
     if d.blend and d.train is not None:
         raise ValueError(f"data.train={d.train} and data.blend are both set; name the datasets in data.blend only")
     for prefix, w in d.blend.items():

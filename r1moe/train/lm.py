@@ -115,17 +115,15 @@ def train_lm(cfg: JobConfig, examples: list[Example] | IndexedRows, tok: Tokeniz
 
 
 def _train_lm_megatron(cfg: JobConfig, examples: list[Example] | IndexedRows, tok: Tokenizer, resume: bool) -> dict:
-    """The same loop on r1moe.parallel (train/megatron_backend.py: MTP inside the model). JSONL examples: one per row.
-    Indexed rows (pretraining): packed as on the reference backend, each data-parallel rank reading only its share,
-    but without the segment mask: a packed document attends to the earlier ones of its row and positions run on
-    (megatron's own pretraining default, reset_attention_mask / reset_position_ids off); the loss never crosses
-    documents (their last target is their own EOS)."""
-    from .megatron_backend import MegatronPolicy, check_megatron_backend, unpacked_rows
+    """The same loop on r1moe.parallel (train/megatron_backend.py: MTP inside the model), on the same packed rows
+    (attention inside a document, positions restarting: parallel.train.packed_sequences); indexed rows are read by
+    each data-parallel rank for its share only."""
+    from .megatron_backend import MegatronPolicy, check_megatron_backend
 
     check_megatron_backend(cfg)
     common.setup_torch(cfg.train)
     indexed = isinstance(examples, IndexedRows)
-    rows = examples if indexed else unpacked_rows(examples, cfg.data.seq_len, special_ids(tok)[0])
+    rows = examples if indexed else pack_examples(examples, cfg.data.seq_len, special_ids(tok)[0])
     num_rows = examples.num_rows if indexed else len(rows)
     steps = _num_steps(cfg.train, num_rows)
     run_dir = rundir.prepare_run_dir(cfg, resume)

@@ -7,10 +7,8 @@ as the `loss_fn` of r1moe.parallel.train_step (contract: parallel/README.md).
     torchrun --nproc_per_node 8 -m r1moe.train.grpo RECIPE parallel.backend=megatron parallel.ep=8
 
 Where this path differs from the reference backend, and why:
-- No packing of JSONL examples: the megatron model runs plain causal attention (no segment mask, positions
-  0..T-1), so each example is one row, right-padded to data.seq_len (longer ones truncated); padding follows the
-  real tokens, which thus get exactly their unpadded logits, at the price of compute on padding. Indexed
-  pretraining rows are packed, without the mask (lm._train_lm_megatron).
+- Packed rows (pretrain, sft; JSONL and indexed): the reference backend's rows; each micro-batch runs as one THD
+  sequence in which attention stays inside a document and positions restart (parallel.train.packed_sequences).
 - MTP: lambda/D * sum_k L_MTP^k (lambda = train.mtp_weight) is added inside the model (labels rolled from the
   inputs) over the reference loop's target tokens (`mtp_loss_mask`), logged as train/mtp_loss; GRPO: lambda = 0.
 - Expert bias: updated in megatron's finalize_model_grads after every optimizer step (GRPO: per mini-batch; the
@@ -55,7 +53,7 @@ from r1moe.tracking import MetricsLogger
 from . import checkpointing, common, rundir
 from .checks import check_megatron_config
 from .guard import NonFiniteError, NonFiniteGuard
-from .packing import IGNORE, Example, PackedBatch, pack_examples
+from .packing import IGNORE, PackedBatch
 
 
 def check_megatron_backend(cfg: JobConfig) -> None:
@@ -72,16 +70,13 @@ def check_megatron_backend(cfg: JobConfig) -> None:
                          f"megatron-core and Transformer Engine installed, or set parallel.backend=reference")
 
 
-def unpacked_rows(examples: list[Example], seq_len: int, pad_id: int) -> list[tuple[list[int], list[int], list[int]]]:
-    """One example per row, in pack_examples' row format (no segment masks on this path; module docstring)."""
-    return [pack_examples([ex], seq_len, pad_id)[0] for ex in examples]
-
-
 @dataclass
 class LMMicroBatch:
     input_ids: torch.Tensor
     targets: torch.Tensor
     """[B, T], IGNORE where there is no loss."""
+    segments: torch.Tensor
+    """[B, T] packed rows' segment ids (-1: padding): attention stays inside a segment (parallel.train)."""
 
     @property
     def mtp_loss_mask(self) -> torch.Tensor:
@@ -260,8 +255,8 @@ class MegatronPolicy:
     # ------------------------------------------------------------------------------------------ pretrain / sft
     def train_step_lm(self, batch: PackedBatch, guard: NonFiniteGuard, step: int, local: bool = False
                       ) -> dict[str, float]:
-        """One optimizer step of next-token cross-entropy on a batch of rows (`unpacked_rows`, or `local`: this
-        data-parallel rank's share of packed indexed rows); a non-finite one is skipped, counted by `guard`."""
+        """One optimizer step of next-token cross-entropy on a batch of packed rows (`local`: this data-parallel
+        rank's share of them, indexed data); a non-finite one is skipped, counted by `guard`."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
@@ -271,8 +266,8 @@ class MegatronPolicy:
             dist.all_reduce(total, group=ps.get_data_parallel_group())
         total = max(1, int(total))
         den = total / self.dp
-        parts = self._shard([(batch.input_ids_RT, self.pad_id), (batch.targets_RT, IGNORE)],
-                            self.cfg.train.micro_batch_size, local)
+        parts = self._shard([(batch.input_ids_RT, self.pad_id), (batch.targets_RT, IGNORE),
+                             (batch.segment_ids_RT, -1)], self.cfg.train.micro_batch_size, local)
 
         def loss_fn(logits_BTV: torch.Tensor, mb: LMMicroBatch):
             mask = mb.targets != IGNORE

@@ -63,7 +63,6 @@ def test_pretrain_on_a_blend(tmp_path, tiny_data, tiny_base):
 @pytest.mark.parametrize("over,message", [
     ({"data.blend": "{x: 1.0}"}, "data.blend is set but data.format=jsonl"),
     ({"data.format": "indexed", "stage": "grpo"}, "only pretrain and sft read indexed datasets; grpo"),
-    ({"data.format": "indexed", "parallel.backend": "megatron"}, "parallel.backend=megatron: pretraining only"),
     ({"data.format": "indexed", "data.train": "p", "data.blend": "{x: 1.0}"}, "both set"),
     ({"data.format": "indexed", "data.train": "null", "data.blend": "{x: 0.0}"}, "data.blend.x=0.0 must be > 0"),
 ])
@@ -72,8 +71,9 @@ def test_config_errors(tmp_path, over, message):
         load_config(None, tiny_overrides(tmp_path, **{"stage": "sft", **over}))
 
 
-def test_indexed_pretraining_is_accepted_on_megatron(tmp_path):
-    cfg = load_config(None, tiny_overrides(tmp_path, **{"stage": "pretrain", "data.format": "indexed",
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_indexed_data_is_accepted_on_megatron(tmp_path, stage):
+    cfg = load_config(None, tiny_overrides(tmp_path, **{"stage": stage, "data.format": "indexed",
                                                         "parallel.backend": "megatron", "data.train": "corpus"}))
     assert cfg.data.format == "indexed" and cfg.parallel.backend == "megatron"
 
