@@ -5,14 +5,15 @@
     python tools/preprocess_data.py --kind sft --input sft_a.jsonl --input sft_b.jsonl --tokenizer ckpt/ \\
         --template chat --output-prefix data/sft
 
-Inputs: `--kind pretrain`: one {"text": ...} per line (other fields ignored, as megatron's --json-keys does);
+Inputs: `--kind pretrain`: the corpus records `r1moe pretrain` reads, {"text": ...} (other fields ignored, as
+megatron's --json-keys does) or {"prompt", "response"} (the prompt rendered with --template, one document);
 `--kind sft`: the SFT records `r1moe sft` reads (prompt, response, ...; r1moe/data/schema.py, every line checked).
 A bad line is an error naming file:line, exit status 2, and no output prefix is written.
 
 Tokens are exactly what the JSONL path of the stage trains on (r1moe/train/pretrain.py `build_examples`):
-pretrain `[bos] text [eos]` as one sequence per document; sft `[bos] render(template, prompt)` and `response [eos]`
-as two sequences, the loss on the second (PREFIX.meta.json says so). The tokenizer is loaded as the stage loads
-data.tokenizer (with the R1 chat markers), so the ids match the model's. Tokenization runs batched in the
+pretrain `[bos] text [eos]` (or `[bos] render(template, prompt) response [eos]`) as one sequence per document;
+sft `[bos] render(template, prompt)` and `response [eos]` as two sequences, the loss on the second
+(PREFIX.meta.json says so). The tokenizer is loaded as the stage loads data.tokenizer (with the R1 chat markers), so the ids match the model's. Tokenization runs batched in the
 tokenizers library's thread pool (RAYON_NUM_THREADS sets its size).
 """
 
@@ -32,8 +33,8 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout
 from r1moe.data.indexed import IndexedMeta, IndexedWriter, token_dtype
 
 
-def _records(paths: list[Path], kind: str) -> Iterator[tuple[str, str]]:
-    """(prefix text, body text) per input line; prefix is the raw prompt (sft) or ''."""
+def _records(paths: list[Path], kind: str, template: str | None) -> Iterator[tuple[str | None, str]]:
+    """(prompt, body text) per input line; the prompt is raw (None for a pretraining text)."""
     from r1moe.data.schema import SFTSample, _from_dict, iter_json_lines
 
     for path in paths:
@@ -43,46 +44,48 @@ def _records(paths: list[Path], kind: str) -> Iterator[tuple[str, str]]:
             if kind == "sft":
                 rec = _from_dict(SFTSample, obj, where)
                 yield rec.prompt, rec.response
+            elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
+                yield None, obj["text"]
+            elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
+                if template is None:
+                    raise ValueError(f"{where}: a prompt + response record: --kind pretrain needs --template (the "
+                                     f"pretrain stage's data.template) to render its prompt")
+                yield obj["prompt"], obj["response"]
             else:
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise ValueError(f"{where}: expected a JSON object with a string field 'text'")
-                yield "", obj["text"]
+                raise ValueError(f"{where}: expected a JSON object with a string field 'text' or 'prompt' + "
+                                 f"'response'")
 
 
-def preprocess(inputs: list[Path], output_prefix: Path, tokenizer: Path, kind: str, template: str,
+def preprocess(inputs: list[Path], output_prefix: Path, tokenizer: Path, kind: str, template: str | None,
                batch_size: int = 1000) -> dict:
     """Write the prefix; returns counts (documents, tokens, seconds)."""
+    from r1moe.data.prompts import render_prompt
     from r1moe.data.tokenizer import add_chat_markers, load_tokenizer, special_ids
-    from r1moe.templates import render
 
     tok = add_chat_markers(load_tokenizer(tokenizer))
     ids = special_ids(tok)
     bos = [] if ids.bos is None else [ids.bos]
     vocab = max(tok.get_vocab().values()) + 1
     meta = IndexedMeta(loss="last_sequence" if kind == "sft" else "all", vocab_size=vocab, eos_id=ids.eos,
-                       bos_id=ids.bos, template=template if kind == "sft" else None)
+                       bos_id=ids.bos, template=template)
     t0 = time.perf_counter()
     num_docs = num_tokens = 0
     with IndexedWriter(output_prefix, token_dtype(vocab), meta) as writer:
-        batch: list[tuple[str, str]] = []
+        batch: list[tuple[str | None, str]] = []
 
         def flush() -> None:
             nonlocal num_docs, num_tokens
             bodies = tok.encode_batch([b for _, b in batch], add_special_tokens=False)
-            if kind == "sft":
-                prompts = tok.encode_batch([p if template == "none" else render(template, p) for p, _ in batch],
-                                           add_special_tokens=False)
-                for p, b in zip(prompts, bodies):
-                    writer.add_document([bos + p.ids, b.ids + [ids.eos]])
-                    num_tokens += len(bos) + len(p.ids) + len(b.ids) + 1
-            else:
-                for b in bodies:
-                    writer.add_document([bos + b.ids + [ids.eos]])
-                    num_tokens += len(bos) + len(b.ids) + 1
+            prompts = tok.encode_batch(["" if p is None else render_prompt(template, p) for p, _ in batch],
+                                       add_special_tokens=False)
+            for p, b in zip(prompts, bodies):
+                seqs = [bos + p.ids, b.ids + [ids.eos]] if kind == "sft" else [bos + p.ids + b.ids + [ids.eos]]
+                writer.add_document(seqs)
+                num_tokens += len(bos) + len(p.ids) + len(b.ids) + 1
             num_docs += len(batch)
             batch.clear()
 
-        for rec in _records(inputs, kind):
+        for rec in _records(inputs, kind, template):
             batch.append(rec)
             if len(batch) >= batch_size:
                 flush()
@@ -100,17 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.json or a checkpoint directory")
     p.add_argument("--kind", required=True, choices=["pretrain", "sft"])
     p.add_argument("--template", choices=["r1_zero", "chat", "none"], default=None,
-                   help="sft: the prompt template (the stage's data.template); not used by pretrain")
+                   help="the stage's data.template, rendering the prompts (sft; pretrain: of prompt + response "
+                        "records); recorded in PREFIX.meta.json and checked by the stage")
     p.add_argument("--batch-size", type=int, default=1000, help="lines tokenized per batch")
     a = p.parse_args(argv)
     if a.kind == "sft" and a.template is None:
         p.error("--kind sft needs --template (the data.template the SFT stage will use)")
-    if a.kind == "pretrain" and a.template is not None:
-        p.error("--template has no effect with --kind pretrain (documents are raw text)")
     if a.batch_size < 1:
         p.error(f"--batch-size {a.batch_size}: must be >= 1")
     try:
-        stats = preprocess(a.input, a.output_prefix, a.tokenizer, a.kind, a.template or "none", a.batch_size)
+        stats = preprocess(a.input, a.output_prefix, a.tokenizer, a.kind, a.template, a.batch_size)
     except (ValueError, FileNotFoundError) as e:
         print(f"tools/preprocess_data.py: error: {e}", file=sys.stderr)
         return 2

@@ -169,7 +169,7 @@ def build_indexed_rows(data, tok, stage: str) -> IndexedRows:
         if m.vocab_size != vocab or m.eos_id != eos:
             raise ValueError(f"{where}: made with a tokenizer of {m.vocab_size} ids (eos {m.eos_id}); the stage's "
                              f"has {vocab} (eos {eos}): re-run tools/preprocess_data.py with data.tokenizer")
-        if stage == "sft" and m.template != data.template:
+        if (stage == "sft" or m.template is not None) and m.template != data.template:
             raise ValueError(f"{where}: prompts rendered with template {m.template!r}; data.template is "
                              f"{data.template!r}")
     return rows

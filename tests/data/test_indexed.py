@@ -125,6 +125,25 @@ def test_preprocess_pretrain_matches_the_jsonl_path(tmp_path, tok_dir, capsys):
         assert ids == ex.ids and mask[1:] == ex.loss_mask[1:]  # position 0 (BOS) is never a target
 
 
+def test_preprocess_pretrain_reads_prompt_response_records_as_the_stage_does(tmp_path, tok_dir):
+    """A corpus of worked solutions ({"prompt", "response"}, as `r1moe data make corpus` writes): one document per
+    record, the prompt rendered with --template, every token a target (read_corpus + build_examples)."""
+    from r1moe.train.pretrain import read_corpus
+
+    recs = [{"prompt": f"question {i}", "response": TEXTS[i]} for i in range(10)] + [{"text": TEXTS[10]}]
+    src = _jsonl(tmp_path / "c.jsonl", recs)
+    assert preprocess_main(["--kind", "pretrain", "--input", str(src), "--tokenizer", str(tok_dir),
+                            "--output-prefix", str(tmp_path / "c")]) == 2  # prompts need the stage's template
+    assert preprocess_main(["--kind", "pretrain", "--template", "r1_zero", "--input", str(src), "--tokenizer",
+                            str(tok_dir), "--output-prefix", str(tmp_path / "c")]) == 0
+    ds = IndexedDataset(tmp_path / "c")
+    assert ds.meta.loss == "all" and ds.meta.template == "r1_zero"
+    expected = build_examples(read_corpus(src, "r1_zero"), _stage_tok(tok_dir), loss_on_prefix=True)
+    for i, ex in enumerate(expected):
+        ids, mask = ds.example(i)
+        assert ids == ex.ids and mask[1:] == ex.loss_mask[1:]
+
+
 def test_preprocess_sft_masks_the_prompt(tmp_path, tok_dir):
     recs = [{"prompt": f"question {i}", "response": TEXTS[i]} for i in range(20)]
     src = _jsonl(tmp_path / "s.jsonl", recs)
@@ -139,7 +158,8 @@ def test_preprocess_sft_masks_the_prompt(tmp_path, tok_dir):
 
 
 @pytest.mark.parametrize("lines,message", [
-    (['{"text": "ok"}', '{"txt": "no"}'], "c.jsonl:2: expected a JSON object with a string field 'text'"),
+    (['{"text": "ok"}', '{"txt": "no"}'], "c.jsonl:2: expected a JSON object with a string field 'text' or"),
+    (['{"text": "ok"}', '{"prompt": "q", "response": "a"}'], "c.jsonl:2: a prompt + response record"),
     (['{"text": "ok"}', '{"text": '], "c.jsonl:2: malformed JSON"),
     ([""], "no record"),
 ])

@@ -44,10 +44,12 @@ pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = str(REPO / "recipes/tiny/r1/rm.yaml")
 SEQ_LEN = 256
+TEMPLATE = "chat"
+"""The pairs' template (the fixture's data; the tiny recipe's own is r1_zero)."""
 
 
 def _overrides(root: Path, run_dir: Path, **over) -> list[str]:
-    base = {"stage": "rm", "model.init": root / "base", "data.train": root / "train.jsonl",
+    base = {"stage": "rm", "model.init": root / "base", "data.train": root / "train.jsonl", "data.template": TEMPLATE,
             "data.eval": root / "eval.jsonl", "data.seq_len": SEQ_LEN, "train.epochs": "null", "train.steps": 40,
             "train.batch_size": 16, "train.eval_every": 0, "train.threads": 0, "optim.lr": 1e-3,
             "optim.warmup_steps": 0, "checkpoint.every": 0, "logging.run_dir": run_dir, "logging.wandb": "disabled",
@@ -77,8 +79,8 @@ def data(tmp_path_factory):
     tok = build_tiny_tokenizer(default_corpus(num_per_task=50), vocab_size=512)
     save_pretrained(build_model(get_preset("tiny-moe").replace(num_hidden_layers=2), seed=0), root / "base",
                     tokenizer=tok)
-    write_jsonl(root / "train.jsonl", make_preference_pairs(400, seed=0, template="chat"))
-    write_jsonl(root / "eval.jsonl", make_preference_pairs(100, seed=1, template="chat"))
+    write_jsonl(root / "train.jsonl", make_preference_pairs(400, seed=0, template=TEMPLATE))
+    write_jsonl(root / "eval.jsonl", make_preference_pairs(100, seed=1, template=TEMPLATE))
     rm.run(load_config(RECIPE, _overrides(root, root / "ref", **{
         "train.steps": 20, "train.device": "cuda", "model.dtype": "float32"})))
     return root
@@ -88,7 +90,7 @@ def _held_out(root: Path, tok):
     from r1moe.data import read_pairs
     from r1moe.train.rm import encode_pairs
 
-    return encode_pairs(read_pairs(root / "eval.jsonl"), tok, "chat", "summary", SEQ_LEN)[0]
+    return encode_pairs(read_pairs(root / "eval.jsonl"), tok, TEMPLATE, "summary", SEQ_LEN)[0]
 
 
 def test_scores_and_first_step_match_the_reference(data):
@@ -116,7 +118,7 @@ def test_scores_and_first_step_match_the_reference(data):
     held_out = _held_out(data, tok)
     seqs = obj.sequences(held_out)
     s_ref = score_sequences(ref, seqs, pad)
-    train, _ = encode_pairs(read_pairs(data / "train.jsonl"), tok, "chat", "summary", SEQ_LEN)
+    train, _ = encode_pairs(read_pairs(data / "train.jsonl"), tok, TEMPLATE, "summary", SEQ_LEN)
     batch = [train[j] for j in pair_batch(len(train), 1, 16, 0)]
     # the reference's first step on this batch: BT loss and the gradient norm of every parameter that gets one
     ref.train().requires_grad_(True)
@@ -196,7 +198,7 @@ def test_stage_learns_saves_a_reference_loadable_model_and_resumes(data, tmp_pat
     assert done["eval_final"]["accuracy"] > 0.5 and done["eval_final"]["loss"] < math.log(2)
     assert {"config.json", "tokenizer.json", "score_head.safetensors", "reward_model.json"} <= {
         p.name for p in final.iterdir()}
-    assert meta["scope"] == "summary" and meta["template"] == "chat"
+    assert meta["scope"] == "summary" and meta["template"] == TEMPLATE
     # the saved directory scores (reference loader, float32) as the megatron model did before saving (bf16)
     assert abs(by_reference["loss"] - done["eval_final"]["loss"]) <= 0.02 * done["eval_final"]["loss"]
     assert abs(by_reference["accuracy"] - done["eval_final"]["accuracy"]) <= 0.05

@@ -116,14 +116,15 @@ def test_indexed_data_on_megatron(data, tmp_path, kind):
     spec = importlib.util.spec_from_file_location("preprocess", REPO / "tools" / "preprocess_data.py")
     preprocess = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(preprocess)
-    sft_kind = {"data.template": "none"} if kind == "sft" else {}
+    # the corpus holds worked solutions (prompt + response), rendered with the pretraining recipe's template
+    template = "none" if kind == "sft" else "r1_zero"
     src = data / ("sft.jsonl" if kind == "sft" else "corpus.jsonl")
     assert preprocess.main(["--kind", kind, "--input", str(src), "--tokenizer", str(data / "base" / "final"),
-                            *(["--template", "none"] if sft_kind else []), "--output-prefix", str(tmp_path / kind)]) == 0
+                            "--template", template, "--output-prefix", str(tmp_path / kind)]) == 0
     losses = {}
     for backend, steps in (("reference", 1), ("megatron", 20)):
-        cfg = load_config(None if sft_kind else PRETRAIN_RECIPE, _overrides(tmp_path / backend, **sft_kind, **{
-            "stage": kind, "data.format": "indexed", "data.train": tmp_path / kind,
+        cfg = load_config(None if kind == "sft" else PRETRAIN_RECIPE, _overrides(tmp_path / backend, **{
+            "stage": kind, "data.format": "indexed", "data.train": tmp_path / kind, "data.template": template,
             "model.init": data / "base" / "final", "train.steps": steps, "train.batch_size": 4,
             "data.seq_len": 128, "optim.warmup_steps": 1, "optim.lr": 1e-4, "train.mtp_weight": 0.0,
             "train.device": "cuda", "model.dtype": "float32", "parallel.backend": backend}))
@@ -139,7 +140,7 @@ def test_indexed_data_on_megatron(data, tmp_path, kind):
 
 
 def test_first_step_loss_matches_the_reference_backend(data, tmp_path):
-    """Same checkpoint, same packed rows (data.seq_len=128: several documents per row): the reference model masks
+    """Same checkpoint, same packed rows (data.seq_len=512: several documents per row): the reference model masks
     attention across a row's documents and restarts positions; megatron runs each micro-batch as one THD sequence
     (parallel.train.packed_sequences). A document seeing its neighbours, or positions running on, moves the loss
     by far more than the tolerance."""
@@ -151,13 +152,13 @@ def test_first_step_loss_matches_the_reference_backend(data, tmp_path):
     base = data / "base" / "final"
     tok = load_tokenizer(base)
     examples = pretrain.build_examples(pretrain.read_corpus(data / "corpus.jsonl", "r1_zero"), tok, loss_on_prefix=True)
-    rows = pack_examples(examples, 128, special_ids(tok)[0])
+    rows = pack_examples(examples, 512, special_ids(tok)[0])
     assert sum(max(r[2]) >= 1 for r in rows) > len(rows) // 2  # most rows hold two documents or more
 
     result = {}
     for backend in ("reference", "megatron"):
         cfg = load_config(PRETRAIN_RECIPE, _overrides(tmp_path / backend, **{
-            "model.init": base, "data.train": data / "corpus.jsonl", "data.seq_len": 128, "train.steps": 1,
+            "model.init": base, "data.train": data / "corpus.jsonl", "data.seq_len": 512, "train.steps": 1,
             "train.batch_size": 8, "train.mtp_weight": 0.0, "optim.warmup_steps": 0, "train.device": "cuda",
             "model.dtype": "float32", "parallel.backend": backend}))
         pretrain.run(cfg)

@@ -86,6 +86,14 @@ def test_file_and_stage_mismatches(tmp_path, tiny_base, sft_files):
     with pytest.raises(ValueError, match="prompts rendered with template 'r1_zero'; data.template is 'chat'"):
         sft.run(_sft_cfg(tmp_path / "s", tiny_base, **{"data.train": sft_files / "sft", "data.format": "indexed",
                                                         "data.template": "chat"}))
+    # a corpus of prompt + response records rendered with one template, pretrained under another
+    assert preprocess.main(["--kind", "pretrain", "--template", "r1_zero", "--input", str(sft_files / "sft.jsonl"),
+                            "--tokenizer", str(tiny_base), "--output-prefix", str(tmp_path / "corpus")]) == 0
+    with pytest.raises(ValueError, match="corpus.meta.json: prompts rendered with template 'r1_zero'; data.template is "
+                                         "'chat'"):
+        pretrain.run(load_config(None, tiny_overrides(tmp_path / "c", **{
+            "stage": "pretrain", "data.format": "indexed", "data.train": tmp_path / "corpus",
+            "data.tokenizer": tiny_base, "data.template": "chat"})))
     megatron = ROOT / "tests" / "data" / "indexed" / "megatron_written"
     with pytest.raises(ValueError, match="a pretraining file .* sft needs one made by tools/preprocess_data.py"):
         sft.run(_sft_cfg(tmp_path / "m", tiny_base, **{"data.train": megatron, "data.format": "indexed"}))
@@ -97,5 +105,5 @@ def test_file_and_stage_mismatches(tmp_path, tiny_base, sft_files):
         pretrain.run(load_config("recipes/tiny/r1_zero/pretrain.yaml", tiny_overrides(tmp_path / "u", **{
             "stage": "pretrain", "data.format": "indexed", "data.train": megatron, "data.tokenizer": tiny_base,
             "train.steps": 2, "train.batch_size": 1, "data.seq_len": 8})))  # 2 rows: both read in 2 steps
-    assert not any((tmp_path / n).exists() for n in "psmt")
+    assert not any((tmp_path / n).exists() for n in "psmtc")
     assert not (tmp_path / "u" / "final").exists()  # refused before any run directory
