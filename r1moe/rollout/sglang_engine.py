@@ -40,7 +40,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib
+import importlib.util
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -86,8 +88,22 @@ def _running_failure_handler(owner: SGLangEngine):
     return OnChildFailure
 
 
+def _load_transformer_engine_first() -> None:
+    """With megatron-core + Transformer Engine installed next to SGLang, load them before SGLang. Seen on an H200
+    (SGLang 0.5.17, TE 2.20.2, megatron-core 0.19.2): in a process that imported SGLang first, the first reply of
+    SGLang's detokenizer needed megatron.core to unpickle, whose TE import then failed on cuDNN
+    (`libcudnn_heuristic.so.9: undefined symbol`), and SGLang killed the process. With TE and megatron loaded
+    before SGLang (as the megatron backend's runs do) both stacks ran in one process."""
+    if "sglang" in sys.modules or importlib.util.find_spec("transformer_engine") is None:
+        return
+    importlib.import_module("transformer_engine.pytorch")
+    if importlib.util.find_spec("megatron") is not None and importlib.util.find_spec("megatron.core") is not None:
+        importlib.import_module("megatron.core")
+
+
 def check_sglang(where: str = "rollout.engine=sglang", num_gpus: int = 1) -> None:
     """ValueError naming what is missing for SGLang rollouts (CUDA, enough GPUs, the package)."""
+    _load_transformer_engine_first()
     missing = []
     if not torch.cuda.is_available():
         missing.append("CUDA (torch sees no GPU)")
