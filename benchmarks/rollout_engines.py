@@ -222,8 +222,9 @@ def bench_replay(ckpt: Path, tok, results: dict) -> None:
     torch.cuda.empty_cache()
 
 
-def bench_grpo(ckpt: Path, root: Path, results: dict, engines: list[str]) -> None:
-    """3 GRPO steps of 32 questions x 8 (256 sequences, up to 256 new tokens) per engine, reference backend bf16."""
+def bench_grpo(ckpt: Path, root: Path, results: dict, engines: list[str], log_dir: Path) -> None:
+    """3 GRPO steps of 32 questions x 8 (256 sequences, up to 256 new tokens) per engine, reference backend bf16.
+    Each run's whole output goes to log_dir/grpo_ENGINE.log (SGLang's processes print their tracebacks there)."""
     from r1moe.data import make_dataset, write_jsonl
 
     write_jsonl(root / "train.jsonl", make_dataset("arithmetic", 256, seed=0))
@@ -239,8 +240,9 @@ def bench_grpo(ckpt: Path, root: Path, results: dict, engines: list[str]) -> Non
         cmd = [sys.executable, "-m", "r1moe.train.grpo", "recipes/tiny/r1_zero/grpo.yaml",
                *[f"{k}={v}" for k, v in over.items()]]
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=False)
+        (log_dir / f"grpo_{engine}.log").write_text(p.stdout + p.stderr)
         if p.returncode:
-            results[f"grpo_{engine}"] = {"error": p.stderr[-2000:]}
+            results[f"grpo_{engine}"] = {"error": p.stderr[-2000:], "log": str(log_dir / f"grpo_{engine}.log")}
             continue
         from r1moe.tracking import read_metrics
 
@@ -270,7 +272,7 @@ def main() -> int:
                            root / "ckpt", tokenizer=tok)
     parts = {"engines": lambda: bench_engines(ckpt, tok, results), "sync": lambda: bench_sync(ckpt, tok, results),
              "replay": lambda: bench_replay(ckpt, tok, results),
-             "grpo": lambda: bench_grpo(ckpt, root, results, a.grpo_engines)}
+             "grpo": lambda: bench_grpo(ckpt, root, results, a.grpo_engines, Path(a.out).resolve().parent)}
     for name, fn in ((n, parts[n]) for n in a.only):
         try:
             fn()
