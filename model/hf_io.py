@@ -8,6 +8,9 @@ tensor reader and a size-bounded shard writer. Pure CPU (safetensors + torch).
   `<name>_scale_inv` per 128x128 block (`quantization_config.weight_block_size`); de-quantized with the semantics of
   DeepSeek-V3 `inference/fp8_cast_bf16.py` / `kernel.py:weight_dequant`: w[i, j] = q[i, j] * s[i // bm, j // bn],
   in float32.
+- `compute_fp8_quant(w, block)`: the inverse, for serving a trainer's weights in that format (a rollout engine's
+  FP8 weights): s = amax(|block|) / 448, q = w / s in float8_e4m3fn; `fp8_quantized(name, layers)` says which HF
+  tensors V3's FP8 release stores so (the decoder layers' linear projections, routed and shared experts included).
 - `HFReader(dir)`: `reader[name]` loads one tensor from whichever shard holds it, memory-mapped, nothing else
   read; FP8 weights come back de-quantized.
 - `ShardWriter(dir, max_shard_bytes)`: `add(name, tensor)` appends to the current shard and flushes it when full,
@@ -38,6 +41,11 @@ INDEX_NAME = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_BLOCK = (128, 128)
+FP8_E4M3_MAX = 448.0
+FP8_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "k_proj", "v_proj", "o_proj",
+                   "gate_proj", "up_proj", "down_proj")
+"""The linear projections of a decoder layer (attention, dense MLP, routed and shared experts) DeepSeek-V3's FP8
+release stores block-quantized; embeddings, the LM head, norms and the router's gate stay in bf16/fp32."""
 
 
 # ---------------------------------------------------------------------------------------------- read
@@ -84,6 +92,30 @@ def compute_fp8_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block: tu
                          f"for a {tuple(weight.shape)} weight in {bm}x{bn} blocks")
     s = scale_inv.float().repeat_interleave(bm, dim=0)[:M].repeat_interleave(bn, dim=1)[:, :N]
     return weight.float() * s
+
+
+def fp8_quantized(name: str, num_hidden_layers: int) -> bool:
+    """Whether the HF tensor `name` is stored block-quantized in DeepSeek-V3's FP8 format: the weight of one of
+    FP8_PROJECTIONS in decoder layers 0 .. num_hidden_layers - 1 (MTP layers, which rollout engines skip, are not)."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\..*\.([a-z_]+)\.weight", name)
+    return m is not None and int(m.group(1)) < num_hidden_layers and m.group(2) in FP8_PROJECTIONS
+
+
+def compute_fp8_quant(weight: torch.Tensor, block: tuple[int, int] = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise FP8 quantization, the inverse of `compute_fp8_dequant`: per (bm, bn) block (partial at the edges)
+    s = amax(|w|) / 448 (1 for an all-zero block), q = w / s rounded to float8_e4m3fn. Returns (q [M, N],
+    scale_inv [ceil(M / bm), ceil(N / bn)] float32), on the weight's device."""
+    if weight.dim() != 2:
+        raise ValueError(f"FP8 block quantization expects a 2-D weight, got {tuple(weight.shape)}")
+    M, N = weight.shape
+    bm, bn = block
+    rows, cols = math.ceil(M / bm), math.ceil(N / bn)
+    w = torch.nn.functional.pad(weight.float(), (0, cols * bn - N, 0, rows * bm - M))
+    blocks = w.view(rows, bm, cols, bn)
+    amax = blocks.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.view(rows * bm, cols * bn)[:M, :N].contiguous(), scale
 
 
 def _safe_open(file_path: Path):

@@ -41,11 +41,34 @@ def load_checkpoint_engine(checkpoint: str | Path, engine: str = "builtin", sgla
         if device != "auto" and not device.startswith("cuda"):
             raise ValueError(f"engine=sglang runs on GPUs: device={device!r} must be auto or cuda")
         check_sglang("engine=sglang", num_gpus=settings.tp * settings.dp)
-        return SGLangEngine(checkpoint, tok, eos_ids, settings, context_length=context_length or
-                            min(mcfg.max_position_embeddings, 32768), seed=seed), tok
+        ctx = context_length or min(mcfg.max_position_embeddings, 32768)
+        if settings.quantization == "fp8":  # the checkpoint's weights, quantized on their way in
+            return _fp8_engine(checkpoint, mcfg, tok, eos_ids, settings, ctx, seed), tok
+        return SGLangEngine(checkpoint, tok, eos_ids, settings, context_length=ctx, seed=seed), tok
     from r1moe.model import from_pretrained, resolve_device
 
     from .builtin import BuiltinEngine
 
     model = from_pretrained(checkpoint, device=str(resolve_device(device))).eval()
     return BuiltinEngine(model, tok, eos_ids=eos_ids, pad_id=pad), tok
+
+
+def _fp8_engine(checkpoint: Path, mcfg, tok: Tokenizer, eos_ids: list[int], settings: SGLangSection, ctx: int,
+                seed: int) -> RolloutEngine:
+    """SGLang serving `checkpoint` in FP8 (rollout.sglang.quantization=fp8): started from its config with dummy
+    weights, then the checkpoint's tensors streamed to the GPU one at a time and quantized on the way in."""
+    import tempfile
+
+    import torch
+
+    from r1moe.model.hf_io import SCALE_SUFFIX, HFReader
+
+    from .sglang_engine import SGLangEngine, write_engine_dir
+
+    reader = HFReader(checkpoint, dtype=torch.bfloat16)
+    engine_dir = tempfile.TemporaryDirectory(prefix="r1moe-fp8-engine-")  # removed with the engine
+    engine = SGLangEngine(write_engine_dir(mcfg, Path(engine_dir.name), quantization="fp8"), tok, eos_ids, settings,
+                          context_length=ctx, seed=seed, dummy_weights=True)
+    engine.engine_dir = engine_dir
+    engine.update_weights((name, reader[name].cuda()) for name in reader.names() if not name.endswith(SCALE_SUFFIX))
+    return engine

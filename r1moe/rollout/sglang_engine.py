@@ -41,11 +41,12 @@ import asyncio
 import base64
 import importlib
 import importlib.util
+import json
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -150,6 +151,14 @@ class SGLangEngine:
         check_sglang(num_gpus=settings.base_gpu_id + settings.tp * settings.dp)
         import sglang
 
+        self.fp8_layers = None  # FP8 serving: the decoder layers whose projections are quantized on sync
+        if settings.quantization == "fp8":
+            config = json.loads((Path(model_path) / "config.json").read_text())
+            if not dummy_weights or (config.get("quantization_config") or {}).get("quant_method") != "fp8":
+                raise ValueError("rollout.sglang.quantization=fp8: SGLang starts from write_engine_dir(..., "
+                                 "quantization='fp8') with dummy weights; the weights come by update_weights")
+            self.fp8_layers = int(config["num_hidden_layers"])
+
         if routing_model is not None and not routing_model.is_moe:
             raise ValueError("routing replay (rollout.routing_replay): the model has no MoE layers to route")
         self.routing_model = routing_model
@@ -222,12 +231,8 @@ class SGLangEngine:
         flat tensor that SGLang reads through one CUDA IPC handle (SGLang's `flattened_bucket` format). fp32
         matrices travel in the engine's dtype (half the bytes; SGLang would cast them on load anyway)."""
         self._wake(["weights"])
-        cast = _engine_dtype(self.settings.dtype)
         bucket, size, limit = [], 0, self.settings.weight_bucket_mb << 20
-        for name, t in named_tensors:
-            t = t.detach()
-            if cast is not None and t.dtype == torch.float32 and t.dim() >= 2:
-                t = t.to(cast)
+        for name, t in engine_tensors(named_tensors, self.settings.dtype, self.fp8_layers):
             bucket.append((name, t))
             size += t.numel() * t.element_size()
             if size >= limit:
@@ -245,6 +250,7 @@ class SGLangEngine:
             if flush:
                 self._call(self.engine.flush_cache)
             return
+        bucket = aligned_order(bucket)
         flat = FlattenedTensorBucket(named_tensors=bucket)
         if self.nccl_sync:
             return self._broadcast(bucket, flat.get_flattened_tensor(), flush)
@@ -396,15 +402,55 @@ def decode_routes(raw: str, cfg, fed: int) -> torch.Tensor:
     return compact_routes(ids[:fed, cfg.moe_layer_ids()], cfg.n_routed_experts)
 
 
+def engine_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: str, fp8_layers: int | None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The trainer's HF-named tensors as SGLang loads them: fp32 matrices in the engine's `dtype`; with FP8 serving
+    (`fp8_layers`: the model's num_hidden_layers), each projection model/hf_io.py `fp8_quantized` names as
+    (name, float8_e4m3fn weight) + (name_scale_inv, float32 128x128 block scales), DeepSeek-V3's release format."""
+    from r1moe.model.hf_io import SCALE_SUFFIX, compute_fp8_quant, fp8_quantized
+
+    cast = _engine_dtype(dtype)
+    for name, t in named_tensors:
+        t = t.detach()
+        if fp8_layers is not None and fp8_quantized(name, fp8_layers):
+            q, scale = compute_fp8_quant(t)
+            yield name, q
+            yield name + SCALE_SUFFIX, scale
+            continue
+        if cast is not None and t.dtype == torch.float32 and t.dim() >= 2:
+            t = t.to(cast)
+        yield name, t
+
+
+def aligned_order(bucket: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """The bucket with wider elements first. SGLang views each tensor out of the bucket's flat bytes, which needs
+    its byte offset divisible by its element size (a float32 after an odd number of bf16 or fp8 elements cannot be
+    viewed): in this order every offset is a sum of sizes of equal or wider elements."""
+    return sorted(bucket, key=lambda nt: -nt[1].element_size())
+
+
 def _engine_dtype(name: str) -> torch.dtype | None:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16}.get(name)
 
 
-def write_engine_dir(model_cfg, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                           "weight_block_size": [128, 128]}
+"""config.json's quantization_config of DeepSeek-V3's FP8 release (rollout.sglang.quantization=fp8)."""
+
+
+def write_engine_dir(model_cfg, out_dir: Path, dtype: torch.dtype = torch.bfloat16, quantization: str = "none"
+                     ) -> Path:
     """A directory SGLang can start from with dummy weights (`load_format=dummy`): the config files of a checkpoint
-    (model.checkpoint.write_config_files), no weights (they come by `update_weights`)."""
+    (model.checkpoint.write_config_files), no weights (they come by `update_weights`); `quantization="fp8"` adds
+    V3's FP8 quantization_config, so SGLang builds its FP8 layers."""
+    from r1moe.atomic import write_json_atomic
     from r1moe.model.checkpoint import write_config_files
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config_files(model_cfg, out_dir, dtype)
+    if quantization == "fp8":
+        config = json.loads((out_dir / "config.json").read_text())
+        write_json_atomic(out_dir / "config.json", {**config, "quantization_config": FP8_QUANTIZATION_CONFIG})
+    elif quantization != "none":
+        raise ValueError(f"quantization={quantization!r}: expected none or fp8")
     return out_dir

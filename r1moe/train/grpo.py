@@ -150,8 +150,10 @@ def build_engine(cfg: JobConfig, policy: Policy, tok, run_dir) -> RolloutEngine 
         return None
     from r1moe.rollout.sglang_engine import SGLangEngine, write_engine_dir
 
-    init = common.init_checkpoint_dir(cfg.model)
-    path = init if init is not None else write_engine_dir(policy.model_cfg, run_dir / "rollout_engine")
+    fp8 = cfg.rollout.sglang.quantization == "fp8"  # FP8 serving starts from dummy weights, never from bf16 ones
+    init = None if fp8 else common.init_checkpoint_dir(cfg.model)
+    path = init if init is not None else write_engine_dir(policy.model_cfg, run_dir / "rollout_engine",
+                                                          quantization=cfg.rollout.sglang.quantization)
     longest = max([cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens, *cfg.rollout.max_new_tokens_schedule.values()])
     ctx = cfg.data.max_prompt_tokens + longest
     return SGLangEngine(path, tok, eos_ids, cfg.rollout.sglang, context_length=ctx, seed=cfg.train.seed,

@@ -324,6 +324,48 @@ def test_eval_and_rejection_generate_through_sglang(data, tmp_path):
     assert abs(out["sglang"]["passed_filters"] - out["builtin"]["passed_filters"]) <= 8
 
 
+def test_fp8_serving_is_the_fp8_rounded_policy(data, tmp_path):
+    """rollout.sglang.quantization=fp8 through the eval/rejection loader: SGLang starts with dummy FP8 weights and
+    the checkpoint streams in, quantized to DeepSeek-V3's blockwise format on the way. Its log-probs of its own
+    samples are compared with the fp32 reference model whose projections are the same FP8-rounded weights
+    (SGLang also quantizes activations per token and 128 channels, so the tolerance is looser than bf16's), and
+    with the unrounded model, for the record. Dimensions are multiples of 128 (SGLang's FP8 MoE needs them)."""
+    from r1moe.config import SGLangSection
+    from r1moe.data.tokenizer import load_tokenizer
+    from r1moe.model import build_model, get_preset, save_pretrained
+    from r1moe.model.hf_io import compute_fp8_dequant, compute_fp8_quant, fp8_quantized
+    from r1moe.rollout import SamplingParams
+    from r1moe.rollout.loader import load_checkpoint_engine
+
+    tok = load_tokenizer(data / "base" / "final")
+    cfg = get_preset("tiny-moe").replace(hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                                         q_lora_rank=128, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=64,
+                                         v_head_dim=64, num_nextn_predict_layers=0, eos_token_id=2,
+                                         vocab_size=tok.get_vocab_size())
+    model = build_model(cfg, device="cuda", seed=3).eval()
+    ckpt = save_pretrained(model, tmp_path / "ckpt", tokenizer=tok)
+    engine, _ = load_checkpoint_engine(ckpt, "sglang", SGLangSection(quantization="fp8", colocate=False,
+                                                                    cuda_graph_max_bs=0, mem_fraction_static=0.2),
+                                       context_length=256)
+    try:
+        gens = engine.generate(_prompts(data, tok) * 2, SamplingParams(temperature=1.0, max_new_tokens=32, seed=1))
+    finally:
+        engine.shutdown()
+    rounded = build_model(cfg, device="cuda", seed=3).eval()
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if fp8_quantized(name, cfg.num_hidden_layers):
+                p.copy_(compute_fp8_dequant(*compute_fp8_quant(p.detach())))
+    _, ref_fp8, b = _teacher_forced(rounded, gens, 1.0)
+    _, ref_bf, _ = _teacher_forced(model, gens, 1.0)
+    m = b.response_mask_NT
+    d8, d = (b.rollout_logp_NT - ref_fp8).abs()[m], (b.rollout_logp_NT - ref_bf).abs()[m]
+    record("sglang_engine", {"fp8_serving": {"tokens": int(m.sum()), "mean_abs_diff_vs_fp8_rounded_fp32": float(d8.mean()),
+                                             "max_abs_diff_vs_fp8_rounded_fp32": float(d8.max()),
+                                             "mean_abs_diff_vs_unrounded_fp32": float(d.mean())}})
+    assert int(m.sum()) > 0 and float(d8.mean()) < 0.1
+
+
 def _grpo(data, run, backend, steps=4, replay=False):
     from r1moe.tracking import read_metrics
 
