@@ -211,6 +211,10 @@ class SGLangEngine:
     def _wake(self, tags: list[str]) -> None:
         todo = [t for t in tags if t in self.asleep]
         if todo:
+            # the trainer's caching allocator keeps what training took of the memory SGLang released: hand it back
+            # to the driver first, or SGLang's resume finds too little (the other ranks: the policy's export_to)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             self._call(self.engine.resume_memory_occupation, tags=todo)
             self.asleep.difference_update(todo)
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from r1moe.algorithms import compute_grpo_loss, compute_loss_denominator, compute_sft_loss, compute_token_logprobs
@@ -176,7 +177,6 @@ class MegatronPolicy:
     def __init__(self, cfg: JobConfig, tok: Tokenizer, total_updates: int, *, mtp_weight: float, expert_bias_rate: float,
                  with_ref: bool = False, aux_loss: bool = True):
         check_megatron_backend(cfg)
-        import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
         from r1moe.parallel import MegatronOptions, build_mcore_model, build_optimizer, initialize_parallel
@@ -257,7 +257,6 @@ class MegatronPolicy:
                       ) -> dict[str, float]:
         """One optimizer step of next-token cross-entropy on a batch of packed rows (`local`: this data-parallel
         rank's share of them, indexed data); a non-finite one is skipped, counted by `guard`."""
-        import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
         t0 = time.perf_counter()
@@ -352,8 +351,6 @@ class MegatronPolicy:
     def _logprob_mismatch(self, mbs: list[RLMicroBatch]) -> dict[str, float]:
         """|log pi_old (trainer) - rollout logprob| over the first mini-batch's response tokens, reduced over all
         ranks (only the last pipeline stage has log-probs; data-parallel ranks hold different rows)."""
-        import torch.distributed as dist
-
         total, peak = torch.zeros(2, device=self.device), torch.zeros(1, device=self.device)  # (sum, count), max
         for mb in mbs:
             if mb.old_logp is None:
@@ -382,8 +379,6 @@ class MegatronPolicy:
         """Rank 0's object on every rank (rollouts: all ranks must train on the same samples)."""
         if self.world == 1:
             return obj
-        import torch.distributed as dist
-
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -399,7 +394,11 @@ class MegatronPolicy:
 
     def export_to(self, engine) -> None:
         """The current weights into a rollout engine (`update_weights`: HF names, full tensors), one stream so the
-        engine buckets them itself. Collective: ranks without an engine (None) take part in the gathers only."""
+        engine buckets them itself. Collective: ranks without an engine (None) take part in the gathers only. With
+        SGLang colocated, every rank first returns its cached memory (SGLang's shards resume on all its GPUs)."""
+        if self.cfg.rollout.engine == "sglang" and self.cfg.rollout.sglang.colocate:
+            torch.cuda.empty_cache()
+            dist.barrier()
         stream = self._export()
         engine.update_weights(stream) if engine is not None else collections.deque(stream, maxlen=0)
 
@@ -416,7 +415,6 @@ class MegatronPolicy:
     def save_final(self, run_dir: Path, tok: Tokenizer, summary: dict[str, Any]) -> None:
         """final/ (an HF directory by r1moe.model.save_pretrained, like the reference backend's) then DONE.json,
         written by rank 0, through the built-in engine's model when there is one, else a host-memory copy."""
-        import torch.distributed as dist
 
         from r1moe.model import build_model, load_hf_tensor
         from r1moe.parallel import all_finite
@@ -443,7 +441,6 @@ class MegatronPolicy:
         """checkpoints/step_N: megatron dist checkpoint + trainer state (with `extra`, e.g. the guard's counts),
         renamed into place when complete; the newest checkpoint.keep are kept. Non-finite weights are refused
         (NonFiniteError on every rank) before anything is written."""
-        import torch.distributed as dist
 
         from r1moe.parallel import all_finite, save_dist_checkpoint
 
