@@ -69,12 +69,13 @@ def preprocess(inputs: list[Path], output_prefix: Path, tokenizer: Path, kind: s
     meta = IndexedMeta(loss="last_sequence" if kind == "sft" else "all", vocab_size=vocab, eos_id=ids.eos,
                        bos_id=ids.bos, template=template)
     t0 = time.perf_counter()
-    num_docs = num_tokens = 0
+    num_docs = num_tokens = num_prompts = 0
     with IndexedWriter(output_prefix, token_dtype(vocab), meta) as writer:
         batch: list[tuple[str | None, str]] = []
 
         def flush() -> None:
-            nonlocal num_docs, num_tokens
+            nonlocal num_docs, num_tokens, num_prompts
+            num_prompts += sum(p is not None for p, _ in batch)
             bodies = tok.encode_batch([b for _, b in batch], add_special_tokens=False)
             prompts = tok.encode_batch(["" if p is None else render_prompt(template, p) for p, _ in batch],
                                        add_special_tokens=False)
@@ -93,6 +94,9 @@ def preprocess(inputs: list[Path], output_prefix: Path, tokenizer: Path, kind: s
             flush()
         if num_docs == 0:
             raise ValueError(f"{', '.join(map(str, inputs))}: no record (empty input)")
+        if kind == "pretrain" and template is not None and num_prompts == 0:
+            raise ValueError(f"--template {template} has no effect: {', '.join(map(str, inputs))} hold only text "
+                             f"records (no prompt + response)")
     return {"documents": num_docs, "tokens": num_tokens, "seconds": time.perf_counter() - t0}
 
 

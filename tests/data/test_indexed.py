@@ -157,17 +157,18 @@ def test_preprocess_sft_masks_the_prompt(tmp_path, tok_dir):
     assert [ds.example(i) for i in range(len(recs))] == [(e.ids, e.loss_mask) for e in expected]
 
 
-@pytest.mark.parametrize("lines,message", [
-    (['{"text": "ok"}', '{"txt": "no"}'], "c.jsonl:2: expected a JSON object with a string field 'text' or"),
-    (['{"text": "ok"}', '{"prompt": "q", "response": "a"}'], "c.jsonl:2: a prompt + response record"),
-    (['{"text": "ok"}', '{"text": '], "c.jsonl:2: malformed JSON"),
-    ([""], "no record"),
+@pytest.mark.parametrize("lines,extra,message", [
+    (['{"text": "ok"}', '{"txt": "no"}'], [], "c.jsonl:2: expected a JSON object with a string field 'text' or"),
+    (['{"text": "ok"}', '{"prompt": "q", "response": "a"}'], [], "c.jsonl:2: a prompt + response record"),
+    (['{"text": "ok"}', '{"text": '], [], "c.jsonl:2: malformed JSON"),
+    ([""], [], "no record"),
+    (['{"text": "ok"}'], ["--template", "chat"], "--template chat has no effect"),
 ])
-def test_preprocess_bad_input_exits_2_naming_the_line(tmp_path, tok_dir, capsys, lines, message):
+def test_preprocess_bad_input_exits_2_naming_the_line(tmp_path, tok_dir, capsys, lines, extra, message):
     src = tmp_path / "c.jsonl"
     src.write_text("\n".join(lines) + "\n")
     rc = preprocess_main(["--kind", "pretrain", "--input", str(src), "--tokenizer", str(tok_dir),
-                          "--output-prefix", str(tmp_path / "out")])
+                          "--output-prefix", str(tmp_path / "out"), *extra])
     assert rc == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]  # no prefix, no temp file
 
