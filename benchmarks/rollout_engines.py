@@ -2,7 +2,7 @@
 generated tokens/s of raw `sglang.Engine`, `SGLangEngine`, `BuiltinEngine` and `transformers` generate at batch
 64 and 256 (prompt 32 tokens, 256 new); weight sync into SGLang (GB/s, 256 MB to 4 GB buckets) from the reference
 model and from the megatron export; the engine/trainer logprob mismatch with and without MoE routing replay; one GRPO step split into
-rollout / train / sync with the built-in engine and with SGLang.
+rollout / log-probs / train / sync with the built-in engine and with SGLang.
 
     PYTHONPATH=/root/sgl/site python benchmarks/rollout_engines.py --out benchmarks/results/rollout_engines_h200.json
     ... --only grpo --out grpo.json      # one part at a time where calls are time-limited
@@ -247,7 +247,8 @@ def bench_grpo(ckpt: Path, root: Path, results: dict, engines: list[str], log_di
         from r1moe.tracking import read_metrics
 
         steps = [m for m in read_metrics(run) if "perf/step_s" in m][1:]  # step 1 includes warm-up
-        keys = ("perf/rollout_s", "perf/train_s", "perf/sync_s", "perf/step_s", "rollout/response_length")
+        keys = ("perf/rollout_s", "perf/logprob_s", "perf/train_s", "perf/sync_s", "perf/step_s",
+                "rollout/response_length")
         results[f"grpo_{engine}"] = {k: round(sum(m[k] for m in steps) / len(steps), 3) for k in keys}
     if "perf/step_s" in results.get("grpo_builtin", {}) and "perf/step_s" in results.get("grpo_sglang", {}):
         results["grpo_step_speedup_sglang_over_builtin"] = round(

@@ -155,6 +155,11 @@ _STEP_PARTS = (("perf/rollout_s", "rollout"), ("perf/train_s", "train"), ("perf/
 
 def build_step_time_figure(records) -> Figure | None:
     parts = {label: dict(_series(records, key)) for key, label in _STEP_PARTS}
+    logprob = dict(_series(records, "perf/logprob_s"))  # a part of train: log pi_old and log pi_ref
+    if logprob:
+        train = parts.pop("train")
+        parts = {"rollout": parts["rollout"], "log-probs (old, ref)": logprob,
+                 "update": {s: t - logprob.get(s, 0.0) for s, t in train.items()}, "weight sync": parts["weight sync"]}
     steps = sorted(set.intersection(*(set(p) for p in parts.values())))
     if not steps:
         return None

@@ -85,7 +85,7 @@ def _write_synthetic_run(run_dir, *, with_eval=True, with_std=True):
                 "rollout/response_length": 100 + 10 * step,
             }
             if with_eval:  # an RL run's perf split and engine/trainer mismatch
-                record.update({"perf/rollout_s": 2.0, "perf/train_s": 1.0, "perf/sync_s": 0.1,
+                record.update({"perf/rollout_s": 2.0, "perf/train_s": 1.0, "perf/logprob_s": 0.3, "perf/sync_s": 0.1,
                                "rollout/logprob_abs_diff": 0.004, "rollout/logprob_abs_diff_max": 0.05})
             if with_std:
                 record["rollout/response_length_std"] = 20 + step

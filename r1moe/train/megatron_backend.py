@@ -331,6 +331,7 @@ class MegatronPolicy:
                                 self.cfg.train.micro_batch_size)
             den = compute_loss_denominator(b.response_mask_NT, a.agg).clamp(min=1) / self.dp
             minis.append(([RLMicroBatch(*p) for p in parts], den))
+        t0 = time.perf_counter()
         for mbs, _ in minis:
             if a.num_minibatches > 1:
                 for mb, lp in zip(mbs, self.logprobs(mbs, temperature=temperature) or []):
@@ -338,7 +339,9 @@ class MegatronPolicy:
             if self.ref_models is not None:
                 for mb, lp in zip(mbs, self.logprobs(mbs, ref=True, temperature=temperature) or []):
                     mb.ref_logp = lp
-        mismatch = self._logprob_mismatch(minis[0][0]) if a.num_minibatches > 1 else {}
+        torch.cuda.synchronize()
+        mismatch = {"perf/logprob_s": time.perf_counter() - t0,
+                    **(self._logprob_mismatch(minis[0][0]) if a.num_minibatches > 1 else {})}
         results = [self.train_step_grpo(mbs, a, norm_const, den, temperature, guard, step) for mbs, den in minis]
 
         mean = {k: sum(r.metrics[k] for r in results) / len(results) for k in ("kl", "clip_frac", "ratio_mean")}

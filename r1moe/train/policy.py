@@ -18,6 +18,7 @@ Legend: N sequences, T padded sequence length, M MoE layers, K experts per token
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -166,11 +167,15 @@ class ReferencePolicy:
         model, n = self.model, batch.input_ids_NT.shape[0]
         guard = guard or NonFiniteGuard(1, unit="optimizer update")
         skipped = 0
+        t0 = time.perf_counter()
         with torch.no_grad():
             old = sequence_logprobs(model, batch, temperature)[0] if a.num_minibatches > 1 else None
             ref_lp = sequence_logprobs(self.ref, batch, temperature)[0] if self.ref is not None else None
+        if batch.input_ids_NT.is_cuda:
+            torch.cuda.synchronize()
+        metrics_t = {"perf/logprob_s": time.perf_counter() - t0}
         size = -(-n // a.num_minibatches)
-        stats, counts, metrics = [], None, {}
+        stats, counts, metrics = [], None, metrics_t
         for i in range(0, n, size):
             sl = slice(i, i + size)
             mb = batch.rows(sl)

@@ -385,7 +385,7 @@ def _grpo(data, run, backend, steps=4, replay=False):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540, check=False)
     steps_m = [m for m in read_metrics(run) if "reward/total" in m] if (run / "metrics.jsonl").exists() else []
     keys = ("reward/total", "train/grad_norm", "train/kl", "rollout/logprob_abs_diff", "perf/rollout_s",
-            "perf/train_s", "perf/sync_s", "perf/step_s", "rollout/response_length")
+            "perf/logprob_s", "perf/train_s", "perf/sync_s", "perf/step_s", "rollout/response_length")
     out = {"returncode": proc.returncode, "seconds": round(time.time() - t0, 1),
            "steps": [{k: m.get(k) for k in keys} for m in steps_m]}
     if proc.returncode:

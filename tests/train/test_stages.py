@@ -52,6 +52,7 @@ def test_grpo_smoke_run_logs_rewards_and_evals(tmp_path, tiny_data, tiny_base):
         assert {"reward/accuracy", "reward/format", "reward/length", "rollout/response_length", "train/kl",
                 "train/clip_frac"} <= set(m)
         assert 0 <= m["reward/accuracy"] <= 1
+        assert 0 < m["perf/logprob_s"] <= m["perf/train_s"]  # log pi_old / pi_ref: a part of the update's time
         assert m["train/grad_norm"] > 1e-4  # different lengths in a group: nonzero advantages, a real gradient
     # the policy moved away from the base weights
     base, final = from_pretrained(tiny_base), from_pretrained(cfg.run_dir / "final")
