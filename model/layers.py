@@ -210,7 +210,11 @@ class MLA(nn.Module):
             k_nope, v = kv.split([dn, dv], dim=-1)
             k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, nh, T, dr)], dim=-1)
             qf = torch.cat([q_nope, q_rope], dim=-1)
-            out = _attend(qf, k, v, mask, self.scale, causal_no_mask)
+            # v zero-padded to the q/k head dim (V3: 192 vs 128): fused (flash) attention kernels need one head dim
+            # for q, k and v, and without them SDPA falls back to its unfused math path (on CPU 1.8x slower forward
+            # + backward at tiny-moe's 48 vs 32). The padded output columns are zeros and are dropped.
+            v = F.pad(v, (0, max(0, dn + dr - dv)))
+            out = _attend(qf, k, v, mask, self.scale, causal_no_mask)[..., :dv]
             return self.o_proj(out.transpose(1, 2).reshape(B, T, nh * dv))
 
         # Decode with weight absorption (DeepSeek-V3 inference/model.py, attn_impl="absorb"): attention runs in
