@@ -132,6 +132,13 @@ class KVCache:
     length: int = 0
     max_len: int = field(default=0)
 
+    def select_rows(self, rows: torch.Tensor) -> KVCache:
+        """A new cache holding these rows (ids into this one; repeats allowed) in this order: a prompt prefilled
+        once serves each of its samples, and rows that finished decoding are dropped."""
+        return KVCache([(a.index_select(0, rows), b.index_select(0, rows)) for a, b in self.layers],
+                       self.valid_BS.index_select(0, rows), self.next_pos_B.index_select(0, rows), self.length,
+                       self.max_len)
+
 
 def build_kv_cache(cfg: ModelConfig, batch_size: int, max_len: int, device, dtype) -> KVCache:
     layers = []
