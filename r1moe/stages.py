@@ -82,8 +82,11 @@ class RejectionSpec(SamplingConfig):
     """builtin: one device; sglang: SGLang over `sglang.tp` x `sglang.dp` GPUs of this node."""
     sglang: SGLangSection = field(default_factory=SGLangSection)
     """Only with engine: sglang (set colocate: false: nothing trains next to it)."""
+    chunk: int = 64
+    """Sequences per engine call, each call seeded by its index (so the records depend on it): larger calls decode
+    faster on a CPU, at the cost of memory."""
     shard_samples: int = 4096
-    """Samples per shard (a multiple of 64). Each finished shard is kept in out_dir/shards/, so a run that stops is
+    """Samples per shard (a multiple of `chunk`). Each finished shard is kept in out_dir/shards/, so a run that stops is
     resumed shard by shard, and several workers can share the shards."""
     worker: int = 0
     num_workers: int = 1
