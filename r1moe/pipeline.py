@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import subprocess
 import sys
@@ -222,7 +223,7 @@ def _run_concurrently(p: PipelineConfig, todo: list[StageSpec], force: set[str],
                 break
             forced = _clear_forced(p, s, force)
             log = logs / f"{s.name}.log"
-            cmd = [sys.executable, "-m", "r1moe.pipeline", str(recipe), "--stage", s.name]
+            cmd = [sys.executable, "-m", "r1moe.pipeline", str(recipe), "--stage", s.name, "--jobs", str(p.jobs)]
             with open(log, "w", encoding="utf-8") as f:  # the child holds its own descriptor
                 proc = subprocess.Popen([*cmd, *(["--fresh"] if forced else [])], stdout=f, stderr=subprocess.STDOUT)
             running[s.name] = (proc, time.perf_counter(), log)
@@ -272,6 +273,10 @@ def _main(argv: list[str] | None) -> int:
         stage = next((s for s in p.stages if s.name == a.stage), None)
         if stage is None:
             raise ValueError(f"--stage: no stage named {a.stage!r} in {a.recipe}")
+        if p.jobs > 1:  # one of N stages at once: its share of the cores (a training recipe's train.threads wins)
+            import torch
+
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // p.jobs))
         run_stage(p, stage, resume=not a.fresh)
         return 0
     unknown = set(a.force) - {s.name for s in p.stages}

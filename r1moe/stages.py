@@ -153,7 +153,8 @@ class PipelineConfig:
     jobs: int = 1
     """Stages run at once. 1: one after another, in the pipeline's process. N > 1: each stage in a process of its
     own (log: root/logs/<stage>.log), started as soon as the earlier stages it reads from are complete
-    (r1moe.pipeline.stage_dependencies), at most N at a time."""
+    (r1moe.pipeline.stage_dependencies), at most N at a time, with 1/N of the cores as torch intra-op threads (a
+    training recipe's train.threads, when set, wins)."""
 
     def __post_init__(self) -> None:
         if self.jobs < 1:
