@@ -19,7 +19,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .layers import GQA, MLA, MLP, KVCache, MoE, RMSNorm, build_attention_mask, build_kv_cache
+from .layers import (
+    GQA,
+    MLA,
+    MLP,
+    KVCache,
+    MoE,
+    RMSNorm,
+    build_attention_mask,
+    build_kv_cache,
+    build_segment_layout,
+)
 
 
 @dataclass
@@ -164,6 +174,8 @@ class CausalLM(nn.Module):
         causal_no_mask = cache is None and valid_BT is None and segment_ids is None
         if causal_no_mask:
             mask = None
+        elif segment_ids is not None and valid_BT is None:  # packed rows: causal attention within each segment
+            mask = build_segment_layout(segment_ids)
         else:
             valid_BS = cache.valid_BS if cache is not None else valid_BT
             mask = build_attention_mask(valid_BS, start, T, S, device, segment_ids)

@@ -7,7 +7,7 @@
     r1moe rejection RECIPE [key=value ...] --out DIR     rejection sampling -> SFT data (R1 stage 3)
     r1moe eval     --checkpoint DIR --data FILE ...      pass@1 / pass@k / cons@K of one checkpoint
     r1moe eval     RECIPE [key=value ...] --out DIR      the eval stage: several checkpoints, results.json
-    r1moe pipeline RECIPE [--force STAGE]                the whole DeepSeek-R1 pipeline, resumable
+    r1moe pipeline RECIPE [--force STAGE] [--jobs N]     the whole DeepSeek-R1 pipeline, resumable
     r1moe data make TASK --n N --seed S --out FILE       procedural datasets and pretraining corpora
     r1moe model info PRESET [--json]                     analytic parameter counts
     r1moe --version

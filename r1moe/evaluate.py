@@ -114,7 +114,8 @@ def evaluate(engine: RolloutEngine, tok: Tokenizer, samples: list[PromptSample],
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, s: EvalSettings, max_questions: int = 0,
                         device: str = "auto", engine: str = "builtin", sglang=None, benchmark: str | None = None,
-                        contest_dates: tuple[str, str] | None = None, per_question: bool = False) -> dict[str, Any]:
+                        contest_dates: tuple[str, str] | None = None, per_question: bool = False,
+                        show_progress: bool = True) -> dict[str, Any]:
     """Evaluate a saved checkpoint through the built-in engine (one device) or SGLang (`sglang`: a
     config.SGLangSection; tp x dp GPUs of this node). `benchmark` names a release format of `data`
     (r1moe.data.benchmarks.BENCHMARKS); None = our prompts JSONL. `per_question`: as `evaluate`."""
@@ -137,7 +138,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, s: EvalSetting
     rollout, tok = load_checkpoint_engine(checkpoint, engine, sglang, device, seed=s.seed)
     torch.manual_seed(s.seed)
     try:
-        return evaluate(rollout, tok, samples, s, benchmark=loaded, per_question=per_question)
+        return evaluate(rollout, tok, samples, s, show_progress=show_progress, benchmark=loaded,
+                        per_question=per_question)
     finally:
         rollout.shutdown()
 

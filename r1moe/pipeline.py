@@ -12,6 +12,10 @@ A pipeline recipe is data only:
       - {name: pretrain, kind: pretrain, recipe: recipes/tiny/r1_zero/pretrain.yaml}
       - {name: grpo, kind: grpo, recipe: recipes/tiny/r1_zero/grpo.yaml, overrides: [train.steps=60]}
 
+With `jobs: N` (or `--jobs N`) independent stages run at the same time, each in a process of its own: a stage
+depends on the earlier stages whose output directories hold a path its spec names (a training stage: its resolved
+recipe; a report: every earlier stage), and starts once they are complete.
+
 A training stage is complete when its run directory (the recipe's logging.run_dir) holds DONE.json; a data,
 rejection-sampling, eval or report stage when its output directory (root/<stage name>) does. Stages never overwrite a
 complete previous output. The recipe's schema is r1moe/stages.py; each stage runs through its module's entry
@@ -22,8 +26,11 @@ complete previous output. The recipe's schema is r1moe/stages.py; each stage run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -110,27 +117,139 @@ def general_sft(samples, template: str):
     return out
 
 
-def run_pipeline(p: PipelineConfig, force: set[str] = frozenset()) -> dict[str, dict]:
+def run_pipeline(p: PipelineConfig, force: set[str] = frozenset(), recipe: str | Path | None = None) -> dict[str, dict]:
+    """Run the stages that are not complete (and those in `force`); `recipe` (the file `p` was loaded from) is what
+    the stage processes of `p.jobs > 1` read. Returns (and writes to root/pipeline_timings.json after each stage)
+    each stage's seconds and when it started, in seconds since the pipeline did."""
     timings: dict[str, dict] = {}
     root = Path(p.root)
     root.mkdir(parents=True, exist_ok=True)
+    todo = []
     for s in p.stages:
         out = stage_output(p, s)
         if is_complete(out) and s.name not in force:
             print(f"[pipeline] {s.name}: complete ({out}/{DONE_FILE}), skipped", flush=True)
             timings[s.name] = {"skipped": True}
             continue
-        forced = s.name in force and is_complete(out)
-        if forced:  # an explicit re-run: the old output stops counting as complete and is rebuilt from scratch
-            (out / DONE_FILE).unlink()
+        todo.append(s)
+    if p.jobs > 1 and todo:
+        if recipe is None:
+            raise ValueError("jobs > 1 runs each stage in its own process from the recipe file: pass `recipe`")
+        _run_concurrently(p, todo, force, Path(recipe), timings)
+        return timings
+    start = time.perf_counter()
+    for s in todo:
+        out = stage_output(p, s)
+        forced = _clear_forced(p, s, force)
         print(f"[pipeline] {s.name} ({s.kind}) -> {out}", flush=True)
         t0 = time.perf_counter()
         run_stage(p, s, resume=not forced)
-        timings[s.name] = {"seconds": round(time.perf_counter() - t0, 1)}
+        timings[s.name] = {"seconds": round(time.perf_counter() - t0, 1), "started_s": round(t0 - start, 1)}
         print(f"[pipeline] {s.name}: done in {timings[s.name]['seconds']} s", flush=True)
         write_json_atomic(root / "pipeline_timings.json", timings)  # after each stage: the report reads it
     write_json_atomic(root / "pipeline_timings.json", timings)
     return timings
+
+
+def _clear_forced(p: PipelineConfig, s: StageSpec, force: set[str]) -> bool:
+    """An explicit re-run: the old output stops counting as complete and is rebuilt from scratch."""
+    out = stage_output(p, s)
+    forced = s.name in force and is_complete(out)
+    if forced:
+        (out / DONE_FILE).unlink()
+    return forced
+
+
+def stage_dependencies(p: PipelineConfig) -> dict[str, set[str]]:
+    """For each stage, the earlier stages it reads from: those whose output directory holds a path that its spec
+    names (for a training stage, any path of its resolved recipe: model.init, data.train, a reward model, ...).
+    A report depends on every earlier stage."""
+    outs = {s.name: stage_output(p, s).resolve() for s in p.stages}
+    deps: dict[str, set[str]] = {}
+    for i, s in enumerate(p.stages):
+        earlier = p.stages[:i]
+        if s.kind == "report":
+            deps[s.name] = {e.name for e in earlier}
+            continue
+        paths = [Path(v).resolve() for v in _strings(_spec_of(s))]
+        deps[s.name] = {e.name for e in earlier
+                        if any(path == outs[e.name] or outs[e.name] in path.parents for path in paths)}
+    return deps
+
+
+def _spec_of(s: StageSpec):
+    if s.kind in ("pretrain", "sft", "grpo", "rm"):
+        from r1moe.config import load_config
+
+        return load_config(s.recipe, [*s.overrides, f"stage={s.kind}"])
+    return {"data": [], "rejection": s.rejection, "eval": s.eval}.get(s.kind)
+
+
+def _strings(obj) -> list[str]:
+    """Every non-empty string in a tree of dataclasses, dicts and lists."""
+    if isinstance(obj, str):
+        return [obj] if obj else []
+    if dataclasses.is_dataclass(obj):
+        return [v for f in dataclasses.fields(obj) for v in _strings(getattr(obj, f.name))]
+    if isinstance(obj, dict):
+        return [v for x in obj.values() for v in _strings(x)]
+    if isinstance(obj, list | tuple):
+        return [v for x in obj for v in _strings(x)]
+    return []
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, name: str, status: int, log: Path):
+        super().__init__(f"stage {name!r} failed (exit status {status}); its log: {log}")
+        self.status = status
+
+
+def _run_concurrently(p: PipelineConfig, todo: list[StageSpec], force: set[str], recipe: Path,
+                      timings: dict[str, dict]) -> None:
+    """Each stage of `todo` in a process of its own (`r1moe pipeline RECIPE --stage NAME`), in recipe order as its
+    dependencies complete, at most p.jobs at a time. After a failure no stage starts; the running ones finish."""
+    root = Path(p.root)
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    deps = stage_dependencies(p)
+    pending = list(todo)
+    done = {s.name for s in p.stages} - {s.name for s in todo}
+    running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
+    failed: StageFailed | None = None
+    start = time.perf_counter()
+    while running or (pending and failed is None):
+        for s in [s for s in pending if deps[s.name] <= done] if failed is None else []:
+            if len(running) >= p.jobs:
+                break
+            forced = _clear_forced(p, s, force)
+            log = logs / f"{s.name}.log"
+            cmd = [sys.executable, "-m", "r1moe.pipeline", str(recipe), "--stage", s.name, "--jobs", str(p.jobs)]
+            with open(log, "w", encoding="utf-8") as f:  # the child holds its own descriptor
+                proc = subprocess.Popen([*cmd, *(["--fresh"] if forced else [])], stdout=f, stderr=subprocess.STDOUT)
+            running[s.name] = (proc, time.perf_counter(), log)
+            pending.remove(s)
+            print(f"[pipeline] {s.name} ({s.kind}) -> {stage_output(p, s)} (log: {log})", flush=True)
+        if not running:
+            waiting = {s.name: sorted(deps[s.name] - done) for s in pending}
+            raise ValueError(f"stages wait on stages that never run: {waiting}")
+        time.sleep(0.2)
+        for name, (proc, t0, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if proc.returncode != 0:
+                failed = failed or StageFailed(name, proc.returncode, log)
+                tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-20:]
+                print(f"[pipeline] {name}: failed (exit status {proc.returncode}); the end of {log}:", file=sys.stderr)
+                print("\n".join(tail), file=sys.stderr, flush=True)
+                continue
+            done.add(name)
+            timings[name] = {"seconds": round(time.perf_counter() - t0, 1), "started_s": round(t0 - start, 1)}
+            print(f"[pipeline] {name}: done in {timings[name]['seconds']} s", flush=True)
+            write_json_atomic(root / "pipeline_timings.json", timings)
+    if failed is not None:
+        raise failed
+    write_json_atomic(root / "pipeline_timings.json", timings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,12 +262,31 @@ def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="r1moe pipeline", description="Run a pipeline recipe, resuming where it stopped.")
     ap.add_argument("recipe")
     ap.add_argument("--force", action="append", default=[], help="re-run this stage even if complete (repeatable)")
+    ap.add_argument("--jobs", type=int, default=None, help="stages run at once (default: the recipe's jobs)")
+    ap.add_argument("--stage", help=argparse.SUPPRESS)  # one stage, in this process (a process of --jobs N)
+    ap.add_argument("--fresh", action="store_true", help=argparse.SUPPRESS)  # with --stage: a forced re-run
     a = ap.parse_args(argv)
     p = load_pipeline(a.recipe)
+    if a.jobs is not None:
+        p = dataclasses.replace(p, jobs=a.jobs)  # validated as the recipe's key is
+    if a.stage is not None:
+        stage = next((s for s in p.stages if s.name == a.stage), None)
+        if stage is None:
+            raise ValueError(f"--stage: no stage named {a.stage!r} in {a.recipe}")
+        if p.jobs > 1:  # one of N stages at once: its share of the cores (a training recipe's train.threads wins)
+            import torch
+
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // p.jobs))
+        run_stage(p, stage, resume=not a.fresh)
+        return 0
     unknown = set(a.force) - {s.name for s in p.stages}
     if unknown:
         raise ValueError(f"--force: no stage named {sorted(unknown)} in {a.recipe}")
-    timings = run_pipeline(p, set(a.force))
+    try:
+        timings = run_pipeline(p, set(a.force), recipe=a.recipe)
+    except StageFailed as e:
+        print(f"r1moe pipeline: error: {e}", file=sys.stderr)
+        return e.status
     print(json.dumps(timings))
     return 0
 

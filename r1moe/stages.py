@@ -82,8 +82,11 @@ class RejectionSpec(SamplingConfig):
     """builtin: one device; sglang: SGLang over `sglang.tp` x `sglang.dp` GPUs of this node."""
     sglang: SGLangSection = field(default_factory=SGLangSection)
     """Only with engine: sglang (set colocate: false: nothing trains next to it)."""
+    chunk: int = 64
+    """Sequences per engine call, each call seeded by its index (so the records depend on it): larger calls decode
+    faster on a CPU, at the cost of memory."""
     shard_samples: int = 4096
-    """Samples per shard (a multiple of 64). Each finished shard is kept in out_dir/shards/, so a run that stops is
+    """Samples per shard (a multiple of `chunk`). Each finished shard is kept in out_dir/shards/, so a run that stops is
     resumed shard by shard, and several workers can share the shards."""
     worker: int = 0
     num_workers: int = 1
@@ -116,6 +119,17 @@ class EvalSpec(SamplingConfig):
     """builtin: one device; sglang: SGLang over `sglang.tp` x `sglang.dp` GPUs of this node."""
     sglang: SGLangSection = field(default_factory=SGLangSection)
     """Only with engine: sglang (set colocate: false: nothing trains next to it)."""
+    workers: int = 1
+    """Checkpoints evaluated at once (engine: builtin), each in a process of its own that gets an equal share of
+    torch's intra-op threads; the results are those of one worker."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.workers < 1:
+            raise ValueError(f"eval.workers={self.workers} must be >= 1")
+        if self.workers > 1 and self.engine != "builtin":
+            raise ValueError(f"eval.workers={self.workers} applies to engine: builtin (SGLang spreads one checkpoint "
+                             f"over sglang.tp x sglang.dp GPUs); set it to 1")
 
 
 @dataclass
@@ -136,6 +150,15 @@ class PipelineConfig:
     stages: list[StageSpec] = field(default_factory=list)
     report: dict[str, str] = field(default_factory=dict)
     """Free-form settings for the report stage (see r1moe/report.py)."""
+    jobs: int = 1
+    """Stages run at once. 1: one after another, in the pipeline's process. N > 1: each stage in a process of its
+    own (log: root/logs/<stage>.log), started as soon as the earlier stages it reads from are complete
+    (r1moe.pipeline.stage_dependencies), at most N at a time, with 1/N of the cores as torch intra-op threads (a
+    training recipe's train.threads, when set, wins)."""
+
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise ValueError(f"jobs={self.jobs} must be >= 1")
 
 
 def load_spec(cls: type[T], path: str | Path, overrides: list[str] | None = None, what: str = "recipe") -> T:

@@ -1,13 +1,15 @@
 """`r1moe pipeline`: stages run in order, complete stages are skipped on a re-run, a missing previous output is an
-error naming it (and complete outputs are never overwritten), the report states the paper's claims as measured."""
+error naming it (and complete outputs are never overwritten), the report states the paper's claims as measured;
+with jobs > 1 independent stages run at once in processes of their own, and a failed one stops the pipeline."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
 from r1moe import cli
-from r1moe.pipeline import run_pipeline
+from r1moe.pipeline import run_pipeline, stage_dependencies
 from r1moe.report import check_claims
 from r1moe.stages import load_pipeline
 from r1moe.train.rundir import DONE_FILE
@@ -72,6 +74,58 @@ def test_stage_with_missing_previous_output_fails_naming_it(tiny_pipeline, capsy
     with pytest.raises(FileNotFoundError, match="pretrain/final"):
         run_pipeline(p)
     assert not (root / "grpo" / DONE_FILE).exists()
+
+
+def test_stage_dependencies_are_the_stages_whose_outputs_a_stage_reads():
+    deps = stage_dependencies(load_pipeline("recipes/tiny/r1.yaml"))
+    assert deps["base"] == {"data"}
+    assert deps["zero"] == deps["stage1"] == deps["student_base"] == {"base", "data"}
+    assert deps["stage2"] == {"data", "stage1"}
+    assert deps["stage3"] == {"base", "rejection"}
+    assert deps["stage4"] == {"data", "rm", "stage3"}
+    assert deps["student_distilled"] == {"rejection", "student_base"}
+    assert deps["eval"] == {"base", "data", "zero", "stage1", "stage2", "stage3", "stage4", "student_distilled",
+                            "student_grpo"}
+    assert deps["report"] == set(deps) - {"report"}
+
+
+def test_jobs_run_independent_stages_at_once(tiny_pipeline):
+    """Two GRPO runs from one base model run at the same time; eval with two workers gives one worker's results."""
+    recipe, root = tiny_pipeline
+    spec = yaml.safe_load(Path(recipe).read_text())
+    rl2 = yaml.safe_load(Path(spec["stages"][2]["recipe"]).read_text())
+    rl2["logging"]["run_dir"] = f"{root}/grpo2"
+    spec["stages"].insert(3, {"name": "grpo2", "kind": "grpo", "recipe": _write(root.parent / "rl2.yaml", rl2)})
+    spec["stages"][4]["eval"]["workers"] = 2
+    spec["jobs"] = 2
+    recipe = _write(root.parent / "pipe_jobs.yaml", spec)
+    assert cli.main(["pipeline", recipe]) == 0
+    t = json.loads((root / "pipeline_timings.json").read_text())
+    assert t["grpo2"]["started_s"] < t["grpo"]["started_s"] + t["grpo"]["seconds"]  # overlapped
+    assert t["grpo"]["started_s"] >= t["pretrain"]["started_s"] + t["pretrain"]["seconds"]  # after its base model
+    for stage in ("data", "pretrain", "grpo", "grpo2", "eval", "report"):
+        assert (root / stage / DONE_FILE).is_file(), stage
+        assert (root / "logs" / f"{stage}.log").is_file(), stage
+    from r1moe.stages import EvalSpec
+    from r1moe.train.eval import run_eval
+
+    one = EvalSpec(**{**spec["stages"][4]["eval"], "workers": 1})
+    (root.parent / "eval1").mkdir()
+    run_eval(one, root.parent / "eval1")
+    assert json.loads((root.parent / "eval1" / "results.json").read_text()) == \
+        json.loads((root / "eval" / "results.json").read_text())
+
+
+def test_jobs_a_failed_stage_stops_the_pipeline_with_its_status(tiny_pipeline, capsys):
+    recipe, root = tiny_pipeline
+    spec = yaml.safe_load(Path(recipe).read_text())
+    pre = yaml.safe_load(Path(spec["stages"][1]["recipe"]).read_text())
+    pre["data"]["train"] = f"{root}/data/missing.jsonl"
+    _write(Path(spec["stages"][1]["recipe"]), pre)
+    assert cli.main(["pipeline", recipe, "--jobs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'pretrain' failed (exit status 2)" in err and "missing.jsonl" in err
+    assert (root / "data" / DONE_FILE).is_file() and not (root / "grpo").exists()
 
 
 def test_unknown_pipeline_key_and_force_name(tmp_path, capsys):

@@ -350,7 +350,7 @@ def test_shards_of_another_spec_are_refused(memorised, tmp_path):
     with pytest.raises(ValueError, match=r"another rejection spec \(temperature: 0.0 -> 0.7\)"):
         run_rejection_sampling(_sharding_spec(root, shard_samples=64, num_workers=2, worker=1,
                                               temperature=0.7), tmp_path / "out")
-    with pytest.raises(ValueError, match="shard_samples=100 must be a positive multiple of 64"):
+    with pytest.raises(ValueError, match="shard_samples=100 must be a positive multiple of chunk=64"):
         run_rejection_sampling(_sharding_spec(root, shard_samples=100), tmp_path / "x")
     with pytest.raises(ValueError, match="worker=2 must be in 0..num_workers-1"):
         run_rejection_sampling(_sharding_spec(root, worker=2, num_workers=2), tmp_path / "x")

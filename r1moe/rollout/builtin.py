@@ -1,7 +1,9 @@
 """The built-in rollout engine: batched sampling over the reference model with its KV cache, CPU or CUDA.
 
-Prompts are left-padded into one batch, prefilled in one forward, then decoded one token per step for all rows;
-rows that finished keep stepping (their tokens are discarded) so the batch stays rectangular. Sampling: temperature,
+Prompts are left-padded into one batch and prefilled in one forward, each distinct prompt once (the K samples of
+a question share their prompt's KV cache rows, copied), then decoded one token per step for all rows; rows that
+finished are dropped from the batch whenever they make up a quarter of it (until then they keep stepping and their
+tokens are discarded). Sampling: temperature,
 top-k, then top-p (nucleus) on the temperature-scaled distribution; the logprob returned is of the temperature-scaled
 policy before top-k/top-p, log softmax(logits / T) (T = 0: T = 1), as SGLang returns it (rollout/base.py).
 Stops at EOS, at a stop string, or at max_new_tokens.
@@ -29,23 +31,40 @@ from .base import (
     split_stops,
 )
 
+NUCLEUS_CANDIDATES = 64
+"""Top-p sampling first looks for the nucleus among this many most likely tokens (a top-k instead of a sort of the
+whole vocabulary); a row whose candidates hold less than top_p of the probability is sorted in full."""
+
 
 def sample_next(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """Token ids [B] from logits under temperature / top-k / top-p."""
     if params.temperature == 0:
         return logits_BV.argmax(-1)
     logits = logits_BV.float() / params.temperature
-    if params.top_k > 0:
-        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    V = logits.shape[-1]
+    k = min(params.top_k, V) if params.top_k > 0 else V
+    if params.top_p >= 1.0 and k == V:
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    # Candidates in descending order: the top-k tokens, or (top-p alone) the NUCLEUS_CANDIDATES most likely ones,
+    # exact wherever their probability reaches top_p (the nucleus is then among them).
+    cand = k if k < V else min(NUCLEUS_CANDIDATES, V)
+    vals, idx = logits.topk(cand, dim=-1)
+    norm = (vals if k < V else logits).logsumexp(-1, keepdim=True)  # the distribution after top-k
+    probs = (vals - norm).exp()
+    full = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        cum = probs.cumsum(-1)
+        probs = probs.masked_fill(cum - probs >= params.top_p, 0.0)  # keep the smallest prefix reaching top_p
+        if cand < k:
+            full = cum[:, -1] < params.top_p
+    out = idx.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
+    if full.any():  # rows whose nucleus is wider than the candidates: sort the whole vocabulary
+        rows = full.nonzero().squeeze(-1)
+        sorted_logits, order = logits[rows].sort(dim=-1, descending=True)
+        p = sorted_logits.softmax(-1)
+        p = p.masked_fill(p.cumsum(-1) - p >= params.top_p, 0.0)
+        out[rows] = order.gather(-1, torch.multinomial(p, 1, generator=generator)).squeeze(-1)
+    return out
 
 
 class BuiltinEngine:
@@ -96,26 +115,37 @@ class BuiltinEngine:
         model, device = self.model, self.device
         was_training = model.training
         model.eval()
-        B, P = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, P), dtype=torch.long)
-        for r, p in enumerate(prompts):
+        B = len(prompts)
+        # Identical prompts (the K samples of an eval question, a GRPO group) are prefilled once; their rows of the
+        # KV cache and their last logits are then copied to every sample.
+        first: dict[tuple[int, ...], int] = {}
+        src = [first.setdefault(tuple(p), len(first)) for p in prompts]
+        unique = [list(p) for p in first]
+        U, P = len(unique), max(len(p) for p in unique)
+        ids = torch.full((U, P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((U, P), dtype=torch.long)
+        for r, p in enumerate(unique):
             ids[r, P - len(p):] = torch.tensor(p)
             mask[r, P - len(p):] = 1
         ids, mask = ids.to(device), mask.to(device)
         stop_ids, text_stops = split_stops(self.tokenizer, params.stop)
         eos = torch.tensor(self.eos_ids, device=device)
 
-        cache = model.new_cache(B, P + params.max_new_tokens)
+        cache = model.new_cache(U, P + params.max_new_tokens)
         routes = self.return_routed_experts
         out = model(ids, attention_mask=mask, cache=cache, return_routes=routes)
-        logits = out.logits[:, -1]
-        fed = [out.routed_experts] if routes else []  # [B, t, M, K] per forward: prompt, then one per step
+        src_B = torch.tensor(src, device=device)
+        logits = out.logits[:, -1].index_select(0, src_B)
+        if U < B:
+            cache = cache.select_rows(src_B)
+        prompt_routes = out.routed_experts.index_select(0, src_B) if routes else None  # [B, P, M, K], left-padded
+        step_routes = (prompt_routes.new_zeros((B, params.max_new_tokens, *prompt_routes.shape[2:])) if routes
+                       else None)  # [B, steps, M, K]: what each generated token was routed to when fed
         tokens: list[list[int]] = [[] for _ in range(B)]
         logps: list[list[float]] = [[] for _ in range(B)]
         finish: list[str | None] = [None] * B
-        ones = torch.ones(B, 1, dtype=torch.long, device=device)
-        for _ in range(params.max_new_tokens):
+        rows = list(range(B))  # the prompt index of each row still in the batch
+        for t in range(params.max_new_tokens):
             if not torch.isfinite(logits).all():
                 raise NonFiniteError("rollout: the policy's logits are NaN/inf (its weights are non-finite or "
                                      "overflow); stopping before sampling from them")
@@ -123,29 +153,36 @@ class BuiltinEngine:
             lp = F.log_softmax(logits.float() / (params.temperature or 1.0), -1).gather(-1, nxt[:, None]).squeeze(-1)
             nxt_l, lp_l = nxt.tolist(), lp.tolist()
             is_eos = torch.isin(nxt, eos).tolist()
-            for r in range(B):
+            for i, r in enumerate(rows):
                 if finish[r] is not None:
                     continue
-                tokens[r].append(nxt_l[r])
-                logps[r].append(lp_l[r])
-                if is_eos[r]:
+                tokens[r].append(nxt_l[i])
+                logps[r].append(lp_l[i])
+                if is_eos[i]:
                     finish[r] = "eos"
-                elif nxt_l[r] in stop_ids or text_stops and ends_in_stop(self.tokenizer, tokens[r], text_stops):
+                elif nxt_l[i] in stop_ids or text_stops and ends_in_stop(self.tokenizer, tokens[r], text_stops):
                     finish[r] = "stop"
-            if all(f is not None for f in finish):
+            live = [i for i, r in enumerate(rows) if finish[r] is None]
+            if not live or t == params.max_new_tokens - 1:
                 break
-            out = model(nxt[:, None], attention_mask=ones, cache=cache, return_routes=routes)
+            # Finished rows are dropped from the batch once they are a quarter of it (each drop copies the cache:
+            # at most a few copies per call); until then they keep stepping and their tokens are discarded.
+            if 4 * (len(rows) - len(live)) >= len(rows):
+                keep = torch.tensor(live, device=device)
+                cache, nxt = cache.select_rows(keep), nxt.index_select(0, keep)
+                rows = [rows[i] for i in live]
+            out = model(nxt[:, None], attention_mask=torch.ones(len(rows), 1, dtype=torch.long, device=device),
+                        cache=cache, return_routes=routes)
             logits = out.logits[:, -1]
             if routes:
-                fed.append(out.routed_experts)
+                step_routes[rows, t] = out.routed_experts[:, 0]
         model.train(was_training)
-        all_routes = torch.cat(fed, dim=1) if routes else None  # [B, P + steps, M, K], prompts left-padded
         gens = []
         for r in range(B):
             text_ids = [t for t in tokens[r] if t not in self.eos_ids]
             seq_routes = None
             if routes:  # the row's prompt tokens and its generated tokens but the last (never fed for this row)
-                span = all_routes[r, P - len(prompts[r]):P + len(tokens[r]) - 1]
+                span = torch.cat([prompt_routes[r, P - len(prompts[r]):], step_routes[r, :len(tokens[r]) - 1]])
                 seq_routes = compact_routes(span, model.cfg.n_routed_experts)
             gens.append(Generation(prompt_ids=list(prompts[r]), token_ids=tokens[r], logprobs=logps[r],
                                    text=self.tokenizer.decode(text_ids, skip_special_tokens=False),

@@ -18,24 +18,39 @@ from r1moe.stages import EvalSpec, date_pair
 
 
 def run_eval(spec: EvalSpec, out: Path) -> dict:
-    """Evaluate each labelled checkpoint; write out/results.json (with each question's scores, for the report's
-    paired comparisons); return {"results": its path}."""
-    from r1moe.evaluate import EvalSettings, evaluate_checkpoint
+    """Evaluate each labelled checkpoint (eval.workers at once); write out/results.json (with each question's
+    scores, for the report's paired comparisons); return {"results": its path}."""
+    import torch
 
     if not spec.checkpoints:
         raise ValueError("eval.checkpoints is empty: name at least one checkpoint (label: HF directory)")
-    results = {}
-    for label, ckpt in spec.checkpoints.items():
-        settings = EvalSettings(samples=spec.samples, temperature=spec.temperature, top_p=spec.top_p,
-                                max_new_tokens=spec.max_new_tokens, chunk=spec.chunk,
-                                template=spec.templates.get(label, spec.template))
-        results[label] = evaluate_checkpoint(ckpt, spec.data, settings, engine=spec.engine, sglang=spec.sglang,
-                                             benchmark=spec.benchmark,
-                                             contest_dates=date_pair("eval", spec.contest_dates),
-                                             per_question=True)
-        print(f"  eval {label}: pass@1={results[label]['pass@1']:.3f}", flush=True)
+    labels = list(spec.checkpoints)
+    if spec.workers == 1:
+        results = {label: _evaluate_one(spec, label) for label in labels}
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, torch.get_num_threads() // spec.workers)
+        # spawn: a fresh interpreter per worker (a forked torch runtime with live threads is not safe to reuse)
+        with ProcessPoolExecutor(min(spec.workers, len(labels)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            results = dict(zip(labels, pool.map(_evaluate_one, [spec] * len(labels), labels)))
     write_json_atomic(out / "results.json", results)
     return {"results": str(out / "results.json")}
+
+
+def _evaluate_one(spec: EvalSpec, label: str) -> dict:
+    from r1moe.evaluate import EvalSettings, evaluate_checkpoint
+
+    settings = EvalSettings(samples=spec.samples, temperature=spec.temperature, top_p=spec.top_p,
+                            max_new_tokens=spec.max_new_tokens, chunk=spec.chunk,
+                            template=spec.templates.get(label, spec.template))
+    result = evaluate_checkpoint(spec.checkpoints[label], spec.data, settings, engine=spec.engine, sglang=spec.sglang,
+                                 benchmark=spec.benchmark, contest_dates=date_pair("eval", spec.contest_dates),
+                                 per_question=True, show_progress=spec.workers == 1)
+    print(f"  eval {label}: pass@1={result['pass@1']:.3f}", flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

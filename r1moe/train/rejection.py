@@ -59,8 +59,6 @@ from r1moe.stages import RejectionSpec
 from r1moe.templates import REASONING_TAGS, TEMPLATES, completion_prefix
 
 FILTERS = ("incorrect", "malformed", "language_mixing", "long_paragraph", "code_block", "overlong", "repetition")
-CHUNK = 64
-"""Sequences per engine call (bounds memory; one progress tick each)."""
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _HAS_WORD = re.compile(r"\w")
@@ -186,8 +184,11 @@ def check_spec(spec: RejectionSpec) -> None:
     if not 0 <= spec.min_language_consistency <= 1 or spec.max_tokens < 0:
         raise ValueError(f"rejection: min_language_consistency={spec.min_language_consistency} must be in [0, 1] "
                          f"and max_tokens={spec.max_tokens} >= 0")
-    if spec.shard_samples < CHUNK or spec.shard_samples % CHUNK:
-        raise ValueError(f"rejection.shard_samples={spec.shard_samples} must be a positive multiple of {CHUNK}")
+    if spec.chunk < 1:
+        raise ValueError(f"rejection.chunk={spec.chunk} must be >= 1")
+    if spec.shard_samples < spec.chunk or spec.shard_samples % spec.chunk:
+        raise ValueError(f"rejection.shard_samples={spec.shard_samples} must be a positive multiple of chunk="
+                         f"{spec.chunk}")
     if spec.num_workers < 1 or not 0 <= spec.worker < spec.num_workers:
         raise ValueError(f"rejection.worker={spec.worker} must be in 0..num_workers-1 (num_workers="
                          f"{spec.num_workers})")
@@ -195,7 +196,7 @@ def check_spec(spec: RejectionSpec) -> None:
 
 GENERATION_KEYS = ("checkpoint", "prompts", "samples_per_prompt", "max_new_tokens", "template", "temperature", "top_p",
                    "max_tokens", "max_repeat", "language", "min_language_consistency", "max_paragraph_words",
-                   "max_code_blocks", "stop", "seed", "shard_samples")
+                   "max_code_blocks", "stop", "seed", "chunk", "shard_samples")
 """The spec keys a shard's records depend on: finished shards are reused only when these are unchanged."""
 
 
@@ -226,11 +227,11 @@ def _sample_shard(engine, tok, spec: RejectionSpec, prompts: list[PromptSample],
     sharded or resumed)."""
     rejected = dict.fromkeys(FILTERS, 0)
     kept: list[SFTSample] = []
-    for start in range(first, last, CHUNK):
-        part = owners[start:min(start + CHUNK, last)]
+    for start in range(first, last, spec.chunk):
+        part = owners[start:min(start + spec.chunk, last)]
         ids = [encode_prompt(tok, spec.template, prompts[i].prompt) for i, _ in part]
         params = SamplingParams(temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens,
-                                stop=list(spec.stop), seed=spec.seed + start // CHUNK)
+                                stop=list(spec.stop), seed=spec.seed + start // spec.chunk)
         for (i, j), g in zip(part, engine.generate(ids, params)):
             s = prompts[i]
             reason = classify(g.text, len(g.token_ids), g.finish_reason, s, spec)
@@ -245,7 +246,7 @@ def _sample_shard(engine, tok, spec: RejectionSpec, prompts: list[PromptSample],
                       "checkpoint": spec.checkpoint, "prompt_index": i, "sample_index": j, "task": s.task,
                       "num_tokens": len(g.token_ids),
                       "reward": {"accuracy": 1.0, "format": 1.0, "language": language}}))
-        advance(f"rejection sampling: kept {len(kept)} of samples {first}..{min(start + CHUNK, last)}")
+        advance(f"rejection sampling: kept {len(kept)} of samples {first}..{min(start + spec.chunk, last)}")
     return kept, rejected
 
 
@@ -275,7 +276,7 @@ def run_rejection_sampling(spec: RejectionSpec, out_dir: Path) -> dict:
     mine = [k for k in range(num_shards) if k % spec.num_workers == spec.worker
             and not (shards / f"shard_{k:05d}.json").is_file()]
     engine = tok = None
-    with progress_bar("rejection sampling", len(mine) * -(-spec.shard_samples // CHUNK)) as advance:
+    with progress_bar("rejection sampling", len(mine) * -(-spec.shard_samples // spec.chunk)) as advance:
         for k in mine:
             if engine is None:
                 engine, tok = load_checkpoint_engine(spec.checkpoint, spec.engine, spec.sglang, seed=spec.seed)

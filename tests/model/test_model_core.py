@@ -110,6 +110,34 @@ def test_mtp_logits_and_aux_loss():
     assert model.model.layers[cfg.num_hidden_layers].eh_proj.weight.grad is not None
 
 
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dense"])
+def test_packed_attention_by_segment_groups_equals_the_block_diagonal_mask(preset):
+    """Packed rows attend segment by segment (groups of similar length, model/layers.py SegmentLayout); with an
+    attention_mask the model takes the [T, T] block-diagonal mask path instead: same logits, same gradients."""
+    g = torch.Generator().manual_seed(0)
+    B, T = 3, 40
+    seg = torch.full((B, T), -1)
+    for b in range(B):  # segments of 1-9 tokens, then the row's padding (its own segment, -1)
+        t, i = 0, 0
+        while t < T - 6 + 2 * b:
+            n = int(torch.randint(1, 10, (1,), generator=g))
+            seg[b, t:t + n] = i
+            t, i = t + n, i + 1
+    assert sum(len(r.unique_consecutive()) for r in seg) > 16  # more than one group of segments
+    ids = torch.randint(3, 128, (B, T), generator=g)
+    grads = []
+    for mask in (None, torch.ones(B, T, dtype=torch.long)):
+        model = build_model(get_preset(preset), seed=0).train()
+        logits = model(ids, attention_mask=mask, segment_ids=seg).logits
+        (logits.float() ** 2).mean().backward()
+        grads.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (la, ga), (lb, gb) = grads
+    assert (la - lb).abs().max() < 1e-5
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], atol=1e-6, rtol=1e-4), n
+
+
 def test_packed_segments_equal_separate_sequences():
     model = build_model(get_preset("tiny-moe"), seed=0).eval()
     a = torch.randint(3, 128, (1, 5))

@@ -1,5 +1,6 @@
 """Built-in rollout engine: greedy decoding with the KV cache equals step-by-step full forwards; logprobs are the
-policy's; EOS / stop-string / length finish reasons; sampling filters."""
+policy's; a shared prompt's prefill and the dropping of finished rows change nothing; EOS / stop-string / length
+finish reasons; sampling filters, and top-p's candidate search samples the exact nucleus distribution."""
 
 import pytest
 import torch
@@ -48,6 +49,49 @@ def test_greedy_batched_with_cache_equals_full_forward(engine):
         assert g.logprobs == pytest.approx(ref_lp, abs=1e-4)
         assert g.prompt_ids == p
         assert g.finish_reason in ("length", "eos", "stop")
+
+
+def test_shared_prompts_and_dropped_rows_decode_as_alone(engine):
+    """Rows of one prompt share its prefill, and rows that finish early leave the batch: every row still decodes
+    exactly as its prompt does alone."""
+    a, b, c = [1, 10, 11, 12, 13], [1, 20], [1, 30, 31]
+    greedy = SamplingParams(temperature=0, max_new_tokens=8)
+    alone = {tuple(p): engine.generate([p], greedy)[0] for p in (a, b, c)}
+    batch = [a, b, a, c, a, b, c, c]
+    for p, g in zip(batch, engine.generate(batch, greedy)):
+        assert g.token_ids == alone[tuple(p)].token_ids
+        assert g.logprobs == pytest.approx(alone[tuple(p)].logprobs, abs=1e-4)
+    # one token of `a`'s greedy reply made an EOS: `a`'s rows (3 of 8) finish there and are dropped, the rest go on
+    eos = alone[tuple(a)].token_ids[1]
+    early = BuiltinEngine(engine.model, engine.tokenizer, eos_ids=[eos])
+    for p, g in zip(batch, early.generate(batch, greedy)):
+        ref = alone[tuple(p)].token_ids
+        n = ref.index(eos) + 1 if eos in ref else len(ref)
+        assert g.token_ids == ref[:n]
+        assert g.finish_reason == ("eos" if eos in ref[:n] else "length")
+    assert early.generate([a], greedy)[0].finish_reason == "eos"
+
+
+def _nucleus(logits, top_p):
+    """The top-p distribution, by a full sort (the definition)."""
+    p = logits.softmax(-1)
+    sp, order = p.sort(descending=True)
+    keep = sp.cumsum(-1) - sp < top_p
+    out = torch.zeros_like(p)
+    out[order[keep]] = sp[keep]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("spread", [0.5, 8.0])  # a nucleus of a few tokens (among the candidates) / of hundreds
+def test_top_p_samples_the_nucleus_distribution(spread):
+    V, n = 512, 40000
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(0)) * (8.0 / spread)
+    want = _nucleus(logits, 0.95)
+    got = sample_next(logits.expand(n, V), SamplingParams(temperature=1.0, top_p=0.95), torch.Generator().manual_seed(1))
+    freq = torch.bincount(got, minlength=V).float() / n
+    assert set(got.tolist()) <= set(want.nonzero().squeeze(-1).tolist())
+    assert (freq - want).abs().max() < 4 * (want.max() / n) ** 0.5 + 1e-3
+    assert (want > 0).sum() > 64 if spread > 1 else (want > 0).sum() < 64
 
 
 def test_finish_reasons(engine):
