@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from r1moe.config import SamplingConfig
 from r1moe.data import PromptSample
 from r1moe.data.benchmarks import BENCHMARKS, LoadedBenchmark
-from r1moe.metrics import SampleResult, per_question_scores, summarize_eval
+from r1moe.metrics import SampleResult, summarize_eval
 from r1moe.rewards import same_answer
 from r1moe.rollout import RolloutEngine, SamplingParams
 
@@ -104,11 +104,9 @@ def evaluate(engine: RolloutEngine, tok: Tokenizer, samples: list[PromptSample],
             advance(f"eval {min(i + s.chunk, len(prompts))}/{len(prompts)} samples")
     graded_by_question = [graded[i:i + s.samples] for i in range(0, len(graded), s.samples)]
     same = benchmark.same_answer if benchmark is not None else same_answer
-    equivalences = [functools.partial(same, sample=q) for q in samples]
-    summary: dict[str, Any] = dict(summarize_eval(graded_by_question, equivalences))
+    summary = summarize_eval(graded_by_question, [functools.partial(same, sample=q) for q in samples], per_question)
     if per_question:
-        summary["per_question"] = {"id": [q.id for q in samples],
-                                   **per_question_scores(graded_by_question, equivalences)}
+        summary["per_question"] = {"id": [q.id for q in samples], **summary["per_question"]}
     return summary
 
 

@@ -131,33 +131,29 @@ def per_question_scores(results: Sequence[Sequence[SampleResult]],
 
 
 def summarize_eval(results: Sequence[Sequence[SampleResult]],
-                   same_answer: Sequence[SameAnswer | None] | None = None) -> dict[str, float]:
+                   same_answer: Sequence[SameAnswer | None] | None = None,
+                   per_question: bool = False) -> dict[str, Any]:
     """Metrics of one benchmark from K graded samples per question (`results[q][i]`); `same_answer[q]` is question
     q's answer equivalence for cons@K (None: normalised text).
 
     Keys: `pass@1` (mean over questions of the fraction of correct samples), `pass@k` for k = 2, 4, ... and K,
     `cons@K`, `format_rate` and `mean_response_length` (over all samples), `language_consistency` (mean over
-    the samples that measured it; absent when none did), `num_questions`, `num_samples` (total).
+    the samples that measured it; absent when none did), `num_questions`, `num_samples` (total); with
+    `per_question`, also "per_question": `per_question_scores` (the majority votes are counted once for both).
     """
     if not results:
         raise ValueError("summarize_eval needs at least one question")
-    sizes = {len(samples) for samples in results}
-    if len(sizes) != 1 or 0 in sizes:
-        raise ValueError(f"every question needs the same number (>= 1) of samples, got sizes {sorted(sizes)}")
-    if same_answer is not None and len(same_answer) != len(results):
-        raise ValueError(f"same_answer has {len(same_answer)} entries for {len(results)} questions")
-    equivalences = list(same_answer) if same_answer is not None else [None] * len(results)
-    num_per_question = sizes.pop()
+    scores = per_question_scores(results, same_answer)  # checks the shapes; each question's pass@1 and cons@K
+    num_per_question = len(results[0])
     num_questions = len(results)
     all_samples = [s for samples in results for s in samples]
 
-    summary: dict[str, float] = {}
+    summary: dict[str, Any] = {}
     for k in _ks_up_to(num_per_question):
         summary[f"pass@{k}"] = (
             sum(pass_at_k(num_per_question, sum(s.correct for s in samples), k) for samples in results) / num_questions
         )
-    summary[f"cons@{num_per_question}"] = sum(
-        _cons_from_samples(samples, same) for samples, same in zip(results, equivalences)) / num_questions
+    summary[f"cons@{num_per_question}"] = sum(scores[f"cons@{num_per_question}"]) / num_questions
     summary["format_rate"] = sum(s.formatted for s in all_samples) / len(all_samples)
     summary["mean_response_length"] = sum(s.length_tokens for s in all_samples) / len(all_samples)
     measured = [s.language_consistency for s in all_samples if s.language_consistency is not None]
@@ -165,4 +161,6 @@ def summarize_eval(results: Sequence[Sequence[SampleResult]],
         summary["language_consistency"] = sum(measured) / len(measured)
     summary["num_questions"] = num_questions
     summary["num_samples"] = len(all_samples)
+    if per_question:
+        summary["per_question"] = scores
     return summary
