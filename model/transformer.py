@@ -19,17 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .layers import (
-    GQA,
-    MLA,
-    MLP,
-    KVCache,
-    MoE,
-    RMSNorm,
-    build_attention_mask,
-    build_kv_cache,
-    build_segment_layout,
-)
+from .layers import GQA, MLA, MLP, KVCache, MoE, RMSNorm, build_attention_mask, build_kv_cache
+from .segments import build_segment_layout
 
 
 @dataclass

@@ -172,11 +172,10 @@ def packed_sequences(segments_BT: torch.Tensor):
 def packed_layout(segments_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """B rows of segment ids flattened row after row: (positions [1, B*T] restarting at 0 in every run of equal ids,
     cumulative run lengths [runs + 1] int32 from 0 to B*T, the longest run)."""
+    from r1moe.model.segments import segment_runs
+
     B, T = segments_BT.shape
-    start = torch.ones_like(segments_BT, dtype=torch.bool)
-    start[:, 1:] = segments_BT[:, 1:] != segments_BT[:, :-1]
-    start = start.reshape(-1)
-    starts = torch.nonzero(start).squeeze(1)
+    start, starts = segment_runs(segments_BT)
     cu = torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
     position_ids = torch.arange(B * T, device=segments_BT.device) - starts[torch.cumsum(start, 0) - 1]
     return position_ids.unsqueeze(0), cu, int((cu[1:] - cu[:-1]).max())

@@ -112,7 +112,7 @@ def test_mtp_logits_and_aux_loss():
 
 @pytest.mark.parametrize("preset", ["tiny-moe", "tiny-dense"])
 def test_packed_attention_by_segment_groups_equals_the_block_diagonal_mask(preset):
-    """Packed rows attend segment by segment (groups of similar length, model/layers.py SegmentLayout); with an
+    """Packed rows attend segment by segment (groups of similar length, model/segments.py SegmentLayout); with an
     attention_mask the model takes the [T, T] block-diagonal mask path instead: same logits, same gradients."""
     g = torch.Generator().manual_seed(0)
     B, T = 3, 40
