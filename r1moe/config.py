@@ -54,7 +54,7 @@ class DataSection:
     `format: indexed`: a PREFIX of PREFIX.bin/.idx (tools/preprocess_data.py, or megatron's for pretrain)."""
     format: Literal["jsonl", "indexed"] = "jsonl"
     """jsonl = read and tokenized whole at start; indexed = pre-tokenized, memory-mapped megatron .bin/.idx, packed
-    lazily (pretrain and sft; megatron backend: pretrain only; r1moe/data/loader.py)."""
+    lazily (pretrain and sft, both backends; r1moe/data/loader.py)."""
     blend: dict[str, float] = field(default_factory=dict)
     """format indexed: several PREFIX -> weight, blended as megatron's BlendedDataset does (instead of `train`)."""
     eval: str | None = None

@@ -5,7 +5,8 @@
 - response_length.png: `rollout/response_length` vs step with a +-1 std band from
   `rollout/response_length_std` when present, like R1 Figure 3.
 - rewards.png: every `reward/*` component; loss.png: `train/loss`.
-- step_time.png: seconds per RL step split into rollout / train / weight sync (`perf/*_s`), stacked.
+- step_time.png: seconds per RL step split into rollout / train / weight sync (`perf/*_s`), stacked; the log-prob
+  part of train (log pi_old, log pi_ref: `perf/logprob_s`) apart where it is logged.
 - logprob_mismatch.png: mean and max |log pi_trainer - log pi_engine| on the rollout's tokens before each update
   (`rollout/logprob_abs_diff*`): how far the rollout engine's numerics are from the trainer's (SGLang's bf16
   kernels, routing flips; routing replay removes the latter). Skipped when it stays below 1e-4 (the built-in

@@ -343,8 +343,7 @@ class SGLangEngine:
         else:
             sps = [sp] * len(prompts)
         outs = self._call(self.engine.generate, input_ids=[list(p) for p in prompts], sampling_params=sps,
-                          return_logprob=True,
-                                    return_routed_experts=self.routing_model is not None)
+                          return_logprob=True, return_routed_experts=self.routing_model is not None)
         return [self._generation(p, o, stop_ids, text_stops) for p, o in zip(prompts, outs)]
 
     def _generation(self, prompt: list[int], out: dict, stop_ids: list[int], text_stops: list[str]) -> Generation:

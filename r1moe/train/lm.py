@@ -36,6 +36,22 @@ def _num_steps(train: TrainSection, num_rows: int) -> int:
     return train.steps
 
 
+def _training_rows(cfg: JobConfig, examples: list[Example] | IndexedRows, tok: Tokenizer
+                   ) -> tuple[list | IndexedRows, int]:
+    """(rows, how many) both backends train on: indexed rows as they are, examples packed into data.seq_len rows."""
+    if isinstance(examples, IndexedRows):
+        return examples, examples.num_rows
+    rows = pack_examples(examples, cfg.data.seq_len, special_ids(tok)[0])
+    return rows, len(rows)
+
+
+def _batches(rows: list | IndexedRows, train: TrainSection, start: int, rank: int = 0, world: int = 1):
+    """Endless batches from step `start` on (indexed rows: data-parallel rank `rank`'s share of each)."""
+    if isinstance(rows, IndexedRows):
+        return rows.batches(train.batch_size, train.seed, start_step=start, rank=rank, world=world)
+    return iterate_batches(rows, train.batch_size, train.seed, start_step=start)
+
+
 def train_lm(cfg: JobConfig, examples: list[Example] | IndexedRows, tok: Tokenizer, resume: bool = False) -> dict:
     """`examples`: tokenized examples (packed here), or memory-mapped indexed rows (data.format=indexed)."""
     indexed = isinstance(examples, IndexedRows)
@@ -44,9 +60,7 @@ def train_lm(cfg: JobConfig, examples: list[Example] | IndexedRows, tok: Tokeniz
     if cfg.parallel.backend == "megatron":
         return _train_lm_megatron(cfg, examples, tok, resume)
     device = common.setup_torch(cfg.train)
-    pad_id = special_ids(tok)[0]
-    rows = examples if indexed else pack_examples(examples, cfg.data.seq_len, pad_id)
-    num_rows = examples.num_rows if indexed else len(rows)
+    rows, num_rows = _training_rows(cfg, examples, tok)
     steps = _num_steps(cfg.train, num_rows)
     model = common.build_policy(cfg, tok, device).train()  # a bad model.init fails before the run directory exists
     run_dir = rundir.prepare_run_dir(cfg, resume)
@@ -57,8 +71,7 @@ def train_lm(cfg: JobConfig, examples: list[Example] | IndexedRows, tok: Tokeniz
         state = checkpointing.restore_checkpoint(ckpt, model, opt, sched)
         start = state.step
         guard.load_state_dict(state.extra.get("nonfinite", {}))
-    batches = (rows.batches(cfg.train.batch_size, cfg.train.seed, start_step=start) if indexed
-               else iterate_batches(rows, cfg.train.batch_size, cfg.train.seed, start_step=start))
+    batches = _batches(rows, cfg.train, start)
     mtp_on = cfg.train.mtp_weight > 0 and model.cfg.num_nextn_predict_layers > 0
     mb = cfg.train.micro_batch_size or cfg.train.batch_size
     logger = MetricsLogger(run_dir, project=cfg.logging.project, run_name=cfg.name, wandb_mode=cfg.logging.wandb,
@@ -122,9 +135,7 @@ def _train_lm_megatron(cfg: JobConfig, examples: list[Example] | IndexedRows, to
 
     check_megatron_backend(cfg)
     common.setup_torch(cfg.train)
-    indexed = isinstance(examples, IndexedRows)
-    rows = examples if indexed else pack_examples(examples, cfg.data.seq_len, special_ids(tok)[0])
-    num_rows = examples.num_rows if indexed else len(rows)
+    rows, num_rows = _training_rows(cfg, examples, tok)
     steps = _num_steps(cfg.train, num_rows)
     run_dir = rundir.prepare_run_dir(cfg, resume)
     policy = MegatronPolicy(cfg, tok, steps, mtp_weight=cfg.train.mtp_weight,
@@ -132,9 +143,8 @@ def _train_lm_megatron(cfg: JobConfig, examples: list[Example] | IndexedRows, to
     start = policy.restore(run_dir) if resume else 0
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, what=cfg.stage)
     guard.load_state_dict(policy.trainer_extra.get("nonfinite", {}))
-    batches = (rows.batches(cfg.train.batch_size, cfg.train.seed, start_step=start, rank=policy.dp_rank,
-                            world=policy.dp) if indexed
-               else iterate_batches(rows, cfg.train.batch_size, cfg.train.seed, start_step=start))
+    batches = _batches(rows, cfg.train, start, rank=policy.dp_rank, world=policy.dp)
+    indexed = isinstance(rows, IndexedRows)  # each rank holds only its share of a batch
     last: dict = {}
     with policy.build_logger(cfg, run_dir) as logger, progress_bar(cfg.stage, steps, start) as advance:
         for step in range(start + 1, steps + 1):

@@ -173,9 +173,9 @@ class ReferencePolicy:
             ref_lp = sequence_logprobs(self.ref, batch, temperature)[0] if self.ref is not None else None
         if batch.input_ids_NT.is_cuda:
             torch.cuda.synchronize()
-        metrics_t = {"perf/logprob_s": time.perf_counter() - t0}
+        metrics = {"perf/logprob_s": time.perf_counter() - t0}
         size = -(-n // a.num_minibatches)
-        stats, counts, metrics = [], None, metrics_t
+        stats, counts = [], None
         for i in range(0, n, size):
             sl = slice(i, i + size)
             mb = batch.rows(sl)
