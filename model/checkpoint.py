@@ -202,10 +202,12 @@ def _config_dtype(raw: dict[str, Any], source: Path) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------- save
-def write_config_files(cfg: ModelConfig, directory: Path, dtype: torch.dtype) -> None:
-    """config.json (HF names, `torch_dtype`) and generation_config.json of a checkpoint directory."""
+def write_config_files(cfg: ModelConfig, directory: Path, dtype: torch.dtype, extra: dict | None = None) -> None:
+    """config.json (HF names, `torch_dtype`, then the `extra` keys) and generation_config.json of a checkpoint
+    directory."""
     config = cfg.to_hf_dict()
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config.update(extra or {})
     write_json(directory / CONFIG_NAME, config)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     if cfg.pad_token_id is not None:

@@ -272,60 +272,56 @@ class SGLangEngine:
 
     def _broadcast(self, bucket: list[tuple[str, torch.Tensor]], flat: torch.Tensor, flush: bool) -> None:
         """One bucket over NCCL: SGLang allocates the same flattened layout from (names, dtypes, shapes) and
-        receives it by broadcast from rank 0 of the weight group (this process); the engine call blocks until
-        SGLang has loaded it, so the broadcast runs beside it in a thread."""
+        receives it by broadcast from rank 0 of the weight group (this process)."""
         import torch.distributed as dist
 
         flat = flat.cuda() if not flat.is_cuda else flat
         group = self._weight_group(flat.device)
-        errors: list[BaseException] = []
-
-        def send():
-            try:
-                torch.cuda.set_device(flat.device)
-                dist.broadcast(flat, src=0, group=group)
-            except BaseException as e:  # noqa: BLE001 -- re-raised below, in the caller's thread
-                errors.append(e)
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        result = self._call(self.engine.update_weights_from_distributed, names=[n for n, _ in bucket],
-                            dtypes=[str(t.dtype).removeprefix("torch.") for _, t in bucket],
-                            shapes=[list(t.shape) for _, t in bucket], group_name=WEIGHT_GROUP,
-                            flush_cache=flush, load_format="flattened_bucket")
-        sender.join()
-        if errors:
-            raise RuntimeError(f"broadcasting weights to SGLang failed: {errors[0]}") from errors[0]
+        result, sent = self._call_beside(
+            lambda: dist.broadcast(flat, src=0, group=group), flat.device, self.engine.update_weights_from_distributed,
+            names=[n for n, _ in bucket], dtypes=[str(t.dtype).removeprefix("torch.") for _, t in bucket],
+            shapes=[list(t.shape) for _, t in bucket], group_name=WEIGHT_GROUP, flush_cache=flush,
+            load_format="flattened_bucket")
+        if isinstance(sent, BaseException):
+            raise RuntimeError(f"broadcasting weights to SGLang failed: {sent}") from sent  # noqa: TRY004
         if not _succeeded(result):
             raise RuntimeError(f"SGLang refused the weight update (bucket from {bucket[0][0]}): {result}")
 
     def _weight_group(self, device: torch.device):
-        """The NCCL group {this process (rank 0), SGLang's TP ranks (1 ..)}, made on first use; SGLang's side
-        joins through its engine call while this side joins in a thread."""
+        """The NCCL group {this process (rank 0), SGLang's TP ranks (1 ..)}, made on first use."""
         if self._group is None:
             from sglang.srt.utils import init_custom_process_group
 
-            port, world, box = _free_port(), 1 + self.settings.tp, []
-
-            def join():
-                try:
-                    torch.cuda.set_device(device)
-                    box.append(init_custom_process_group(backend="nccl", init_method=f"tcp://127.0.0.1:{port}",
-                                                         world_size=world, rank=0, group_name=WEIGHT_GROUP))
-                except BaseException as e:  # noqa: BLE001 -- re-raised below
-                    box.append(e)
-
-            joiner = threading.Thread(target=join, daemon=True)
-            joiner.start()
-            result = self._call(self.engine.init_weights_update_group, master_address="127.0.0.1",
-                                master_port=port, rank_offset=1, world_size=world, group_name=WEIGHT_GROUP,
-                                backend="nccl")
-            joiner.join()
-            if not _succeeded(result) or not box or isinstance(box[0], BaseException):
+            port, world = _free_port(), 1 + self.settings.tp
+            result, group = self._call_beside(
+                lambda: init_custom_process_group(backend="nccl", init_method=f"tcp://127.0.0.1:{port}",
+                                                  world_size=world, rank=0, group_name=WEIGHT_GROUP),
+                device, self.engine.init_weights_update_group, master_address="127.0.0.1", master_port=port,
+                rank_offset=1, world_size=world, group_name=WEIGHT_GROUP, backend="nccl")
+            if not _succeeded(result) or group is None or isinstance(group, BaseException):
                 raise RuntimeError(f"the NCCL weight group with SGLang did not form: {result}; "
-                                   f"{box[0] if box else 'no answer'}")
-            self._group = box[0]
+                                   f"{group if group is not None else 'no answer'}")
+            self._group = group
         return self._group
+
+    def _call_beside(self, side, device: torch.device, fn, **kwargs):
+        """(fn's answer, side()'s value or exception): `side` (this process's half of a collective with SGLang) runs
+        in a thread on `device` while this thread makes the engine call that SGLang's half answers, which blocks
+        until both halves are done."""
+        box: list = []
+
+        def run():
+            try:
+                torch.cuda.set_device(device)
+                box.append(side())
+            except BaseException as e:  # noqa: BLE001 -- handed to the caller, which raises it
+                box.append(e)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        result = self._call(fn, **kwargs)
+        thread.join()
+        return result, box[0] if box else None
 
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
@@ -446,14 +442,11 @@ def write_engine_dir(model_cfg, out_dir: Path, dtype: torch.dtype = torch.bfloat
     """A directory SGLang can start from with dummy weights (`load_format=dummy`): the config files of a checkpoint
     (model.checkpoint.write_config_files), no weights (they come by `update_weights`); `quantization="fp8"` adds
     V3's FP8 quantization_config, so SGLang builds its FP8 layers."""
-    from r1moe.atomic import write_json_atomic
     from r1moe.model.checkpoint import write_config_files
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_config_files(model_cfg, out_dir, dtype)
-    if quantization == "fp8":
-        config = json.loads((out_dir / "config.json").read_text())
-        write_json_atomic(out_dir / "config.json", {**config, "quantization_config": FP8_QUANTIZATION_CONFIG})
-    elif quantization != "none":
+    if quantization not in ("none", "fp8"):
         raise ValueError(f"quantization={quantization!r}: expected none or fp8")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_config_files(model_cfg, out_dir, dtype,
+                       extra={"quantization_config": FP8_QUANTIZATION_CONFIG} if quantization == "fp8" else None)
     return out_dir
