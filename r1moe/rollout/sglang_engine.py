@@ -94,10 +94,17 @@ def _load_transformer_engine_first() -> None:
     (SGLang 0.5.17, TE 2.20.2, megatron-core 0.19.2): in a process that imported SGLang first, the first reply of
     SGLang's detokenizer needed megatron.core to unpickle, whose TE import then failed on cuDNN
     (`libcudnn_heuristic.so.9: undefined symbol`), and SGLang killed the process. With TE and megatron loaded
-    before SGLang (as the megatron backend's runs do) both stacks ran in one process."""
-    if "sglang" in sys.modules or importlib.util.find_spec("transformer_engine") is None:
+    before SGLang (as the megatron backend's runs do) both stacks ran in one process. Measured since: what breaks TE
+    is cuDNN already in use by torch (`torch.backends.cudnn.version()` then `import transformer_engine` fails the
+    same way; after SGLang's import alone it loads), so this runs before the process's first GPU work."""
+    if "transformer_engine.pytorch" in sys.modules or importlib.util.find_spec("transformer_engine") is None:
         return
-    importlib.import_module("transformer_engine.pytorch")
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except OSError as e:
+        raise RuntimeError(f"Transformer Engine failed to load ({str(e)[:200]}): with TE installed beside SGLang, "
+                           "load r1moe.rollout.sglang_engine.check_sglang (or transformer_engine) before this "
+                           "process first uses cuDNN") from e
     if importlib.util.find_spec("megatron") is not None and importlib.util.find_spec("megatron.core") is not None:
         importlib.import_module("megatron.core")
 

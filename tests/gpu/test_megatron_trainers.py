@@ -116,9 +116,10 @@ def test_indexed_data_on_megatron(data, tmp_path, kind):
     spec = importlib.util.spec_from_file_location("preprocess", REPO / "tools" / "preprocess_data.py")
     preprocess = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(preprocess)
-    # the corpus holds worked solutions (prompt + response), rendered with the pretraining recipe's template
+    # prompt + response records the base has not been trained on (its own corpus sits at the base's converged loss:
+    # measured on an H200, 20 steps on it only moved the loss by noise); pretraining renders them with its template
     template = "none" if kind == "sft" else "r1_zero"
-    src = data / ("sft.jsonl" if kind == "sft" else "corpus.jsonl")
+    src = data / "sft.jsonl"
     assert preprocess.main(["--kind", kind, "--input", str(src), "--tokenizer", str(data / "base" / "final"),
                             "--template", template, "--output-prefix", str(tmp_path / kind)]) == 0
     losses = {}
@@ -135,7 +136,7 @@ def test_indexed_data_on_megatron(data, tmp_path, kind):
     record("megatron_trainers", {f"{kind}_indexed": {"reference_first_loss": ref, "megatron_losses": mc,
                                                      "first_step_rel_diff": rel, "tolerance": 0.01}})
     assert rel <= 0.01, (ref, mc[0])
-    assert all(math.isfinite(x) for x in mc) and sum(mc[-5:]) / 5 < mc[0]
+    assert all(math.isfinite(x) for x in mc) and sum(mc[-5:]) < sum(mc[:5]), mc  # 4 x 128-token rows a step: noisy
     assert torch.isfinite(from_pretrained(tmp_path / "megatron" / "final").lm_head.weight).all()
 
 
