@@ -96,6 +96,16 @@ def make_data(spec: DataSpec, out_dir: Path) -> str:
         records = make_general(spec.n, spec.seed)
     elif spec.what == "general_sft":
         records = general_sft(make_general(spec.n, spec.seed), spec.template)
+    elif spec.what == "tokenizer":
+        from r1moe.data.tokenizer import save_tokenizer
+        from r1moe.train.pretrain import read_corpus, tiny_tokenizer_for
+
+        corpus = out_dir / spec.corpus
+        if not corpus.is_file():
+            raise FileNotFoundError(f"data entry {spec.out!r} (tokenizer): corpus={spec.corpus!r} is not a file of "
+                                    f"{out_dir} (name an earlier entry's out)")
+        save_tokenizer(tiny_tokenizer_for(read_corpus(corpus, spec.template), spec.vocab_size), path)
+        return str(path)
     else:
         records = make_preference_pairs(spec.n, spec.seed, template=spec.template)
     write_jsonl(path, records)

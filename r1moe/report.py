@@ -8,8 +8,9 @@ reward fixes language mixing at a small cost; cons@K over pass@1; the distilled 
 trained by GRPO, Table 6), each PASS, FAIL or WITHIN NOISE as measured, and the per-stage curves (PNG) copied next
 to it.
 
-Pipeline `report:` keys: `eval_stage` (name of the eval stage), and the labels of its checkpoints that play the
-roles in `ROLES` (any of them may be absent: its claims are then NOT MEASURED).
+Pipeline `report:` keys: `eval_stage` (the eval stage's name, or several, comma-separated: their results are read
+together, so each checkpoint can be evaluated by a stage of its own as soon as it exists), and the labels of the
+checkpoints that play the roles in `ROLES` (any of them may be absent: its claims are then NOT MEASURED).
 """
 
 from __future__ import annotations
@@ -206,12 +207,32 @@ def _rl_summary(run_dir: Path) -> list[str]:
     return [f"- {line}" for line in out]
 
 
+def eval_stage_names(p: PipelineConfig) -> list[str]:
+    """The eval stages whose results the report reads (`report.eval_stage`, comma-separated; default "eval")."""
+    names = [n.strip() for n in p.report.get("eval_stage", "eval").split(",")]
+    if not all(names):
+        raise ValueError(f"report.eval_stage={p.report.get('eval_stage')!r}: an empty stage name")
+    return names
+
+
+def read_eval_results(p: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """Every checkpoint's results from the eval stages of `eval_stage_names`; a label two stages share is an error."""
+    results: dict[str, dict[str, Any]] = {}
+    source: dict[str, str] = {}
+    for name in eval_stage_names(p):
+        path = Path(p.root) / name / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"report: {path} missing (run the {name!r} stage first)")
+        for label, r in json.loads(path.read_text()).items():
+            if label in results:
+                raise ValueError(f"report: checkpoint label {label!r} is evaluated by both {source[label]!r} and "
+                                 f"{name!r}; give each checkpoint one label")
+            results[label], source[label] = r, name
+    return results
+
+
 def write_report(p: PipelineConfig, out: Path) -> dict[str, Any]:
-    eval_stage = p.report.get("eval_stage", "eval")
-    results_path = Path(p.root) / eval_stage / "results.json"
-    if not results_path.is_file():
-        raise FileNotFoundError(f"report: {results_path} missing (run the {eval_stage!r} stage first)")
-    results = json.loads(results_path.read_text())
+    results = read_eval_results(p)
     claims = check_claims(results, p.report)
     timings_path = Path(p.root) / "pipeline_timings.json"
     lines = [f"# {p.name}: results", "",

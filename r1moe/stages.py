@@ -25,14 +25,14 @@ StageKind = Literal["data", "pretrain", "sft", "grpo", "rm", "rejection", "eval"
 
 @dataclass
 class DataSpec:
-    what: Literal["prompts", "corpus", "cold_start", "general", "general_sft", "pairs"] = "prompts"
+    what: Literal["prompts", "corpus", "cold_start", "general", "general_sft", "pairs", "tokenizer"] = "prompts"
     task: str = "arithmetic"
     n: int = 100
     seed: int = 0
     seeds: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7])
     """Splits the pretraining corpus draws from (disjoint from the RL seed 0 and the eval seed 1)."""
     out: str = "data.jsonl"
-    """File name inside the stage's output directory (root/<stage name>/)."""
+    """File name inside the stage's output directory (root/<stage name>/); tokenizer: a directory name."""
     difficulty: int = 1
     slip_rate: float = 0.3
     untagged_rate: float = 0.1
@@ -46,7 +46,14 @@ class DataSpec:
     general_fraction: float = 0.0
     """prompts: this fraction of the n prompts are general (non-reasoning) ones, for all-scenario RL."""
     template: str = "chat"
-    """cold_start / general_sft / pairs: the template the responses follow."""
+    """cold_start / general_sft / pairs: the template the responses follow; tokenizer: the template the corpus's
+    prompt records are rendered with (the pretraining recipe's data.template)."""
+    corpus: str = ""
+    """tokenizer: the corpus (an earlier entry's `out`) the tiny BPE tokenizer is trained on, exactly as the pretrain
+    stage builds it when it has none (r1moe.train.pretrain.tiny_tokenizer_for). Built here, the stages that need it
+    (the base model and a student pretrained with the same tokenizer) can run at the same time."""
+    vocab_size: int = 512
+    """tokenizer: its vocabulary size (the pretraining recipe's data.tokenizer_vocab_size)."""
 
 
 @dataclass
@@ -185,11 +192,20 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     for s in cfg.stages:
         if s.kind in ("pretrain", "sft", "grpo", "rm") and not s.recipe:
             raise ValueError(f"{path}: stage {s.name!r} ({s.kind}) needs a recipe")
+        for d in s.make:
+            if d.what == "tokenizer" and not d.corpus:
+                raise ValueError(f"{path}: stage {s.name!r}: a tokenizer entry needs `corpus` (an earlier entry's out)")
         if s.eval is not None and s.eval.benchmark is not None:
             from r1moe.data.benchmarks import check_benchmark_args
 
             where = f"{path}: stage {s.name!r}"
             check_benchmark_args(s.eval.benchmark, date_pair(where, s.eval.contest_dates), f"{where}: eval")
+    if any(s.kind == "report" for s in cfg.stages):
+        kinds = {s.name: s.kind for s in cfg.stages}
+        for name in (n.strip() for n in cfg.report.get("eval_stage", "eval").split(",")):
+            if kinds.get(name) != "eval":
+                raise ValueError(f"{path}: report.eval_stage names {name!r}, which is not an eval stage of this "
+                                 f"pipeline (eval stages: {[n for n, k in kinds.items() if k == 'eval']})")
     return cfg
 
 

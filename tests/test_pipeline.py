@@ -78,15 +78,65 @@ def test_stage_with_missing_previous_output_fails_naming_it(tiny_pipeline, capsy
 
 def test_stage_dependencies_are_the_stages_whose_outputs_a_stage_reads():
     deps = stage_dependencies(load_pipeline("recipes/tiny/r1.yaml"))
-    assert deps["base"] == {"data"}
-    assert deps["zero"] == deps["stage1"] == deps["student_base"] == {"base", "data"}
+    assert deps["base"] == deps["student_base"] == {"data"}  # the tokenizer comes from the data stage
+    assert deps["zero"] == deps["stage1"] == {"base", "data"}
     assert deps["stage2"] == {"data", "stage1"}
     assert deps["stage3"] == {"base", "rejection"}
     assert deps["stage4"] == {"data", "rm", "stage3"}
     assert deps["student_distilled"] == {"rejection", "student_base"}
-    assert deps["eval"] == {"base", "data", "zero", "stage1", "stage2", "stage3", "stage4", "student_distilled",
-                            "student_grpo"}
+    # each checkpoint's eval waits for that checkpoint only
+    assert deps["eval_base"] == {"base", "data"} and deps["eval_stage4"] == {"stage4", "data"}
     assert deps["report"] == set(deps) - {"report"}
+
+
+def test_data_stage_tokenizer_is_the_one_pretraining_builds(tmp_path):
+    """`what: tokenizer` writes the tokenizer the pretrain stage would build from the same corpus and template, so a
+    base model and a student can start from it at once; a missing corpus is an error naming it."""
+    from r1moe.data.tokenizer import load_tokenizer
+    from r1moe.pipeline import make_data
+    from r1moe.stages import DataSpec
+    from r1moe.train.pretrain import read_corpus, tiny_tokenizer_for
+
+    make_data(DataSpec(what="corpus", task="arithmetic", n=60, seeds=[2], template_rate=0.5, out="c.jsonl"), tmp_path)
+    path = make_data(DataSpec(what="tokenizer", corpus="c.jsonl", template="r1_zero", vocab_size=400, out="tok"),
+                     tmp_path)
+    built = tiny_tokenizer_for(read_corpus(tmp_path / "c.jsonl", "r1_zero"), 400)
+    loaded = load_tokenizer(path)
+    assert loaded.get_vocab() == built.get_vocab() and len(built.get_vocab()) == 400
+    text = "<think>\nWe need to compute 12 * 3 + 4.\n12 * 3 = 36\n</think>"
+    assert loaded.encode(text).ids == built.encode(text).ids
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        make_data(DataSpec(what="tokenizer", corpus="missing.jsonl", out="tok2"), tmp_path)
+    bad = _write(tmp_path / "p.yaml", {"name": "x", "stages": [{"name": "d", "kind": "data", "make": [
+        {"what": "tokenizer", "out": "tok"}]}]})
+    with pytest.raises(ValueError, match="needs `corpus`"):
+        load_pipeline(bad)
+
+
+def test_report_reads_several_eval_stages(tiny_pipeline):
+    """Each checkpoint evaluated by a stage of its own (`report.eval_stage: a, b`): the report reads them together;
+    a name that is no eval stage is an error when the recipe loads, a label two stages share when the report runs."""
+    from r1moe.report import read_eval_results
+
+    recipe, root = tiny_pipeline
+    spec = yaml.safe_load(Path(recipe).read_text())
+    ev = spec["stages"][3]
+    spec["stages"][3:4] = [{"name": "eval_base", "kind": "eval", "eval": {**ev["eval"], "checkpoints": {
+                               "base": ev["eval"]["checkpoints"]["base"]}}},
+                           {"name": "eval_grpo", "kind": "eval", "eval": {**ev["eval"], "checkpoints": {
+                               "grpo": ev["eval"]["checkpoints"]["grpo"]}}}]
+    spec["report"]["eval_stage"] = "eval_base, eval_grpo"
+    assert cli.main(["pipeline", _write(root.parent / "split.yaml", spec)]) == 0
+    report = (root / "report" / "report.md").read_text()
+    assert "| base |" in report and "| grpo |" in report
+    p = load_pipeline(root.parent / "split.yaml")
+    assert set(read_eval_results(p)) == {"base", "grpo"}
+    p.report["eval_stage"] = "eval_base, eval_base"
+    with pytest.raises(ValueError, match="'base' is evaluated by both"):
+        read_eval_results(p)
+    spec["report"]["eval_stage"] = "eval_base, pretrain"
+    with pytest.raises(ValueError, match="'pretrain', which is not an eval stage"):
+        load_pipeline(_write(root.parent / "bad.yaml", spec))
 
 
 def test_jobs_run_independent_stages_at_once(tiny_pipeline):
