@@ -173,12 +173,17 @@ def build_attention_mask(valid_BS: torch.Tensor | None, start: int, T: int, S: i
     return mask[:, None]
 
 
-def _attend(q, k, v, mask, scale: float, causal_no_mask: bool) -> torch.Tensor:
+def _attend(q, k, v, mask, scale: float, causal_no_mask: bool, gqa: bool = False) -> torch.Tensor:
+    """`gqa`: k and v have fewer heads than q, each shared by a group of consecutive query heads (SDPA reads them in
+    place; copying the KV cache to every head each decode step cost 7x the attention itself on a CPU)."""
     if causal_no_mask:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if isinstance(mask, SegmentLayout):
+        if gqa:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         return attend_segments(q, k, v, mask, scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -270,10 +275,7 @@ class GQA(nn.Module):
             k_cache[:, :, start:start + T] = k
             v_cache[:, :, start:start + T] = v
             k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]
-        if nkv != nh:
-            k = k.repeat_interleave(nh // nkv, dim=1)
-            v = v.repeat_interleave(nh // nkv, dim=1)
-        out = _attend(q, k, v, mask, self.scale, causal_no_mask)
+        out = _attend(q, k, v, mask, self.scale, causal_no_mask, gqa=nkv != nh)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, nh * d))
 
 
