@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -70,12 +71,19 @@ def main() -> int:
         "goal_s": GOAL_S,
         "goal_met": wall <= GOAL_S,
         "stage_seconds": stages,
-        "eval": json.loads((root / evals[-1] / "results.json").read_text()) if evals else {},
+        "eval": {label: r for name in evals  # every eval stage's checkpoints
+                 for label, r in json.loads((root / name / "results.json").read_text()).items()},
     }
     out = Path(a.out)
     write_json_atomic(out, result)
-    if reports:
-        write_text_atomic(out.with_name(out.stem + "_report.md"), (root / reports[-1] / "report.md").read_text())
+    if reports:  # the report, its figures beside it in a folder named like the JSON without "_cpu"
+        figures = out.with_name(out.stem.removesuffix("_cpu"))
+        figures.mkdir(parents=True, exist_ok=True)
+        report = (root / reports[-1] / "report.md").read_text()
+        for png in sorted((root / reports[-1]).glob("*.png")):
+            shutil.copyfile(png, figures / png.name)
+            report = report.replace(f"]({png.name})", f"]({figures.name}/{png.name})")
+        write_text_atomic(out.with_name(out.stem + "_report.md"), report)
     print(json.dumps({k: result[k] for k in ("wall_clock_s", "goal_met")}))
     return 0
 
