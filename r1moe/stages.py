@@ -150,6 +150,14 @@ class StageSpec:
     eval: EvalSpec | None = None
 
 
+REPORT_ROLES = ("base", "zero", "zero_language", "language_control", "language_reward", "stage1", "stage2", "stage3",
+                "stage4", "distilled", "student_rl")
+"""The pipeline's `report:` roles (r1moe.report.check_claims): each names the eval label of the base model, the
+R1-Zero run from it (same RL budget as stage 2), that run with the language reward, the language reward's ablation
+(`language_control` / `language_reward`: the same RL from a base that mixes languages, without and with the reward;
+default: zero / zero_language), the four R1 stages, and the two students (Table 6)."""
+
+
 @dataclass
 class PipelineConfig:
     name: str = "pipeline"
@@ -200,12 +208,22 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
 
             where = f"{path}: stage {s.name!r}"
             check_benchmark_args(s.eval.benchmark, date_pair(where, s.eval.contest_dates), f"{where}: eval")
+    unknown = sorted(set(cfg.report) - {"eval_stage", *REPORT_ROLES})
+    if unknown:
+        raise ValueError(f"{path}: report.{unknown[0]} is not a report key (eval_stage and the roles "
+                         f"{', '.join(REPORT_ROLES)})")
     if any(s.kind == "report" for s in cfg.stages):
-        kinds = {s.name: s.kind for s in cfg.stages}
+        stages = {s.name: s for s in cfg.stages}
+        labels = set()
         for name in (n.strip() for n in cfg.report.get("eval_stage", "eval").split(",")):
-            if kinds.get(name) != "eval":
+            if name not in stages or stages[name].kind != "eval":
                 raise ValueError(f"{path}: report.eval_stage names {name!r}, which is not an eval stage of this "
-                                 f"pipeline (eval stages: {[n for n, k in kinds.items() if k == 'eval']})")
+                                 f"pipeline (eval stages: {[n for n, s in stages.items() if s.kind == 'eval']})")
+            labels |= set(stages[name].eval.checkpoints if stages[name].eval else ())
+        for role in REPORT_ROLES:
+            if role in cfg.report and cfg.report[role] not in labels:
+                raise ValueError(f"{path}: report.{role}={cfg.report[role]!r} is no checkpoint label of the report's "
+                                 f"eval stages ({', '.join(sorted(labels))})")
     return cfg
 
 

@@ -234,6 +234,26 @@ def test_claims_within_two_standard_errors_are_reported_as_noise():
     assert worse["... at a small cost"][0] == "FAIL"
     assert worse["cold start + RL is more readable than RL alone"][0] == "WITHIN NOISE"  # 100% vs 100%: SE 0
 
+def test_language_ablation_roles_and_report_keys_are_checked(tmp_path, tiny_pipeline):
+    """`language_control` / `language_reward` name the language reward's ablation (e.g. a student whose base mixes
+    languages) apart from R1-Zero; a report key that is no role, or a role naming no evaluated label, is an error when
+    the recipe loads (it would silently leave its claims NOT MEASURED)."""
+    def m(p, language):
+        return {"pass@1": p, "cons@8": p, "language_consistency": language, "format_rate": 0.9, "num_questions": 1000}
+
+    res = {"z": m(0.3, 1.0), "zl": m(0.3, 1.0), "c": m(0.10, 0.6), "l": m(0.11, 0.95)}
+    claims = _claims(res, {"zero": "z", "zero_language": "zl", "language_control": "c", "language_reward": "l"})
+    assert claims["the language-consistency reward fixes language mixing"][0] == "PASS"  # 95 vs 60, not 100 vs 100
+    assert "with the reward 95.0 vs without 60.0" in claims["the language-consistency reward fixes language mixing"][1]
+    recipe, _ = tiny_pipeline
+    spec = yaml.safe_load(Path(recipe).read_text())
+    for report, message in (({"eval_stage": "eval", "zer0": "base"}, "report.zer0 is not a report key"),
+                            ({"eval_stage": "eval", "zero": "grpo_typo"}, "report.zero='grpo_typo' is no checkpoint")):
+        spec["report"] = report
+        with pytest.raises(ValueError, match=message):
+            load_pipeline(_write(tmp_path / "bad_report.yaml", spec))
+
+
 def test_claims_on_the_same_questions_are_compared_question_by_question():
     """500 questions: every question gains 4 points from stage 1 to stage 2. The unpaired bound (2 SE = 5.8 points
     near 30%) cannot tell; paired, every question agrees (SE ~0: PASS). A per-question difference of the same mean
