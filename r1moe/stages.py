@@ -9,6 +9,7 @@ without importing each other.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, TypeVar
@@ -54,6 +55,25 @@ class DataSpec:
     (the base model and a student pretrained with the same tokenizer) can run at the same time."""
     vocab_size: int = 512
     """tokenizer: its vocabulary size (the pretraining recipe's data.tokenizer_vocab_size)."""
+
+
+DATA_KEYS = {  # what -> the DataSpec keys it reads (besides what / out); any other key set is an error
+    "prompts": {"task", "n", "seed", "difficulty", "general_fraction"},
+    "corpus": {"task", "n", "seeds", "difficulty", "slip_rate", "untagged_rate", "template_rate", "drill_rate",
+               "direct_rate", "french_rate"},
+    "cold_start": {"task", "n", "seed", "difficulty", "template"},
+    "general": {"n", "seed"},
+    "general_sft": {"n", "seed", "template"},
+    "pairs": {"n", "seed", "template"},
+    "tokenizer": {"corpus", "template", "vocab_size"},
+}
+
+
+def unused_data_keys(spec: DataSpec) -> list[str]:
+    """The keys of `spec` set away from their defaults that its `what` does not read."""
+    default = DataSpec(what=spec.what)
+    return [f.name for f in dataclasses.fields(DataSpec)
+            if f.name not in {"what", "out", *DATA_KEYS[spec.what]} and getattr(spec, f.name) != getattr(default, f.name)]
 
 
 @dataclass
@@ -203,6 +223,9 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         for d in s.make:
             if d.what == "tokenizer" and not d.corpus:
                 raise ValueError(f"{path}: stage {s.name!r}: a tokenizer entry needs `corpus` (an earlier entry's out)")
+            if unused := unused_data_keys(d):
+                raise ValueError(f"{path}: stage {s.name!r}, data entry {d.out!r}: {', '.join(unused)} has no effect on "
+                                 f"what: {d.what} (it reads {', '.join(sorted(DATA_KEYS[d.what]))})")
         if s.eval is not None and s.eval.benchmark is not None:
             from r1moe.data.benchmarks import check_benchmark_args
 

@@ -113,6 +113,18 @@ def test_data_stage_tokenizer_is_the_one_pretraining_builds(tmp_path):
         load_pipeline(bad)
 
 
+def test_data_entry_key_its_kind_does_not_read_is_an_error(tmp_path):
+    """A data entry's key that its `what` ignores (french_rate on prompts, a tokenizer's vocab_size on a corpus) stops
+    the recipe at load, naming the stage, the entry and the key, instead of doing nothing."""
+    for entry, key in (({"what": "prompts", "task": "digits", "n": 5, "french_rate": 0.3, "out": "p.jsonl"},
+                        "french_rate"),
+                       ({"what": "corpus", "task": "digits", "n": 5, "vocab_size": 300, "out": "c.jsonl"}, "vocab_size"),
+                       ({"what": "general", "n": 5, "seed": 1, "task": "digits", "out": "g.jsonl"}, "task")):
+        bad = _write(tmp_path / "p.yaml", {"name": "x", "stages": [{"name": "d", "kind": "data", "make": [entry]}]})
+        with pytest.raises(ValueError, match=f"stage 'd', data entry '{entry['out']}': {key} has no effect"):
+            load_pipeline(bad)
+
+
 def test_report_reads_several_eval_stages(tiny_pipeline):
     """Each checkpoint evaluated by a stage of its own (`report.eval_stage: a, b`): the report reads them together;
     a name that is no eval stage is an error when the recipe loads, a label two stages share when the report runs."""
