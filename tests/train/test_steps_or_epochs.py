@@ -48,3 +48,19 @@ def test_command_line_says_which_override_has_no_effect(capsys, tmp_path):
     assert rc == 2
     assert "r1moe sft: error: train.steps=5 (override) has no effect" in err and "train.epochs=null" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recipe, overrides, message", [
+    ("recipes/tiny/r1/base.yaml", ["data.tokenizer=runs/x/tokenizer", "data.tokenizer_vocab_size=1024"],
+     "data.tokenizer_vocab_size=1024: no effect, the tokenizer comes from data.tokenizer=runs/x/tokenizer"),
+    ("recipes/tiny/r1/stage2.yaml", ["data.tokenizer_vocab_size=1024"],
+     "data.tokenizer_vocab_size=1024: no effect on grpo"),
+])
+def test_a_tokenizer_size_without_effect_is_an_error(recipe, overrides, message):
+    """data.tokenizer_vocab_size sizes only the tokenizer pretraining builds itself; where a tokenizer is given, or in
+    any other stage, setting it is an error naming it (checked before the run reads any file)."""
+    from r1moe.train.checks import validate
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        validate(load_config(recipe, overrides))
+    validate(load_config(recipe, overrides[:-1]))  # without it the same recipe is fine
