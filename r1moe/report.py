@@ -10,7 +10,7 @@ to it.
 
 Pipeline `report:` keys: `eval_stage` (the eval stage's name, or several, comma-separated: their results are read
 together, so each checkpoint can be evaluated by a stage of its own as soon as it exists), and the labels of the
-checkpoints that play the roles in `ROLES` (any of them may be absent: its claims are then NOT MEASURED).
+checkpoints that play the roles in `r1moe.stages.REPORT_ROLES` (any of them may be absent: its claims are then NOT MEASURED).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from r1moe.atomic import write_text_atomic
-from r1moe.stages import REPORT_ROLES
+from r1moe.stages import eval_stage_names
 from r1moe.tracking import read_metrics
 
 if TYPE_CHECKING:
@@ -80,9 +80,6 @@ def _compare(a: float, b: float, se: float) -> str:
 
 Verdict = str
 """PASS, FAIL, WITHIN NOISE (the difference is under two standard errors, either way) or NOT MEASURED."""
-
-
-ROLES = REPORT_ROLES
 
 
 def check_claims(results: dict[str, dict[str, Any]], roles: dict[str, str]) -> list[tuple[str, Verdict, str]]:
@@ -208,19 +205,11 @@ def _rl_summary(run_dir: Path) -> list[str]:
     return [f"- {line}" for line in out]
 
 
-def eval_stage_names(p: PipelineConfig) -> list[str]:
-    """The eval stages whose results the report reads (`report.eval_stage`, comma-separated; default "eval")."""
-    names = [n.strip() for n in p.report.get("eval_stage", "eval").split(",")]
-    if not all(names):
-        raise ValueError(f"report.eval_stage={p.report.get('eval_stage')!r}: an empty stage name")
-    return names
-
-
 def read_eval_results(p: PipelineConfig) -> dict[str, dict[str, Any]]:
     """Every checkpoint's results from the eval stages of `eval_stage_names`; a label two stages share is an error."""
     results: dict[str, dict[str, Any]] = {}
     source: dict[str, str] = {}
-    for name in eval_stage_names(p):
+    for name in eval_stage_names(p.report):
         path = Path(p.root) / name / "results.json"
         if not path.is_file():
             raise FileNotFoundError(f"report: {path} missing (run the {name!r} stage first)")

@@ -178,6 +178,14 @@ R1-Zero run from it (same RL budget as stage 2), that run with the language rewa
 default: zero / zero_language), the four R1 stages, and the two students (Table 6)."""
 
 
+def eval_stage_names(report: dict[str, str]) -> list[str]:
+    """The eval stages whose results the report reads (`report.eval_stage`, comma-separated; default "eval")."""
+    names = [n.strip() for n in report.get("eval_stage", "eval").split(",")]
+    if not all(names):
+        raise ValueError(f"report.eval_stage={report.get('eval_stage')!r}: an empty stage name")
+    return names
+
+
 @dataclass
 class PipelineConfig:
     name: str = "pipeline"
@@ -238,7 +246,7 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     if any(s.kind == "report" for s in cfg.stages):
         stages = {s.name: s for s in cfg.stages}
         labels = set()
-        for name in (n.strip() for n in cfg.report.get("eval_stage", "eval").split(",")):
+        for name in eval_stage_names(cfg.report):
             if name not in stages or stages[name].kind != "eval":
                 raise ValueError(f"{path}: report.eval_stage names {name!r}, which is not an eval stage of this "
                                  f"pipeline (eval stages: {[n for n, s in stages.items() if s.kind == 'eval']})")

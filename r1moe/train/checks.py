@@ -53,11 +53,6 @@ def _need_tokenizer_source(cfg: JobConfig) -> None:
 
 def check_pretrain(cfg: JobConfig) -> None:
     _need_train_data(cfg, "a corpus JSONL: text, or prompt + response")
-    default = type(cfg.data)().tokenizer_vocab_size
-    if cfg.data.tokenizer_vocab_size != default and (cfg.data.tokenizer or cfg.model.init):
-        source = f"data.tokenizer={cfg.data.tokenizer}" if cfg.data.tokenizer else f"model.init={cfg.model.init}"
-        raise ValueError(f"data.tokenizer_vocab_size={cfg.data.tokenizer_vocab_size}: no effect, the tokenizer comes "
-                         f"from {source} (the size applies when pretraining builds its own); remove it")
 
 
 def check_sft(cfg: JobConfig) -> None:
@@ -107,7 +102,19 @@ def validate(cfg: JobConfig) -> None:
         check_megatron_config(cfg)
     else:
         check_reference_config(cfg.parallel)
-    if cfg.stage != "pretrain" and cfg.data.tokenizer_vocab_size != type(cfg.data)().tokenizer_vocab_size:
-        raise ValueError(f"data.tokenizer_vocab_size={cfg.data.tokenizer_vocab_size}: no effect on {cfg.stage} (it "
-                         f"sizes the tokenizer pretraining builds when it has none); remove it")
+    _check_tokenizer_vocab_size(cfg)
     STAGE_CHECKS[cfg.stage](cfg)
+
+
+def _check_tokenizer_vocab_size(cfg: JobConfig) -> None:
+    """data.tokenizer_vocab_size sizes only the tokenizer a pretraining run builds itself (no tokenizer given)."""
+    size = cfg.data.tokenizer_vocab_size
+    if size == type(cfg.data)().tokenizer_vocab_size:
+        return
+    if cfg.stage != "pretrain":
+        raise ValueError(f"data.tokenizer_vocab_size={size}: no effect on {cfg.stage} (it sizes the tokenizer "
+                         f"pretraining builds when it has none); remove it")
+    if cfg.data.tokenizer or cfg.model.init:
+        source = f"data.tokenizer={cfg.data.tokenizer}" if cfg.data.tokenizer else f"model.init={cfg.model.init}"
+        raise ValueError(f"data.tokenizer_vocab_size={size}: no effect, the tokenizer comes from {source} (the size "
+                         f"applies when pretraining builds its own); remove it")
