@@ -95,8 +95,9 @@ def bench_engines(ckpt: Path, tok, results: dict) -> None:
 
 
 def bench_sync(ckpt: Path, tok, results: dict) -> None:
-    """Weight sync into a colocated SGLang (CUDA IPC) at several bucket sizes, from the reference model's bf16
-    state dict and from the megatron export; `pack_s`: the part spent packing buckets on our side."""
+    """Weight sync into a colocated SGLang (CUDA IPC) at several bucket sizes, with the direct loader
+    (rollout.sglang.weight_loader) and SGLang's own, from the reference model's bf16 state dict and from the megatron
+    export; `pack_s`: the part spent packing buckets (SGLang's flattened format) on our side."""
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
     from r1moe.config import SGLangSection
@@ -109,9 +110,10 @@ def bench_sync(ckpt: Path, tok, results: dict) -> None:
     model = from_pretrained(ckpt, device="cuda", dtype=torch.bfloat16).eval()
     sd = model.state_dict()
     gb = sum(t.numel() * t.element_size() for t in sd.values()) / 1e9
-    rows = {}
-    for mb in (256, 1024, 4096):
+    rows, direct = {}, eng.direct
+    for loader, mb in (("direct", 256), ("direct", 1024), ("direct", 4096), ("sglang", 1024), ("sglang", 4096)):
         eng.settings.weight_bucket_mb = mb
+        eng.direct = direct if loader == "direct" else None
         t_sync, _ = _timed(lambda: eng.update_weights(sd.items()), repeat=3)
 
         def pack(mb=mb):
@@ -125,7 +127,9 @@ def bench_sync(ckpt: Path, tok, results: dict) -> None:
             FlattenedTensorBucket(named_tensors=bucket).get_flattened_tensor()
 
         t_pack, _ = _timed(pack, repeat=3)
-        rows[f"{mb}MB"] = {"seconds": round(t_sync, 4), "gb_per_s": round(gb / t_sync, 1), "pack_s": round(t_pack, 4)}
+        rows[f"{loader}_loader_{mb}MB"] = {"seconds": round(t_sync, 4), "gb_per_s": round(gb / t_sync, 1),
+                                           "pack_s": round(t_pack, 4)}
+    eng.direct = direct
     # SGLang's own API, one IPC handle per tensor, no buckets: what SGLang's loader alone allows
     t_raw, _ = _timed(lambda: eng.engine.update_weights_from_tensor(list(sd.items()), flush_cache=True), repeat=3)
     results["weight_sync_reference"] = {"gb": round(gb, 3), "tensors": len(sd), "buckets": rows,
@@ -154,9 +158,10 @@ def _megatron_sync(model, eng) -> dict:
     sd = model.state_dict()
     models = build_mcore_model(model.cfg, pcfg, MegatronOptions(), hf_weights=sd.__getitem__)
     gb = sum(t_.numel() * t_.element_size() for t_ in sd.values()) / 1e9
-    rows = {}
-    for mb in (1024, 4096):
+    rows, direct = {}, eng.direct
+    for loader, mb in (("direct", 1024), ("sglang", 1024)):
         eng.settings.weight_bucket_mb = mb
+        eng.direct = direct if loader == "direct" else None
 
         def sync():
             eng.update_weights(itertools.chain.from_iterable(export_hf_weights(models, model.cfg, pcfg)))
@@ -168,7 +173,9 @@ def _megatron_sync(model, eng) -> dict:
 
         t, _ = _timed(sync, repeat=3)
         t_export, _ = _timed(export, repeat=3)
-        rows[f"{mb}MB"] = {"seconds": round(t, 4), "gb_per_s": round(gb / t, 1), "export_s": round(t_export, 4)}
+        rows[f"{loader}_loader_{mb}MB"] = {"seconds": round(t, 4), "gb_per_s": round(gb / t, 1),
+                                           "export_s": round(t_export, 4)}
+    eng.direct = direct
     return {"gb": round(gb, 3), "buckets": rows}
 
 

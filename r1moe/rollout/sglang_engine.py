@@ -43,6 +43,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -166,6 +167,7 @@ class SGLangEngine:
                                  "quantization='fp8') with dummy weights; the weights come by update_weights")
             self.fp8_layers = int(config["num_hidden_layers"])
 
+        self.direct = _direct_loader(settings, json.loads((Path(model_path) / "config.json").read_text()), nccl_sync)
         if routing_model is not None and not routing_model.is_moe:
             raise ValueError("routing replay (rollout.routing_replay): the model has no MoE layers to route")
         self.routing_model = routing_model
@@ -182,6 +184,8 @@ class SGLangEngine:
                   "enable_memory_saver": settings.colocate, "load_format": "dummy" if dummy_weights else "auto",
                   "enable_return_routed_experts": routing_model is not None, "base_gpu_id": settings.base_gpu_id,
                   "custom_sigquit_handler": _on_launch_failure}
+        if self.direct is not None:
+            kwargs["custom_weight_loader"] = [DIRECT_LOADER]
         if settings.cuda_graph_max_bs:
             kwargs["cuda_graph_max_bs_decode"] = settings.cuda_graph_max_bs
         else:
@@ -242,6 +246,10 @@ class SGLangEngine:
         flat tensor that SGLang reads through one CUDA IPC handle (SGLang's `flattened_bucket` format). fp32
         matrices travel in the engine's dtype (half the bytes; SGLang would cast them on load anyway)."""
         self._wake(["weights"])
+        if self.direct is not None:
+            self._update_direct(named_tensors)
+            self.weights_loaded = True
+            return
         bucket, size, limit = [], 0, self.settings.weight_bucket_mb << 20
         for name, t in engine_tensors(named_tensors, self.settings.dtype, self.fp8_layers):
             bucket.append((name, t))
@@ -251,6 +259,35 @@ class SGLangEngine:
                 bucket, size = [], 0
         self._send(bucket, flush=True)
         self.weights_loaded = True
+
+    def _update_direct(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """`weight_loader: direct`: SGLang's parameters packed whole (DirectPacker) into flat buckets, each copied
+        in by r1moe/rollout/sglang_loader.py."""
+        packer = DirectPacker(self.direct)
+        bucket, size, first, limit = [], 0, True, self.settings.weight_bucket_mb << 20
+        for name, t in engine_tensors(named_tensors, self.settings.dtype, None):
+            for group in packer.add(name, t):
+                bucket.append(group)
+                size += group.nbytes
+                if size >= limit:
+                    self._send_direct(bucket, first=first, final=False)
+                    bucket, size, first = [], 0, False
+        packer.finish()
+        self._send_direct(bucket, first=first, final=True)
+
+    def _send_direct(self, bucket: list[Packed], first: bool, final: bool) -> None:
+        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+        spec, flat = pack_direct(bucket, torch.device("cuda", torch.cuda.current_device()))
+        spec.update(first=first, final=final)
+        monkey_patch_torch_reductions()  # CUDA tensors are named by device UUID, as SGLang's receiver expects
+        result = self._call(self.engine.update_weights_from_tensor, [(json.dumps(spec), flat)],
+                            load_format=DIRECT_LOADER, flush_cache=final)
+        if not _succeeded(result):
+            raise RuntimeError(f"SGLang refused the weight update (bucket from "
+                               f"{bucket[0].name if bucket else 'the end'}): {result}")
+        if final:
+            torch.cuda.synchronize()
 
     def _send(self, bucket: list[tuple[str, torch.Tensor]], flush: bool) -> None:
         from sglang.srt.utils import MultiprocessingSerializer
@@ -406,6 +443,143 @@ def decode_routes(raw: str, cfg, fed: int) -> torch.Tensor:
                            f"{cfg.num_hidden_layers} layers x {cfg.num_experts_per_tok} experts")
     ids = ids.view(-1, cfg.num_hidden_layers, cfg.num_experts_per_tok)
     return compact_routes(ids[:fed, cfg.moe_layer_ids()], cfg.n_routed_experts)
+
+
+DIRECT_LOADER = "r1moe.rollout.sglang_loader.load_direct"
+"""SGLang's custom weight loader (its import path) for `rollout.sglang.weight_loader: direct`."""
+
+
+def _direct_loader(settings, config: dict, nccl_sync: bool) -> dict | None:
+    """The served model's config.json where `weight_loader` resolves to direct, else None (SGLang's own loader)."""
+    reasons = []
+    if config.get("model_type") != "deepseek_v3":
+        reasons.append(f"model_type {config.get('model_type')!r} (direct packs the DeepSeek-V3 architecture)")
+    if (settings.tp, settings.ep) != (1, 1):
+        reasons.append(f"tp={settings.tp}, ep={settings.ep} (direct copies whole, unsharded parameters)")
+    if settings.quantization != "none":
+        reasons.append(f"quantization={settings.quantization}")
+    if nccl_sync:
+        reasons.append("SGLang on GPUs of its own (the weights go by NCCL broadcast)")
+    if settings.weight_loader == "direct" and reasons:
+        raise ValueError("rollout.sglang.weight_loader=direct cannot serve " + "; ".join(reasons)
+                         + ": use weight_loader: sglang or auto")
+    if settings.weight_loader == "sglang" or reasons:
+        return None
+    return config
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+class Packed:
+    """One SGLang parameter: the HF tensors whose row-major bytes, in order, are its bytes."""
+
+    __slots__ = ("name", "parts", "shape")
+
+    def __init__(self, name: str, shape: tuple[int, ...], parts: list[torch.Tensor]):
+        self.name, self.shape, self.parts = name, shape, parts
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() for p in self.parts) * self.dtype.itemsize
+
+
+class DirectPacker:
+    """HF-named tensors (any order, as the trainer exports them) -> SGLang's DeepSeek-V3 parameters at tp = 1
+    (sglang/srt/models/deepseek_common/deepseek_weight_loader.py, what its loader builds from the same tensors):
+    - `mlp.experts.{e}.{gate,up}_proj` -> `mlp.experts.w13_weight` [E, 2 I, H] (gate then up, per expert),
+      `mlp.experts.{e}.down_proj` -> `mlp.experts.w2_weight` [E, H, I];
+    - `{mlp,mlp.shared_experts}.{gate,up}_proj` -> `gate_up_proj` (gate rows then up rows);
+    - with q_lora_rank: `self_attn.q_a_proj` + `self_attn.kv_a_proj_with_mqa` -> `fused_qkv_a_proj_with_mqa`;
+    - everything else as it is; layers past num_hidden_layers (multi-token prediction) are not served and dropped,
+      as SGLang's loader drops them.
+    A fused parameter is handed on once all its parts arrived; `finish` names any left incomplete."""
+
+    def __init__(self, config: dict):
+        self.layers = int(config["num_hidden_layers"])
+        self.experts = int(config.get("n_routed_experts") or 0)
+        self.fuse_qkv_a = config.get("q_lora_rank") is not None
+        self.pending: dict[str, tuple[list, list]] = {}
+
+    def slot(self, name: str) -> tuple[str, int, int] | None:
+        """(SGLang parameter, index of this tensor among its parts, number of parts), None: not served."""
+        m = _LAYER.fullmatch(name)
+        if m is None:
+            return name, 0, 1
+        layer, rest = int(m[1]), m[2]
+        if layer >= self.layers:
+            return None
+        prefix = f"model.layers.{layer}."
+        if self.fuse_qkv_a and rest in ("self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"):
+            return prefix + "self_attn.fused_qkv_a_proj_with_mqa.weight", int("kv_a" in rest), 2
+        for mlp in ("mlp.", "mlp.shared_experts."):
+            if rest in (mlp + "gate_proj.weight", mlp + "up_proj.weight"):
+                return prefix + mlp + "gate_up_proj.weight", int(rest.endswith("up_proj.weight")), 2
+        expert = _EXPERT.fullmatch(rest)
+        if expert:
+            e, proj = int(expert[1]), expert[2]
+            if not 0 <= e < self.experts:
+                raise ValueError(f"weight sync: {name}: expert {e} of n_routed_experts={self.experts}")
+            if proj == "down_proj":
+                return prefix + "mlp.experts.w2_weight", e, self.experts
+            return prefix + "mlp.experts.w13_weight", 2 * e + (proj == "up_proj"), 2 * self.experts
+        return name, 0, 1
+
+    def add(self, name: str, t: torch.Tensor) -> Iterator[Packed]:
+        where = self.slot(name)
+        if where is None:
+            return
+        target, index, count = where
+        if count == 1:
+            yield Packed(target, tuple(t.shape), [t])
+            return
+        parts, names = self.pending.setdefault(target, ([None] * count, [None] * count))
+        if parts[index] is not None:
+            raise ValueError(f"weight sync: {name} sent twice")
+        if any(p is not None and (p.dtype != t.dtype or p.shape[1:] != t.shape[1:]) for p in parts) or t.dim() != 2:
+            raise ValueError(f"weight sync: {name} {tuple(t.shape)} {t.dtype} differs from the other parts of "
+                             f"{target}")
+        parts[index], names[index] = t, name
+        if all(p is not None for p in parts):
+            del self.pending[target]
+            rows, cols = sum(p.shape[0] for p in parts), parts[0].shape[1]
+            if target.endswith(("w13_weight", "w2_weight")):  # every expert the same [rows, cols]
+                if any(p.shape != parts[0].shape for p in parts):
+                    raise ValueError(f"weight sync: the experts of {target} differ in shape")
+                shape = (self.experts, rows // self.experts, cols)
+            else:
+                shape = (rows, cols)
+            yield Packed(target, shape, parts)
+
+    def finish(self) -> None:
+        if self.pending:
+            target, (parts, _) = next(iter(self.pending.items()))
+            raise ValueError(f"weight sync ended with {len(self.pending)} of SGLang's parameters incomplete, e.g. "
+                             f"{target}: {sum(p is None for p in parts)} of its {len(parts)} HF tensors never came")
+
+
+ALIGN = 256
+
+
+def pack_direct(bucket: list[Packed], device: torch.device) -> tuple[dict, torch.Tensor]:
+    """({"tensors": [[name, dtype, shape, byte offset], ...]}, one uint8 tensor on `device` holding them all,
+    each at an offset aligned to 256 bytes)."""
+    spec, offset = [], 0
+    for p in bucket:
+        spec.append([p.name, str(p.dtype).removeprefix("torch."), list(p.shape), offset])
+        offset += -(-p.nbytes // ALIGN) * ALIGN
+    flat = torch.empty(max(offset, ALIGN), dtype=torch.uint8, device=device)
+    for p, (_, _, _, start) in zip(bucket, spec):
+        for part in p.parts:
+            n = part.numel() * part.element_size()
+            flat[start: start + n].view(part.dtype).copy_(part.reshape(-1))
+            start += n
+    return {"tensors": spec}, flat
 
 
 def engine_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: str, fp8_layers: int | None

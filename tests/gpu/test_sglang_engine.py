@@ -221,6 +221,46 @@ def test_weight_update_changes_generations_and_round_trips(data, engine):
     assert [g.token_ids for g in back] == [g.token_ids for g in before]
 
 
+def test_direct_weight_loader_is_sglangs_own_loader_faster(data, engine):
+    """rollout.sglang.weight_loader: direct (the default here: auto on a tp = 1 DeepSeek-V3 model) against SGLang's
+    own loader in the same engine, on the same perturbed weights: the same greedy tokens and log-probs, so the packed
+    layout is the one SGLang's loader builds; and the sync time of each."""
+    from r1moe.model import from_pretrained
+    from r1moe.rollout import SamplingParams
+
+    assert engine.direct is not None
+    base = from_pretrained(data / "base" / "final", device="cuda").eval()
+    other = from_pretrained(data / "base" / "final", device="cuda").eval()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn(p.shape, generator=g, device="cuda") * p.float().std().nan_to_num(0.01) * 0.3)
+    params = SamplingParams(temperature=0.0, max_new_tokens=24)
+    prompts = _prompts(data, engine.tokenizer)
+    direct, times = engine.direct, {}
+    try:
+        engine.direct = None  # SGLang's own loader (flattened buckets)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.update_weights(other.state_dict().items())
+        times["sglang_loader_s"] = round(time.perf_counter() - t0, 4)
+        own = engine.generate(prompts, params)
+    finally:
+        engine.direct = direct
+    engine.update_weights(base.state_dict().items())
+    t0 = time.perf_counter()
+    engine.update_weights(other.state_dict().items())
+    times["direct_loader_s"] = round(time.perf_counter() - t0, 4)
+    ours = engine.generate(prompts, params)
+    engine.update_weights(base.state_dict().items())
+    diff = max(max((abs(a - b) for a, b in zip(x.logprobs, y.logprobs)), default=0.0) for x, y in zip(own, ours))
+    record("sglang_engine", {"direct_vs_sglang_loader": {**times, "max_abs_logprob_diff": diff,
+                                                         "same_tokens": [x.token_ids for x in own] ==
+                                                         [y.token_ids for y in ours]}})
+    assert [x.token_ids for x in own] == [y.token_ids for y in ours]
+    assert diff < 1e-3
+
+
 def test_sglang_on_a_gpu_of_its_own_takes_weights_over_nccl(data):
     """rollout.sglang.base_gpu_id past the trainer's GPUs: this process (GPU 0) broadcasts the weights to SGLang
     on GPU 1 over NCCL; a perturbed model's weights change the generations and the base weights bring them back."""

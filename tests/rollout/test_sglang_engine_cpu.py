@@ -130,3 +130,196 @@ def test_fp8_engine_dir_and_setting(tmp_path):
     assert load_config(None, over).rollout.sglang.quantization == "fp8"
     with pytest.raises(ValueError, match="quantization"):
         load_config(None, ["rollout.engine=sglang", "rollout.sglang.quantization=int8"])
+
+
+# ---------------------------------------------------------------- rollout.sglang.weight_loader: direct
+def _hf_tensors(q_lora_rank=96):
+    import torch
+
+    from r1moe.model import build_model, get_preset
+
+    cfg = get_preset("tiny-moe").replace(q_lora_rank=q_lora_rank)  # 4 layers (1 dense), 8 experts + 1 shared, MTP 1
+    torch.manual_seed(0)
+    return cfg, dict(build_model(cfg).state_dict())
+
+
+def _sglang_layout(cfg, sd):
+    """What SGLang's DeepSeek-V3 loader builds from these HF tensors at tp = 1, restated from its rules
+    (sglang/srt/models/deepseek_common/deepseek_weight_loader.py): the expected parameter values."""
+    import torch
+
+    out, L, E = {}, cfg.num_hidden_layers, cfg.n_routed_experts
+    for name, t in sd.items():
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"] and int(parts[2]) >= L:
+            continue  # multi-token prediction layers: not served
+        out[name] = t
+    for i in range(L):
+        p = f"model.layers.{i}."
+        if cfg.q_lora_rank is not None:
+            out[p + "self_attn.fused_qkv_a_proj_with_mqa.weight"] = torch.cat(
+                [out.pop(p + "self_attn.q_a_proj.weight"), out.pop(p + "self_attn.kv_a_proj_with_mqa.weight")])
+        for mlp in ("mlp.", "mlp.shared_experts."):
+            if p + mlp + "gate_proj.weight" in out:
+                out[p + mlp + "gate_up_proj.weight"] = torch.cat(
+                    [out.pop(p + mlp + "gate_proj.weight"), out.pop(p + mlp + "up_proj.weight")])
+        if p + "mlp.experts.0.down_proj.weight" in out:
+            ex = p + "mlp.experts."
+            out[ex + "w13_weight"] = torch.stack([torch.cat([out.pop(f"{ex}{e}.gate_proj.weight"),
+                                                             out.pop(f"{ex}{e}.up_proj.weight")]) for e in range(E)])
+            out[ex + "w2_weight"] = torch.stack([out.pop(f"{ex}{e}.down_proj.weight") for e in range(E)])
+    return out
+
+
+def _receiver(shapes: dict):
+    """A module whose parameters carry SGLang's names and shapes (a real nn.Module, as SGLang's model is one), and
+    that records the post_load_weights calls SGLang's DeepSeek model answers."""
+    import torch
+    from torch import nn
+
+    class Receiver(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.post_loaded = []
+
+        def post_load_weights(self, is_nextn=False, weight_names=None):
+            self.post_loaded += list(weight_names)
+
+    root = Receiver()
+    for name, shape in shapes.items():
+        *path, leaf = name.split(".")
+        m = root
+        for part in path:
+            if part not in m._modules:
+                m.add_module(part, nn.Module())
+            m = m._modules[part]
+        m.register_parameter(leaf, nn.Parameter(torch.full(shape, float("nan")), requires_grad=False))
+    return root
+
+
+def _sync(packer_config, named, receiver, bucket_bytes=1 << 20):
+    """What SGLangEngine.update_weights does with weight_loader=direct, the receiving half called in-process."""
+    import json
+
+    import torch
+
+    from r1moe.rollout.sglang_engine import DirectPacker, pack_direct
+    from r1moe.rollout.sglang_loader import load_direct
+
+    packer, bucket, size, first, sent = DirectPacker(packer_config), [], 0, True, 0
+
+    def send(final):
+        spec, flat = pack_direct(bucket, torch.device("cpu"))
+        spec.update(first=first, final=final)
+        load_direct(receiver, [(json.dumps(spec), flat)])
+
+    for name, t in named:
+        for group in packer.add(name, t):
+            bucket.append(group)
+            size += group.nbytes
+            if size >= bucket_bytes:
+                send(False)
+                bucket, size, first, sent = [], 0, False, sent + 1
+    packer.finish()
+    send(True)
+    return sent + 1
+
+
+@pytest.mark.parametrize("q_lora_rank", [96, None])
+def test_direct_weight_sync_fills_sglangs_parameters_with_its_loaders_layout(q_lora_rank):
+    """HF tensors in any order (here shuffled, several buckets) -> every SGLang parameter equal to what SGLang's own
+    loader would make of them; MLA's absorbed weights recomputed for every layer's kv_b_proj; the vocabulary padding
+    of embedding and head left alone."""
+    import random
+
+    import torch
+
+    cfg, sd = _hf_tensors(q_lora_rank)
+    expected = _sglang_layout(cfg, sd)
+    shapes = {n: tuple(t.shape) for n, t in expected.items()}
+    for n in ("model.embed_tokens.weight", "lm_head.weight"):
+        shapes[n] = (cfg.vocab_size + 64, cfg.hidden_size)  # SGLang pads the vocabulary
+    receiver = _receiver(shapes)
+    items = list(sd.items())
+    random.Random(0).shuffle(items)
+    buckets = _sync(cfg.to_hf_dict(), items, receiver, bucket_bytes=64 << 10)
+    assert buckets > 3
+    got = dict(receiver.named_parameters())
+    for name, want in expected.items():
+        have = got[name][: want.shape[0]] if name in ("model.embed_tokens.weight", "lm_head.weight") else got[name]
+        assert torch.equal(have, want), name
+    assert torch.isnan(got["lm_head.weight"][cfg.vocab_size:]).all()
+    assert sorted(receiver.post_loaded) == sorted(f"model.layers.{i}.self_attn.kv_b_proj.weight"
+                                                  for i in range(cfg.num_hidden_layers))
+
+
+def test_direct_weight_sync_into_a_fused_shared_expert():
+    """SGLang may fuse the shared expert into the routed experts' kernel as expert n_routed: its weights land in
+    that last slot of w13/w2."""
+    import torch
+
+    cfg, sd = _hf_tensors()
+    expected = _sglang_layout(cfg, sd)
+    shapes = {}
+    for n, t in expected.items():
+        if ".mlp.shared_experts." in n:
+            continue
+        shapes[n] = (t.shape[0] + 1, *t.shape[1:]) if n.endswith(("w13_weight", "w2_weight")) else tuple(t.shape)
+    receiver = _receiver(shapes)
+    _sync(cfg.to_hf_dict(), sd.items(), receiver)
+    got = dict(receiver.named_parameters())
+    for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
+        p = f"model.layers.{i}.mlp."
+        assert torch.equal(got[p + "experts.w13_weight"][:-1], expected[p + "experts.w13_weight"])
+        assert torch.equal(got[p + "experts.w13_weight"][-1], expected[p + "shared_experts.gate_up_proj.weight"])
+        assert torch.equal(got[p + "experts.w2_weight"][-1], expected[p + "shared_experts.down_proj.weight"])
+
+
+def test_direct_weight_sync_errors_name_the_parameter():
+    import torch
+
+    from r1moe.rollout.sglang_engine import DirectPacker
+
+    cfg, sd = _hf_tensors()
+    expected = _sglang_layout(cfg, sd)
+    shapes = {n: tuple(t.shape) for n, t in expected.items()}
+    # a sync that leaves an expert out: the packer names the parameter it cannot complete
+    partial = [(n, t) for n, t in sd.items() if n != "model.layers.2.mlp.experts.5.up_proj.weight"]
+    with pytest.raises(ValueError, match=r"model\.layers\.2\.mlp\.experts\.w13_weight: 1 of its 16"):
+        _sync(cfg.to_hf_dict(), partial, _receiver(shapes))
+    packer = DirectPacker(cfg.to_hf_dict())
+    list(packer.add("model.layers.1.mlp.experts.0.down_proj.weight", torch.zeros(128, 96)))
+    with pytest.raises(ValueError, match="sent twice"):
+        list(packer.add("model.layers.1.mlp.experts.0.down_proj.weight", torch.zeros(128, 96)))
+    with pytest.raises(ValueError, match="expert 8 of n_routed_experts=8"):
+        list(packer.add("model.layers.1.mlp.experts.8.down_proj.weight", torch.zeros(128, 96)))
+    # SGLang's model has a parameter the sync never wrote: it would keep stale weights
+    with pytest.raises(RuntimeError, match=r"1 of SGLang's parameters unwritten.*extra\.weight"):
+        _sync(cfg.to_hf_dict(), sd.items(), _receiver({**shapes, "extra.weight": (3,)}))
+    # the sync sends a name SGLang's model lacks, or a shape that does not fit
+    with pytest.raises(KeyError, match="no parameter 'model.norm.weight'"):
+        _sync(cfg.to_hf_dict(), sd.items(), _receiver({n: s for n, s in shapes.items() if n != "model.norm.weight"}))
+    bad = {**shapes, "model.layers.0.mlp.gate_up_proj.weight": (2 * 384, 64)}
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_up_proj\.weight: sent \(768, 128\)"):
+        _sync(cfg.to_hf_dict(), sd.items(), _receiver(bad))
+
+
+def test_weight_loader_setting_resolves_or_refuses_by_name():
+    from r1moe.config import SGLangSection
+    from r1moe.model import get_preset
+    from r1moe.rollout.sglang_engine import _direct_loader
+
+    moe = get_preset("tiny-moe").to_hf_dict()
+    dense = get_preset("tiny-dense").to_hf_dict()
+    assert _direct_loader(SGLangSection(), moe, nccl_sync=False) == moe  # auto: direct where it applies
+    assert _direct_loader(SGLangSection(weight_loader="sglang"), moe, nccl_sync=False) is None
+    assert _direct_loader(SGLangSection(tp=2), moe, nccl_sync=False) is None
+    assert _direct_loader(SGLangSection(), dense, nccl_sync=False) is None
+    assert _direct_loader(SGLangSection(), moe, nccl_sync=True) is None
+    with pytest.raises(ValueError, match="weight_loader=direct cannot serve model_type"):
+        _direct_loader(SGLangSection(weight_loader="direct"), dense, nccl_sync=False)
+    with pytest.raises(ValueError, match="weight_loader=direct cannot serve SGLang on GPUs of its own"):
+        _direct_loader(SGLangSection(weight_loader="direct", colocate=False), moe, nccl_sync=True)
+    with pytest.raises(ValueError, match="weight_loader=direct copies whole parameters: it needs tp=1"):
+        SGLangSection(weight_loader="direct", tp=2)
+
