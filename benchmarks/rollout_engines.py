@@ -111,7 +111,8 @@ def bench_sync(ckpt: Path, tok, results: dict) -> None:
     sd = model.state_dict()
     gb = sum(t.numel() * t.element_size() for t in sd.values()) / 1e9
     rows, direct = {}, eng.direct
-    for loader, mb in (("direct", 256), ("direct", 1024), ("direct", 4096), ("sglang", 1024), ("sglang", 4096)):
+    variants = (("direct", 256), ("direct", 1024), ("direct", 4096), ("sglang", 1024), ("sglang", 4096))
+    for loader, mb in variants:
         eng.settings.weight_bucket_mb = mb
         eng.direct = direct if loader == "direct" else None
         t_sync, _ = _timed(lambda: eng.update_weights(sd.items()), repeat=3)

@@ -152,7 +152,7 @@ class SGLangSection:
     """fp8: SGLang serves the policy in DeepSeek-V3's blockwise FP8 format (float8_e4m3fn weights of the decoder's
     linear projections with a float32 scale per 128x128 block, model/hf_io.py `fp8_quantized`), half the weight
     memory of bf16 (671B: ~0.7 TB, one node of 8 H200s); every weight sync quantizes the trainer's weights, and the
-    engine starts from config.json with dummy weights. Not yet run on a GPU."""
+    engine starts from config.json with dummy weights. GPU-tested on an H200 (tests/gpu/test_sglang_engine.py)."""
     weight_bucket_mb: int = 1024
     """Weights handed to SGLang per update call (one flat tensor, one CUDA IPC handle or one NCCL broadcast): the
     extra GPU memory a sync takes. Fewer, larger buckets cost SGLang fewer load passes

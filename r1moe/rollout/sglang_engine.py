@@ -44,6 +44,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -63,15 +64,59 @@ class SGLangFailure(RuntimeError):
     """One of SGLang's processes (scheduler, detokenizer) failed; its traceback is in the log above."""
 
 
-def _stop_sglang_children() -> None:
-    from sglang.srt.utils import kill_process_tree
+_OTHER_CHILDREN: set[int] = set()
+"""This process's children that are not SGLang's (wandb's service, another engine's, a sandbox): the pids there
+were before the engine being started launched its own."""
 
-    kill_process_tree(os.getpid(), include_parent=False)
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) of every process (Linux /proc; SGLang runs on Linux only)."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+            table[int(entry.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _children(pid: int | None = None) -> set[int]:
+    pid = os.getpid() if pid is None else pid
+    return {p for p, (parent, _) in _process_table().items() if parent == pid}
+
+
+def _stop_processes(pids: Iterable[int], wait_s: float | None = None) -> None:
+    """SIGKILL these processes of one engine and all their descendants, never the rest of this process's children
+    (SGLang's own `Engine.shutdown` kills every child of this process: wandb's service, a code sandbox, another
+    engine). With `wait_s`, wait until they have exited (their GPU memory is free then)."""
+    table = _process_table()
+    tree, todo = [], [p for p in pids if p in table]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += [c for c, (parent, _) in table.items() if parent == pid]
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + (wait_s or 0)
+    while wait_s is not None:
+        table = _process_table()
+        left = [p for p in tree if p in table and table[p][1] != "Z"]  # a zombie has exited; its parent reaps it
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"SGLang's processes {left} did not exit within {wait_s} s of SIGKILL")
+        time.sleep(0.05)
 
 
 def _on_launch_failure(signum, frame) -> None:
     """SIGQUIT from an SGLang child while the engine starts (sglang's `custom_sigquit_handler`)."""
-    _stop_sglang_children()
+    _stop_processes(_children() - _OTHER_CHILDREN)
     raise SGLangFailure("an SGLang process failed while the engine started (its traceback is in the log above)")
 
 
@@ -83,7 +128,7 @@ def _running_failure_handler(owner: SGLangEngine):
     class OnChildFailure(SignalHandler):
         def running_phase_sigquit_handler(self, signum=None, frame=None):
             owner.failed = True
-            _stop_sglang_children()
+            _stop_processes(owner.pids)
             for task in asyncio.all_tasks(self.tokenizer_manager.event_loop):
                 task.cancel()
 
@@ -196,10 +241,13 @@ class SGLangEngine:
         # SGLang's scheduler processes inherit this environment: torchrun's rendezvous variables would describe
         # the trainer's world, not SGLang's own (it sets up its process groups from its own arguments)
         saved = {k: os.environ.pop(k) for k in list(os.environ) if k in _LAUNCHER_VARS or k.startswith("TORCHELASTIC")}
+        _OTHER_CHILDREN.clear()
+        _OTHER_CHILDREN.update(_children())
         try:
             self.engine = sglang.Engine(**kwargs)
         finally:
             os.environ.update(saved)
+        self.pids = sorted(_children() - _OTHER_CHILDREN)  # SGLang's scheduler(s) and detokenizer
         self.start_s = time.perf_counter() - t0
         self.failed = False
         self.nccl_sync, self._group = nccl_sync, None
@@ -210,6 +258,8 @@ class SGLangEngine:
     def _call(self, fn, *args, **kwargs):
         if self.failed:
             raise SGLangFailure("SGLang's processes failed earlier in this run; the engine is stopped")
+        if getattr(self, "stopped", False):
+            raise RuntimeError("this SGLang engine was shut down")
         try:
             return fn(*args, **kwargs)
         except BaseException as e:  # a failed child cancels the call's asyncio tasks (CancelledError)
@@ -278,6 +328,8 @@ class SGLangEngine:
     def _send_direct(self, bucket: list[Packed], first: bool, final: bool) -> None:
         from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
 
+        # a new allocation (and CUDA IPC mapping) per bucket: keeping one buffer mapped between syncs was measured
+        # no faster (benchmarks/results/rollout_engines_h200.json, direct_remapped) and would hold its memory
         spec, flat = pack_direct(bucket, torch.device("cuda", torch.cuda.current_device()))
         spec.update(first=first, final=final)
         monkey_patch_torch_reductions()  # CUDA tensors are named by device UUID, as SGLang's receiver expects
@@ -414,8 +466,15 @@ class SGLangEngine:
         return decode_routes(raw, self.routing_model, fed)
 
     def shutdown(self) -> None:
-        if not self.failed:
-            self.engine.shutdown()
+        """Stop this engine's processes, and only those (SGLang's own shutdown kills every child of this process,
+        another engine's included). Waits until they are gone, so their GPU memory is free on return."""
+        if self.failed or getattr(self, "stopped", False):
+            return
+        self.stopped = True  # later calls refuse at once
+        manager = self.engine.tokenizer_manager
+        if getattr(manager, "_subprocess_watchdog", None) is not None:
+            manager._subprocess_watchdog.stop()  # it would take the stopped processes for crashed ones
+        _stop_processes(self.pids, wait_s=60)
 
 
 WEIGHT_GROUP = "r1moe_weights"

@@ -12,8 +12,8 @@ r1moe's own dependency wordfreq (the language reward, rejection sampling's langu
 too (the GPU image lacks it: install its wheel and ftfy, langcodes, locate). With megatron-core installed, the
 engine-level tests' process was killed at the first generation (seen three times on an H200): SGLang had been
 imported first, a detokenizer reply needed megatron.core to unpickle, and TE's import then failed on cuDNN;
-SGLangEngine now loads TE and megatron first (`_load_transformer_engine_first`). Without megatron-core the engine
-tests passed (benchmarks/results/sglang_engine_tests_h200.json).
+SGLangEngine now loads TE and megatron first (`_load_transformer_engine_first`), and with both stacks installed the
+engine tests passed (benchmarks/results/sglang_engine_tests_h200.json, session4).
 
 Tolerances, and why. SGLang runs the weights in bf16 with its own kernels (triton MLA, fused MoE); the reference is
 the fp32 model teacher-forced on SGLang's own tokens. bf16 moves these tiny models' logits by ~1% (relative L2,

@@ -323,3 +323,46 @@ def test_weight_loader_setting_resolves_or_refuses_by_name():
     with pytest.raises(ValueError, match="weight_loader=direct copies whole parameters: it needs tp=1"):
         SGLangSection(weight_loader="direct", tp=2)
 
+
+
+def test_shutdown_stops_the_engines_processes_and_no_other_child():
+    """SGLang's own Engine.shutdown kills every child of the calling process (wandb's service, a sandbox, another
+    engine: seen on a GPU, where one engine's shutdown killed the next one's scheduler). SGLangEngine.shutdown
+    stops the processes the engine started, with their children, and waits for them; the rest live on."""
+    import subprocess
+    import sys
+    import time
+
+    from r1moe.rollout.sglang_engine import SGLangEngine, _children, _process_table
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # an "engine process" with a child of its own, as SGLang's scheduler has
+    script = ("import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
+    ours = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        for _ in range(100):
+            grandchildren = _children(ours.pid)
+            if grandchildren:
+                break
+            time.sleep(0.05)
+        assert grandchildren and {other.pid, ours.pid} <= _children()
+
+        class Manager:
+            _subprocess_watchdog = None
+
+        class Engine:
+            tokenizer_manager = Manager()
+
+        eng = SGLangEngine.__new__(SGLangEngine)
+        eng.failed, eng.engine, eng.pids = False, Engine(), [ours.pid]
+        eng.shutdown()
+        table = _process_table()
+        assert all(p not in table or table[p][1] == "Z" for p in [ours.pid, *grandchildren])
+        assert other.poll() is None  # the other child lives
+        with pytest.raises(RuntimeError, match="shut down"):
+            eng._call(lambda: 1)
+    finally:
+        for p in (other, ours):
+            p.kill()
+            p.wait()
