@@ -26,12 +26,28 @@ SHARED = ".mlp.shared_experts."
 """SGLang may fuse the shared expert into the routed ones' kernel as expert n_routed (`num_fused_shared_experts`)."""
 
 
-def _params(model) -> dict:
+class _Params:
+    """SGLang's parameters by every name they go by (tied ones under each), cached on the model."""
+
+    def __init__(self, model):
+        self.by_name = dict(model.named_parameters(remove_duplicate=False))
+        self.unique = dict(model.named_parameters())
+
+
+def _params(model) -> _Params:
     params = getattr(model, "_r1moe_params", None)
     if params is None:
-        params = dict(model.named_parameters())
-        model._r1moe_params = params
+        params = model._r1moe_params = _Params(model)
     return params
+
+
+class _Written:
+    """What one sync has written: parameters (by identity: a tied parameter under any of its names), and the fused
+    expert parameters whose shared-expert slot is still to come."""
+
+    def __init__(self):
+        self.ids: set[int] = set()
+        self.awaiting_shared: set[str] = set()
 
 
 def _check_servable(model) -> None:
@@ -53,39 +69,42 @@ def _check_servable(model) -> None:
     model._r1moe_checked = True
 
 
-def _fused_shared_slot(params: dict, name: str) -> tuple[torch.Tensor, str] | None:
-    """SGLang fused the shared expert into the routed experts: its weights go to expert slot n_routed."""
+def _fused_shared_slot(params: _Params, name: str) -> str | None:
+    """SGLang fused the shared expert into the routed experts: the parameter whose last expert slot takes it."""
     if SHARED not in name:
         return None
     prefix, rest = name.split(SHARED)
     target = {"gate_up_proj.weight": "w13_weight", "down_proj.weight": "w2_weight"}.get(rest)
-    param = params.get(f"{prefix}.mlp.experts.{target}") if target else None
-    if param is None:
-        return None
-    return param, f"{prefix}.mlp.experts.{target}"
+    fused = f"{prefix}.mlp.experts.{target}"
+    return fused if target and fused in params.by_name else None
 
 
-def _copy(params: dict, name: str, src: torch.Tensor) -> str:
-    """Copy `src` into SGLang's parameter `name`; the parameter name written."""
-    param = params.get(name)
+def _copy(params: _Params, name: str, src: torch.Tensor, written: _Written) -> None:
+    """Copy `src` into SGLang's parameter `name` (or the fused shared-expert slot standing for it)."""
+    where = f"rollout.sglang.weight_loader=direct: {name}"
+    param = params.by_name.get(name)
     if param is None:
         fused = _fused_shared_slot(params, name)
         if fused is None:
             raise KeyError(f"rollout.sglang.weight_loader=direct: SGLang's model has no parameter {name!r}")
-        param, written = fused
+        param = params.by_name[fused]
         if tuple(param.shape[1:]) != tuple(src.shape):
-            raise ValueError(f"rollout.sglang.weight_loader=direct: {name} {tuple(src.shape)} does not fit the fused "
-                             f"shared-expert slot of {written} {tuple(param.shape)}")
+            raise ValueError(f"{where} {tuple(src.shape)} does not fit the fused shared-expert slot of {fused} "
+                             f"{tuple(param.shape)}")
         param.data[-1].copy_(src)
-        return written + "#shared"
+        written.awaiting_shared.discard(fused)
+        return
+    same_rows = param.dim() == src.dim() and tuple(param.shape[1:]) == tuple(src.shape[1:])
     if tuple(param.shape) == tuple(src.shape):
         param.data.copy_(src)
-    elif param.dim() == src.dim() and tuple(param.shape[1:]) == tuple(src.shape[1:]) and param.shape[0] > src.shape[0]:
-        param.data[: src.shape[0]].copy_(src)  # vocabulary padding, or the fused shared expert's slot after the routed
+    elif same_rows and name.endswith(("embed_tokens.weight", "lm_head.weight")) and param.shape[0] > src.shape[0]:
+        param.data[: src.shape[0]].copy_(src)  # SGLang pads the vocabulary
+    elif same_rows and name.endswith(("w13_weight", "w2_weight")) and param.shape[0] == src.shape[0] + 1:
+        param.data[:-1].copy_(src)  # the routed experts; the last slot is the fused shared expert's
+        written.awaiting_shared.add(name)
     else:
-        raise ValueError(f"rollout.sglang.weight_loader=direct: {name}: sent {tuple(src.shape)}, SGLang's parameter is "
-                         f"{tuple(param.shape)}")
-    return name
+        raise ValueError(f"{where}: sent {tuple(src.shape)}, SGLang's parameter is {tuple(param.shape)}")
+    written.ids.add(id(param))
 
 
 def load_direct(model, named_tensors) -> None:
@@ -94,18 +113,16 @@ def load_direct(model, named_tensors) -> None:
     params = _params(model)
     for spec_json, flat in named_tensors:
         spec = json.loads(spec_json)
-        if spec.get("first"):
-            model._r1moe_written = set()
-        written = getattr(model, "_r1moe_written", set())
+        if spec.get("first") or not hasattr(model, "_r1moe_written"):
+            model._r1moe_written = _Written()
+        written = model._r1moe_written
         kv_b = []
         for name, dtype, shape, offset in spec["tensors"]:
             dt = getattr(torch, dtype)
             nbytes = math.prod(shape) * dt.itemsize
-            src = flat[offset: offset + nbytes].view(dt).view(shape)
-            written.add(_copy(params, name, src))
+            _copy(params, name, flat[offset: offset + nbytes].view(dt).view(shape), written)
             if name.endswith("kv_b_proj.weight"):
                 kv_b.append(name)
-        model._r1moe_written = written
         if kv_b and hasattr(model, "post_load_weights"):
             model.post_load_weights(weight_names=kv_b)
         if spec.get("final"):
@@ -114,8 +131,9 @@ def load_direct(model, named_tensors) -> None:
         torch.cuda.synchronize()  # the sender frees (and may reuse) the bucket's memory as soon as this returns
 
 
-def _check_complete(params: dict, written: set) -> None:
-    missing = sorted(n for n in params if n not in written)
+def _check_complete(params: _Params, written: _Written) -> None:
+    missing = sorted(n for n, p in params.unique.items() if id(p) not in written.ids)
+    missing += sorted(f"{n} (its fused shared-expert slot)" for n in written.awaiting_shared)
     if missing:
         raise RuntimeError(f"rollout.sglang.weight_loader=direct: the weight sync left {len(missing)} of SGLang's "
                            f"parameters unwritten (they would keep stale weights): {missing[:6]}")

@@ -366,3 +366,25 @@ def test_shutdown_stops_the_engines_processes_and_no_other_child():
         for p in (other, ours):
             p.kill()
             p.wait()
+
+
+def test_direct_weight_sync_tied_parameters_and_a_missing_shared_slot():
+    """A parameter SGLang ties under two names is written once under either; a fused shared-expert slot that the
+    sync never fills is an error at the end of the sync (it would keep stale weights)."""
+    import torch
+
+    cfg, sd = _hf_tensors()
+    expected = _sglang_layout(cfg, sd)
+    shapes = {n: tuple(t.shape) for n, t in expected.items()}
+    receiver = _receiver(shapes)
+    receiver.lm_head.weight = receiver.model.embed_tokens.weight  # tied: one parameter, two names
+    _sync(cfg.to_hf_dict(), [(n, t) for n, t in sd.items() if n != "lm_head.weight"], receiver)
+    assert torch.equal(receiver.lm_head.weight, expected["model.embed_tokens.weight"])
+
+    fused = {}
+    for n, t in expected.items():
+        if ".mlp.shared_experts." not in n:
+            fused[n] = (t.shape[0] + 1, *t.shape[1:]) if n.endswith(("w13_weight", "w2_weight")) else tuple(t.shape)
+    no_shared = [(n, t) for n, t in sd.items() if ".shared_experts." not in n]
+    with pytest.raises(RuntimeError, match=r"w13_weight \(its fused shared-expert slot\)"):
+        _sync(cfg.to_hf_dict(), no_shared, _receiver(fused))
