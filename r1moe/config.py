@@ -123,7 +123,8 @@ class SGLangSection:
     tp: int = 1
     """SGLang tensor-parallel size (GPUs per model replica)."""
     dp: int = 1
-    """SGLang data-parallel replicas; tp * dp GPUs in all, on the node of rank 0."""
+    """SGLang data-parallel replicas; tp * dp GPUs in all, on the node of rank 0. Eval and rejection sampling only:
+    GRPO needs dp = 1 (SGLang 0.5.17 takes weight updates and memory releases with one replica)."""
     ep: int = 1
     """SGLang expert-parallel size (MoE); must divide tp (SGLang places experts inside its TP group)."""
     mem_fraction_static: float = 0.5

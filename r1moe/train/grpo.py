@@ -103,14 +103,16 @@ def check_backends(cfg: JobConfig) -> None:
             raise ValueError(f"rollout.engine=sglang runs on GPUs: train.device={cfg.train.device!r} must be auto "
                              f"or cuda (or use rollout.engine=builtin)")
         sg = cfg.rollout.sglang
-        if sglang_has_own_gpus(sg):
-            if sg.colocate:
-                raise ValueError(f"rollout.sglang.base_gpu_id={sg.base_gpu_id} puts SGLang on GPUs the trainer does "
-                                 f"not use ({trainer_gpus_on_node()} training ranks on this node): nothing to release "
-                                 f"them for; set rollout.sglang.colocate=false")
-            if sg.dp != 1:
-                raise ValueError(f"rollout.sglang.dp={sg.dp}: SGLang on GPUs of its own (base_gpu_id="
-                                 f"{sg.base_gpu_id}) takes weights over NCCL with one replica (dp=1)")
+        if sglang_has_own_gpus(sg) and sg.colocate:
+            raise ValueError(f"rollout.sglang.base_gpu_id={sg.base_gpu_id} puts SGLang on GPUs the trainer does "
+                             f"not use ({trainer_gpus_on_node()} training ranks on this node): nothing to release "
+                             f"them for; set rollout.sglang.colocate=false")
+        if sg.dp != 1:
+            # SGLang 0.5.17's tokenizer manager asserts dp_size == 1 (without DP attention) in every weight update
+            # and memory release call; eval and rejection sampling load their weights once and may use dp > 1
+            raise ValueError(f"rollout.sglang.dp={sg.dp}: GRPO syncs the policy into SGLang every step, which SGLang "
+                             f"takes with one replica only (dp=1; its weight-update calls refuse dp > 1); spread "
+                             f"the replica with rollout.sglang.tp / ep instead")
         check_sglang(num_gpus=sg.base_gpu_id + sg.tp * sg.dp)
 
 

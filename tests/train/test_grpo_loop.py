@@ -153,7 +153,7 @@ def test_sglang_section_validation(override, message):
 @pytest.mark.parametrize(("over", "message"), [
     ({"rollout.sglang.base_gpu_id": 1}, "set rollout.sglang.colocate=false"),
     ({"rollout.sglang.base_gpu_id": 1, "rollout.sglang.colocate": "false", "rollout.sglang.dp": 2},
-     "rollout.sglang.dp=2: SGLang on GPUs of its own"),
+     "rollout.sglang.dp=2: GRPO syncs the policy into SGLang every step"),
 ])
 def test_sglang_on_gpus_of_its_own_needs_colocate_off_and_one_replica(over, message):
     """One training rank on the node (no torchrun): base_gpu_id=1 is a GPU of SGLang's own."""
@@ -162,6 +162,16 @@ def test_sglang_on_gpus_of_its_own_needs_colocate_off_and_one_replica(over, mess
     cfg = load_config(None, ["rollout.engine=sglang", *[f"{k}={v}" for k, v in over.items()]])
     assert sglang_has_own_gpus(cfg.rollout.sglang)
     with pytest.raises(ValueError, match=message):
+        check_backends(cfg)
+
+
+def test_grpo_with_several_sglang_replicas_is_refused_before_it_starts():
+    """SGLang 0.5.17 takes weight updates with dp=1 only: colocated GRPO at dp=2 would fail at its first sync,
+    after the engine started; it stops at the check instead, naming the key (no CUDA needed to reach it)."""
+    from r1moe.train.grpo import check_backends
+
+    cfg = load_config(None, ["rollout.engine=sglang", "rollout.sglang.dp=2"])
+    with pytest.raises(ValueError, match=r"rollout\.sglang\.dp=2: GRPO syncs the policy"):
         check_backends(cfg)
 
 
