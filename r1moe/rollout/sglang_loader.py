@@ -47,7 +47,8 @@ class _Written:
 
     def __init__(self):
         self.ids: set[int] = set()
-        self.awaiting_shared: set[str] = set()
+        self.routed_only: set[str] = set()  # fused expert parameters whose routed experts were written
+        self.shared: set[str] = set()  # ... and those whose shared-expert slot was (the two come in either order)
 
 
 def _check_servable(model) -> None:
@@ -92,7 +93,7 @@ def _copy(params: _Params, name: str, src: torch.Tensor, written: _Written) -> N
             raise ValueError(f"{where} {tuple(src.shape)} does not fit the fused shared-expert slot of {fused} "
                              f"{tuple(param.shape)}")
         param.data[-1].copy_(src)
-        written.awaiting_shared.discard(fused)
+        written.shared.add(fused)
         return
     same_rows = param.dim() == src.dim() and tuple(param.shape[1:]) == tuple(src.shape[1:])
     if tuple(param.shape) == tuple(src.shape):
@@ -101,7 +102,7 @@ def _copy(params: _Params, name: str, src: torch.Tensor, written: _Written) -> N
         param.data[: src.shape[0]].copy_(src)  # SGLang pads the vocabulary
     elif same_rows and name.endswith(("w13_weight", "w2_weight")) and param.shape[0] == src.shape[0] + 1:
         param.data[:-1].copy_(src)  # the routed experts; the last slot is the fused shared expert's
-        written.awaiting_shared.add(name)
+        written.routed_only.add(name)
     else:
         raise ValueError(f"{where}: sent {tuple(src.shape)}, SGLang's parameter is {tuple(param.shape)}")
     written.ids.add(id(param))
@@ -133,7 +134,8 @@ def load_direct(model, named_tensors) -> None:
 
 def _check_complete(params: _Params, written: _Written) -> None:
     missing = sorted(n for n, p in params.unique.items() if id(p) not in written.ids)
-    missing += sorted(f"{n} (its fused shared-expert slot)" for n in written.awaiting_shared)
+    missing += sorted(f"{n} (its fused shared-expert slot)" for n in written.routed_only - written.shared)
+    missing += sorted(f"{n} (its routed experts)" for n in written.shared - written.routed_only)
     if missing:
         raise RuntimeError(f"rollout.sglang.weight_loader=direct: the weight sync left {len(missing)} of SGLang's "
                            f"parameters unwritten (they would keep stale weights): {missing[:6]}")

@@ -273,6 +273,15 @@ def test_direct_weight_sync_into_a_fused_shared_expert():
         assert torch.equal(got[p + "experts.w13_weight"][:-1], expected[p + "experts.w13_weight"])
         assert torch.equal(got[p + "experts.w13_weight"][-1], expected[p + "shared_experts.gate_up_proj.weight"])
         assert torch.equal(got[p + "experts.w2_weight"][-1], expected[p + "shared_experts.down_proj.weight"])
+    # the shared expert's tensors before the routed ones (another exporter's order): the same parameters
+    receiver = _receiver(shapes)
+    _sync(cfg.to_hf_dict(), sorted(sd.items(), key=lambda nt: ".shared_experts." not in nt[0]), receiver)
+    got = dict(receiver.named_parameters())
+    for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
+        p = f"model.layers.{i}.mlp."
+        assert torch.equal(got[p + "experts.w13_weight"][:-1], expected[p + "experts.w13_weight"])
+        assert torch.equal(got[p + "experts.w13_weight"][-1], expected[p + "shared_experts.gate_up_proj.weight"])
+        assert torch.equal(got[p + "experts.w2_weight"][-1], expected[p + "shared_experts.down_proj.weight"])
 
 
 def test_direct_weight_sync_errors_name_the_parameter():
