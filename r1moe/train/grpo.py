@@ -116,6 +116,16 @@ def check_backends(cfg: JobConfig) -> None:
         check_sglang(num_gpus=sg.base_gpu_id + sg.tp * sg.dp)
 
 
+def gpu_memory_gib(device: torch.device, phase: str) -> dict[str, float]:
+    """On a GPU: memory in use on this rank's GPU by every process (SGLang's included), and this process's peak
+    allocation since the step began, at the end of `phase` (GiB). Empty on CPU."""
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    return {f"perf/gpu_used_{phase}_gib": (total - free) / 2**30,
+            f"perf/trainer_peak_{phase}_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
 def trainer_gpus_on_node() -> int:
     import os
 
@@ -217,6 +227,8 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
             run_eval(0)
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             params.max_new_tokens = value_at(ro.max_new_tokens_schedule, step, ro.max_new_tokens)
             norm_const = a.norm_const or float(params.max_new_tokens)
             questions = sampler.batch(step, Q)
@@ -224,6 +236,7 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
             prompts = [encode_prompt(tok, cfg.data.template, q.prompt) for q in owners]
             params.seed = cfg.train.seed * 1_000_003 + step
             gens = policy.broadcast(engine.generate(prompts, params) if engine is not None else None)
+            memory = gpu_memory_gib(device, "rollout")  # before a colocated engine releases its memory
             if engine is not None:
                 engine.sleep()  # colocated engines hand their GPU memory to the trainer
             t_rollout = time.perf_counter() - t0
@@ -240,6 +253,7 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
                                                  guard=guard, step=step))
             metrics["train/nonfinite_skipped"] = guard.num_skipped
             t2 = time.perf_counter()
+            memory.update(gpu_memory_gib(device, "train"))
             policy.export_to(engine)  # also when nothing trained: a colocated engine released its weights
             t3 = time.perf_counter()
             if a.ref_refresh_every and step % a.ref_refresh_every == 0:
@@ -256,7 +270,7 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
                 "train/lr": policy.lr,
                 "perf/rollout_s": t_rollout, "perf/train_s": t2 - t1, "perf/sync_s": t3 - t2,
                 "perf/step_s": time.perf_counter() - t0,
-                "perf/rollout_tokens_per_s": sum(lengths) / max(t_rollout, 1e-9)})
+                "perf/rollout_tokens_per_s": sum(lengths) / max(t_rollout, 1e-9), **memory})
             logger.log(step, metrics)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 run_eval(step)

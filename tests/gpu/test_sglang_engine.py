@@ -1,6 +1,8 @@
 """SGLangEngine (r1moe/rollout/sglang_engine.py) on one GPU, against the reference model on the same weights:
 greedy tokens, per-token logprobs at T = 1 and T = 0.7, routing replay, a weight update, memory release and resume;
-then GRPO with `rollout.engine=sglang` on the reference and the megatron backend (the latter with routing replay).
+then GRPO with `rollout.engine=sglang` on the reference and the megatron backend (the latter with routing replay);
+with two GPUs, GRPO with the megatron policy at TP2 and SGLang at tp=2 colocated, and with SGLang on a GPU of its own
+(weights by NCCL).
 
     R1MOE_GPU_OUT=/tmp/out PYTHONPATH=/root/sgl/site python -m pytest -s -q -m gpu tests/gpu/test_sglang_engine.py
 
@@ -410,7 +412,7 @@ def test_fp8_serving_is_the_fp8_rounded_policy(data, tmp_path, monkeypatch):
     assert int(m.sum()) > 0 and float(d8.mean()) < 0.1
 
 
-def _grpo(data, run, backend, steps=4, replay=False):
+def _grpo(data, run, backend, steps=4, replay=False, nproc=1, extra=None, label=None):
     from r1moe.tracking import read_metrics
 
     over = _overrides(run, **{
@@ -419,22 +421,25 @@ def _grpo(data, run, backend, steps=4, replay=False):
         "algo.num_minibatches": 2, "optim.lr": 1e-4, "eval.samples": 2, "train.eval_every": 0,
         "checkpoint.every": 0, "parallel.backend": backend, "rollout.engine": "sglang",
         "rollout.sglang.mem_fraction_static": 0.3, "rollout.sglang.cuda_graph_max_bs": 0,
-        "rewards.weights": "{accuracy: 1.0, format: 1.0}", "rollout.routing_replay": str(replay).lower()})
+        "rewards.weights": "{accuracy: 1.0, format: 1.0}", "rollout.routing_replay": str(replay).lower(),
+        **(extra or {})})
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", PYTHONUNBUFFERED="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--master-port=29549", "-m"]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=29549", "-m"]
            if backend == "megatron" else [sys.executable, "-m"]) + ["r1moe.train.grpo", GRPO_RECIPE, *over]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540, check=False)
     steps_m = [m for m in read_metrics(run) if "reward/total" in m] if (run / "metrics.jsonl").exists() else []
     keys = ("reward/total", "train/grad_norm", "train/kl", "rollout/logprob_abs_diff", "perf/rollout_s",
-            "perf/logprob_s", "perf/train_s", "perf/sync_s", "perf/step_s", "rollout/response_length")
+            "perf/logprob_s", "perf/train_s", "perf/sync_s", "perf/step_s", "rollout/response_length",
+            "perf/rollout_tokens_per_s", "perf/gpu_used_rollout_gib", "perf/gpu_used_train_gib",
+            "perf/trainer_peak_train_gib")
     out = {"returncode": proc.returncode, "seconds": round(time.time() - t0, 1),
            "steps": [{k: m.get(k) for k in keys} for m in steps_m]}
     if proc.returncode:
         out["stderr_tail"] = proc.stderr[-3000:]
-    record("sglang_grpo", {backend + ("_routing_replay" if replay else ""): out})
+    record("sglang_grpo", {label or backend + ("_routing_replay" if replay else ""): out})
     return proc, steps_m
 
 
@@ -462,12 +467,40 @@ def test_grpo_reference_backend_with_sglang(data, tmp_path):
     _check_grpo(data, tmp_path / "ref", proc, steps)
 
 
-def test_grpo_megatron_backend_with_sglang(data, tmp_path):
+def _require_megatron() -> None:
     # checked in a child: SGLang (imported here) loads a cuDNN that TE's library then clashes with in this process;
     # the GRPO run itself imports megatron/TE first (check_backends), as any r1moe process with both does
     probe = subprocess.run([sys.executable, "-c", "import megatron.core, transformer_engine.pytorch"],
                            capture_output=True, text=True, check=False)
     if probe.returncode:
         pytest.skip(f"needs megatron-core and Transformer Engine ({probe.stderr.strip().splitlines()[-1][:200]})")
+
+
+def test_grpo_megatron_backend_with_sglang(data, tmp_path):
+    _require_megatron()
     proc, steps = _grpo(data, tmp_path / "mcore", "megatron", replay=True)
     _check_grpo(data, tmp_path / "mcore", proc, steps)
+
+
+def test_grpo_megatron_tp2_with_sglang_tp2_colocated(data, tmp_path):
+    """Two GPUs: the megatron policy at TP2 under torchrun and SGLang at tp=2 on the same two GPUs, weights from the
+    sharded export every step (CUDA IPC into both SGLang ranks), SGLang's memory released while the policy trains.
+    Records per step rollout / log-prob / train / sync time, GPU memory and rollout tokens/s (sglang_grpo.json)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs: the TP2 policy and SGLang tp=2 share both")
+    _require_megatron()
+    run = tmp_path / "tp2"
+    proc, steps = _grpo(data, run, "megatron", nproc=2, label="megatron_tp2_sglang_tp2_colocated",
+                        extra={"parallel.tp": 2, "rollout.sglang.tp": 2})
+    _check_grpo(data, run, proc, steps)
+
+
+def test_grpo_with_sglang_on_a_gpu_of_its_own(data, tmp_path):
+    """Two GPUs: the trainer on GPU 0, SGLang on GPU 1 (rollout.sglang.base_gpu_id=1, colocate off); the weights go
+    by NCCL broadcast every step (SGLang's update_weights_from_distributed), nothing is released."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs: the trainer on GPU 0, SGLang on GPU 1")
+    run = tmp_path / "own_gpu"
+    proc, steps = _grpo(data, run, "reference", label="reference_sglang_own_gpu_nccl",
+                        extra={"rollout.sglang.base_gpu_id": 1, "rollout.sglang.colocate": "false"})
+    _check_grpo(data, run, proc, steps)
