@@ -265,23 +265,16 @@ def test_direct_weight_sync_into_a_fused_shared_expert():
         if ".mlp.shared_experts." in n:
             continue
         shapes[n] = (t.shape[0] + 1, *t.shape[1:]) if n.endswith(("w13_weight", "w2_weight")) else tuple(t.shape)
-    receiver = _receiver(shapes)
-    _sync(cfg.to_hf_dict(), sd.items(), receiver)
-    got = dict(receiver.named_parameters())
-    for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
-        p = f"model.layers.{i}.mlp."
-        assert torch.equal(got[p + "experts.w13_weight"][:-1], expected[p + "experts.w13_weight"])
-        assert torch.equal(got[p + "experts.w13_weight"][-1], expected[p + "shared_experts.gate_up_proj.weight"])
-        assert torch.equal(got[p + "experts.w2_weight"][-1], expected[p + "shared_experts.down_proj.weight"])
-    # the shared expert's tensors before the routed ones (another exporter's order): the same parameters
-    receiver = _receiver(shapes)
-    _sync(cfg.to_hf_dict(), sorted(sd.items(), key=lambda nt: ".shared_experts." not in nt[0]), receiver)
-    got = dict(receiver.named_parameters())
-    for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
-        p = f"model.layers.{i}.mlp."
-        assert torch.equal(got[p + "experts.w13_weight"][:-1], expected[p + "experts.w13_weight"])
-        assert torch.equal(got[p + "experts.w13_weight"][-1], expected[p + "shared_experts.gate_up_proj.weight"])
-        assert torch.equal(got[p + "experts.w2_weight"][-1], expected[p + "shared_experts.down_proj.weight"])
+    # in the order the state dict has, and with the shared expert's tensors first (another exporter's order)
+    for order in (list(sd.items()), sorted(sd.items(), key=lambda nt: ".shared_experts." not in nt[0])):
+        receiver = _receiver(shapes)
+        _sync(cfg.to_hf_dict(), order, receiver)
+        got = dict(receiver.named_parameters())
+        for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
+            p = f"model.layers.{i}.mlp."
+            assert torch.equal(got[p + "experts.w13_weight"][:-1], expected[p + "experts.w13_weight"])
+            assert torch.equal(got[p + "experts.w13_weight"][-1], expected[p + "shared_experts.gate_up_proj.weight"])
+            assert torch.equal(got[p + "experts.w2_weight"][-1], expected[p + "shared_experts.down_proj.weight"])
 
 
 def test_direct_weight_sync_errors_name_the_parameter():
