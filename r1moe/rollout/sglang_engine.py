@@ -292,9 +292,10 @@ class SGLangEngine:
 
     # ------------------------------------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Full HF-named tensors (any device) in buckets of `rollout.sglang.weight_bucket_mb`, each packed into one
-        flat tensor that SGLang reads through one CUDA IPC handle (SGLang's `flattened_bucket` format). fp32
-        matrices travel in the engine's dtype (half the bytes; SGLang would cast them on load anyway)."""
+        """Full HF-named tensors (any device, any order) in buckets of `rollout.sglang.weight_bucket_mb`, each
+        packed into one flat tensor that SGLang reads through one CUDA IPC handle: with `weight_loader` direct, as
+        SGLang's own parameters (`_update_direct`), else in SGLang's `flattened_bucket` format for its checkpoint
+        loader. fp32 matrices travel in the engine's dtype (half the bytes; SGLang would cast them on load anyway)."""
         self._wake(["weights"])
         if self.direct is not None:
             self._update_direct(named_tensors)
