@@ -162,8 +162,13 @@ class SGLangSection:
     """How SGLang takes a weight sync. sglang: its own checkpoint loader (every layout SGLang serves; one Python
     loader call per HF tensor, the sync's bottleneck at thousands of expert tensors). direct: the trainer packs the
     tensors already fused into SGLang's parameters (experts stacked, gate/up and q_a/kv_a concatenated) and
-    r1moe/rollout/sglang_loader.py copies them in, one copy per parameter; for the DeepSeek-V3 architecture
+    r1moe/rollout/sglang_weights.py `load_direct` copies them in, one copy per parameter; for the DeepSeek-V3 architecture
     unquantized at tp = ep = 1. auto: direct where it applies, else sglang."""
+
+    @property
+    def direct_fits(self) -> bool:
+        """What weight_loader=direct needs of these settings: whole parameters (tp = ep = 1), unquantized."""
+        return (self.tp, self.ep, self.quantization) == (1, 1, "none")
 
     def __post_init__(self) -> None:
         for name in ("tp", "dp", "ep", "weight_bucket_mb"):
@@ -176,7 +181,7 @@ class SGLangSection:
         for name in ("cuda_graph_max_bs", "context_length", "max_running_requests", "base_gpu_id"):
             if getattr(self, name) < 0:
                 raise ValueError(f"rollout.sglang.{name}={getattr(self, name)} must be >= 0")
-        if self.weight_loader == "direct" and (self.tp, self.ep, self.quantization) != (1, 1, "none"):
+        if self.weight_loader == "direct" and not self.direct_fits:
             raise ValueError(f"rollout.sglang.weight_loader=direct copies whole parameters: it needs tp=1, ep=1 and "
                              f"quantization=none (got tp={self.tp}, ep={self.ep}, quantization={self.quantization}); "
                              f"use weight_loader: sglang or auto")

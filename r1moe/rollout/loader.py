@@ -63,7 +63,8 @@ def _fp8_engine(checkpoint: Path, mcfg, tok: Tokenizer, eos_ids: list[int], sett
 
     from r1moe.model.hf_io import SCALE_SUFFIX, HFReader
 
-    from .sglang_engine import SGLangEngine, write_engine_dir
+    from .sglang_engine import SGLangEngine
+    from .sglang_weights import write_engine_dir
 
     reader = HFReader(checkpoint, dtype=torch.bfloat16)
     engine_dir = tempfile.TemporaryDirectory(prefix="r1moe-fp8-engine-")  # removed with the engine

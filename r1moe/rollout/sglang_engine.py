@@ -33,6 +33,9 @@ The constructor fails with a clear message (no fallback) where SGLang cannot run
 SGLang's own processes fails (its traceback goes to the log), SGLang's default is to SIGKILL the whole process
 tree, this trainer included, which ends a run with "Killed" and loses its output; here SGLang's processes are
 stopped and the call in progress raises `SGLangFailure` instead, so the run ends with an error and a traceback.
+
+The weights' formats (what `update_weights` sends, and the direct loader's half inside SGLang) are in
+sglang_weights.py; this module (a little over 500 lines) is the engine and the process control it needs of SGLang.
 """
 
 from __future__ import annotations
@@ -43,18 +46,26 @@ import importlib
 import importlib.util
 import json
 import os
-import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
 from .base import Generation, SamplingParams, check_prompts, compact_routes, ends_in_stop, split_stops
+from .sglang_weights import (
+    DIRECT_LOADER,
+    DirectPacker,
+    Packed,
+    aligned_order,
+    engine_tensors,
+    pack_direct,
+    resolve_direct_loader,
+)
 
 _LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                   "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
@@ -204,15 +215,15 @@ class SGLangEngine:
         check_sglang(num_gpus=settings.base_gpu_id + settings.tp * settings.dp)
         import sglang
 
+        config = json.loads((Path(model_path) / "config.json").read_text())
         self.fp8_layers = None  # FP8 serving: the decoder layers whose projections are quantized on sync
         if settings.quantization == "fp8":
-            config = json.loads((Path(model_path) / "config.json").read_text())
             if not dummy_weights or (config.get("quantization_config") or {}).get("quant_method") != "fp8":
                 raise ValueError("rollout.sglang.quantization=fp8: SGLang starts from write_engine_dir(..., "
                                  "quantization='fp8') with dummy weights; the weights come by update_weights")
             self.fp8_layers = int(config["num_hidden_layers"])
 
-        self.direct = _direct_loader(settings, json.loads((Path(model_path) / "config.json").read_text()), nccl_sync)
+        self.direct = resolve_direct_loader(settings, config, nccl_sync)
         if routing_model is not None and not routing_model.is_moe:
             raise ValueError("routing replay (rollout.routing_replay): the model has no MoE layers to route")
         self.routing_model = routing_model
@@ -249,7 +260,7 @@ class SGLangEngine:
             os.environ.update(saved)
         self.pids = sorted(_children() - _OTHER_CHILDREN)  # SGLang's scheduler(s) and detokenizer
         self.start_s = time.perf_counter() - t0
-        self.failed = False
+        self.failed = self.stopped = False  # SGLang's processes failed / were shut down: calls refuse
         self.nccl_sync, self._group = nccl_sync, None
         self.engine.tokenizer_manager.signal_handler_class = _running_failure_handler(self)
         self.asleep: set[str] = set()
@@ -258,7 +269,7 @@ class SGLangEngine:
     def _call(self, fn, *args, **kwargs):
         if self.failed:
             raise SGLangFailure("SGLang's processes failed earlier in this run; the engine is stopped")
-        if getattr(self, "stopped", False):
+        if self.stopped:
             raise RuntimeError("this SGLang engine was shut down")
         try:
             return fn(*args, **kwargs)
@@ -313,7 +324,7 @@ class SGLangEngine:
 
     def _update_direct(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """`weight_loader: direct`: SGLang's parameters packed whole (DirectPacker) into flat buckets, each copied
-        in by r1moe/rollout/sglang_loader.py."""
+        in by `load_direct` (r1moe/rollout/sglang_weights.py) inside SGLang."""
         packer = DirectPacker(self.direct)
         bucket, size, first, limit = [], 0, True, self.settings.weight_bucket_mb << 20
         for name, t in engine_tensors(named_tensors, self.settings.dtype, None):
@@ -469,7 +480,7 @@ class SGLangEngine:
     def shutdown(self) -> None:
         """Stop this engine's processes, and only those (SGLang's own shutdown kills every child of this process,
         another engine's included). Waits until they are gone, so their GPU memory is free on return."""
-        if self.failed or getattr(self, "stopped", False):
+        if self.failed or self.stopped:
             return
         self.stopped = True  # later calls refuse at once
         manager = self.engine.tokenizer_manager
@@ -503,191 +514,3 @@ def decode_routes(raw: str, cfg, fed: int) -> torch.Tensor:
                            f"{cfg.num_hidden_layers} layers x {cfg.num_experts_per_tok} experts")
     ids = ids.view(-1, cfg.num_hidden_layers, cfg.num_experts_per_tok)
     return compact_routes(ids[:fed, cfg.moe_layer_ids()], cfg.n_routed_experts)
-
-
-DIRECT_LOADER = "r1moe.rollout.sglang_loader.load_direct"
-"""SGLang's custom weight loader (its import path) for `rollout.sglang.weight_loader: direct`."""
-
-
-def _direct_loader(settings, config: dict, nccl_sync: bool) -> dict | None:
-    """The served model's config.json where `weight_loader` resolves to direct, else None (SGLang's own loader)."""
-    reasons = []
-    if config.get("model_type") != "deepseek_v3":
-        reasons.append(f"model_type {config.get('model_type')!r} (direct packs the DeepSeek-V3 architecture)")
-    if (settings.tp, settings.ep) != (1, 1):
-        reasons.append(f"tp={settings.tp}, ep={settings.ep} (direct copies whole, unsharded parameters)")
-    if settings.quantization != "none":
-        reasons.append(f"quantization={settings.quantization}")
-    if nccl_sync:
-        reasons.append("SGLang on GPUs of its own (the weights go by NCCL broadcast)")
-    if settings.weight_loader == "direct" and reasons:
-        raise ValueError("rollout.sglang.weight_loader=direct cannot serve " + "; ".join(reasons)
-                         + ": use weight_loader: sglang or auto")
-    if settings.weight_loader == "sglang" or reasons:
-        return None
-    return config
-
-
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
-
-
-class Packed:
-    """One SGLang parameter: the HF tensors whose row-major bytes, in order, are its bytes."""
-
-    __slots__ = ("name", "parts", "shape")
-
-    def __init__(self, name: str, shape: tuple[int, ...], parts: list[torch.Tensor]):
-        self.name, self.shape, self.parts = name, shape, parts
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.parts[0].dtype
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.numel() for p in self.parts) * self.dtype.itemsize
-
-
-class DirectPacker:
-    """HF-named tensors (any order, as the trainer exports them) -> SGLang's DeepSeek-V3 parameters at tp = 1
-    (sglang/srt/models/deepseek_common/deepseek_weight_loader.py, what its loader builds from the same tensors):
-    - `mlp.experts.{e}.{gate,up}_proj` -> `mlp.experts.w13_weight` [E, 2 I, H] (gate then up, per expert),
-      `mlp.experts.{e}.down_proj` -> `mlp.experts.w2_weight` [E, H, I];
-    - `{mlp,mlp.shared_experts}.{gate,up}_proj` -> `gate_up_proj` (gate rows then up rows);
-    - with q_lora_rank: `self_attn.q_a_proj` + `self_attn.kv_a_proj_with_mqa` -> `fused_qkv_a_proj_with_mqa`;
-    - everything else as it is; layers past num_hidden_layers (multi-token prediction) are not served and dropped,
-      as SGLang's loader drops them.
-    A fused parameter is handed on once all its parts arrived; `finish` names any left incomplete."""
-
-    def __init__(self, config: dict):
-        self.layers = int(config["num_hidden_layers"])
-        self.experts = int(config.get("n_routed_experts") or 0)
-        self.fuse_qkv_a = config.get("q_lora_rank") is not None
-        self.pending: dict[str, tuple[list, list]] = {}
-
-    def slot(self, name: str) -> tuple[str, int, int] | None:
-        """(SGLang parameter, index of this tensor among its parts, number of parts), None: not served."""
-        m = _LAYER.fullmatch(name)
-        if m is None:
-            return name, 0, 1
-        layer, rest = int(m[1]), m[2]
-        if layer >= self.layers:
-            return None
-        prefix = f"model.layers.{layer}."
-        if self.fuse_qkv_a and rest in ("self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"):
-            return prefix + "self_attn.fused_qkv_a_proj_with_mqa.weight", int("kv_a" in rest), 2
-        for mlp in ("mlp.", "mlp.shared_experts."):
-            if rest in (mlp + "gate_proj.weight", mlp + "up_proj.weight"):
-                return prefix + mlp + "gate_up_proj.weight", int(rest.endswith("up_proj.weight")), 2
-        expert = _EXPERT.fullmatch(rest)
-        if expert:
-            e, proj = int(expert[1]), expert[2]
-            if not 0 <= e < self.experts:
-                raise ValueError(f"weight sync: {name}: expert {e} of n_routed_experts={self.experts}")
-            if proj == "down_proj":
-                return prefix + "mlp.experts.w2_weight", e, self.experts
-            return prefix + "mlp.experts.w13_weight", 2 * e + (proj == "up_proj"), 2 * self.experts
-        return name, 0, 1
-
-    def add(self, name: str, t: torch.Tensor) -> Iterator[Packed]:
-        where = self.slot(name)
-        if where is None:
-            return
-        target, index, count = where
-        if count == 1:
-            yield Packed(target, tuple(t.shape), [t])
-            return
-        parts, names = self.pending.setdefault(target, ([None] * count, [None] * count))
-        if parts[index] is not None:
-            raise ValueError(f"weight sync: {name} sent twice")
-        if any(p is not None and (p.dtype != t.dtype or p.shape[1:] != t.shape[1:]) for p in parts) or t.dim() != 2:
-            raise ValueError(f"weight sync: {name} {tuple(t.shape)} {t.dtype} differs from the other parts of "
-                             f"{target}")
-        parts[index], names[index] = t, name
-        if all(p is not None for p in parts):
-            del self.pending[target]
-            rows, cols = sum(p.shape[0] for p in parts), parts[0].shape[1]
-            if target.endswith(("w13_weight", "w2_weight")):  # every expert the same [rows, cols]
-                if any(p.shape != parts[0].shape for p in parts):
-                    raise ValueError(f"weight sync: the experts of {target} differ in shape")
-                shape = (self.experts, rows // self.experts, cols)
-            else:
-                shape = (rows, cols)
-            yield Packed(target, shape, parts)
-
-    def finish(self) -> None:
-        if self.pending:
-            target, (parts, _) = next(iter(self.pending.items()))
-            raise ValueError(f"weight sync ended with {len(self.pending)} of SGLang's parameters incomplete, e.g. "
-                             f"{target}: {sum(p is None for p in parts)} of its {len(parts)} HF tensors never came")
-
-
-ALIGN = 256
-
-
-def pack_direct(bucket: list[Packed], device: torch.device) -> tuple[dict, torch.Tensor]:
-    """({"tensors": [[name, dtype, shape, byte offset], ...]}, one uint8 tensor on `device` holding them all,
-    each at an offset aligned to 256 bytes)."""
-    spec, offset = [], 0
-    for p in bucket:
-        spec.append([p.name, str(p.dtype).removeprefix("torch."), list(p.shape), offset])
-        offset += -(-p.nbytes // ALIGN) * ALIGN
-    flat = torch.empty(max(offset, ALIGN), dtype=torch.uint8, device=device)
-    for p, (_, _, _, start) in zip(bucket, spec):
-        for part in p.parts:
-            n = part.numel() * part.element_size()
-            flat[start: start + n].view(part.dtype).copy_(part.reshape(-1))
-            start += n
-    return {"tensors": spec}, flat
-
-
-def engine_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: str, fp8_layers: int | None
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The trainer's HF-named tensors as SGLang loads them: fp32 matrices in the engine's `dtype`; with FP8 serving
-    (`fp8_layers`: the model's num_hidden_layers), each projection model/hf_io.py `fp8_quantized` names as
-    (name, float8_e4m3fn weight) + (name_scale_inv, float32 128x128 block scales), DeepSeek-V3's release format."""
-    from r1moe.model.hf_io import SCALE_SUFFIX, compute_fp8_quant, fp8_quantized
-
-    cast = _engine_dtype(dtype)
-    for name, t in named_tensors:
-        t = t.detach()
-        if fp8_layers is not None and fp8_quantized(name, fp8_layers):
-            q, scale = compute_fp8_quant(t)
-            yield name, q
-            yield name + SCALE_SUFFIX, scale
-            continue
-        if cast is not None and t.dtype == torch.float32 and t.dim() >= 2:
-            t = t.to(cast)
-        yield name, t
-
-
-def aligned_order(bucket: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-    """The bucket with wider elements first. SGLang views each tensor out of the bucket's flat bytes, which needs
-    its byte offset divisible by its element size (a float32 after an odd number of bf16 or fp8 elements cannot be
-    viewed): in this order every offset is a sum of sizes of equal or wider elements."""
-    return sorted(bucket, key=lambda nt: -nt[1].element_size())
-
-
-def _engine_dtype(name: str) -> torch.dtype | None:
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16}.get(name)
-
-
-FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                           "weight_block_size": [128, 128]}
-"""config.json's quantization_config of DeepSeek-V3's FP8 release (rollout.sglang.quantization=fp8)."""
-
-
-def write_engine_dir(model_cfg, out_dir: Path, dtype: torch.dtype = torch.bfloat16, quantization: str = "none"
-                     ) -> Path:
-    """A directory SGLang can start from with dummy weights (`load_format=dummy`): the config files of a checkpoint
-    (model.checkpoint.write_config_files), no weights (they come by `update_weights`); `quantization="fp8"` adds
-    V3's FP8 quantization_config, so SGLang builds its FP8 layers."""
-    from r1moe.model.checkpoint import write_config_files
-
-    if quantization not in ("none", "fp8"):
-        raise ValueError(f"quantization={quantization!r}: expected none or fp8")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_config_files(model_cfg, out_dir, dtype,
-                       extra={"quantization_config": FP8_QUANTIZATION_CONFIG} if quantization == "fp8" else None)
-    return out_dir

@@ -160,7 +160,8 @@ def build_engine(cfg: JobConfig, policy: Policy, tok, run_dir) -> RolloutEngine 
                              micro_batch_size=cfg.rollout.micro_batch_size, return_routed_experts=replay)
     if not policy.is_main:
         return None
-    from r1moe.rollout.sglang_engine import SGLangEngine, write_engine_dir
+    from r1moe.rollout.sglang_engine import SGLangEngine
+    from r1moe.rollout.sglang_weights import write_engine_dir
 
     fp8 = cfg.rollout.sglang.quantization == "fp8"  # FP8 serving starts from dummy weights, never from bf16 ones
     init = None if fp8 else common.init_checkpoint_dir(cfg.model)

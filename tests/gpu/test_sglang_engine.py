@@ -17,6 +17,9 @@ imported first, a detokenizer reply needed megatron.core to unpickle, and TE's i
 SGLangEngine now loads TE and megatron first (`_load_transformer_engine_first`), and with both stacks installed the
 engine tests passed (benchmarks/results/sglang_engine_tests_h200.json, session4).
 
+One module (a little over 500 lines): every test shares its pretrained base (`data`) and most share one engine
+start (`engine`); split, each file would pretrain and start SGLang again.
+
 Tolerances, and why. SGLang runs the weights in bf16 with its own kernels (triton MLA, fused MoE); the reference is
 the fp32 model teacher-forced on SGLang's own tokens. bf16 moves these tiny models' logits by ~1% (relative L2,
 benchmarks/results/gpu_tests_single_h100.json), so:

@@ -12,7 +12,7 @@ def test_a_failed_sglang_process_ends_the_call_with_an_error_not_a_kill():
     from r1moe.rollout.sglang_engine import SGLangEngine, SGLangFailure
 
     eng = SGLangEngine.__new__(SGLangEngine)  # the call wrapper only: no SGLang on this machine
-    eng.failed = False
+    eng.failed = eng.stopped = False
 
     def dies():
         eng.failed = True  # what the SIGQUIT handler sets before cancelling the tasks
@@ -23,7 +23,7 @@ def test_a_failed_sglang_process_ends_the_call_with_an_error_not_a_kill():
     with pytest.raises(SGLangFailure, match="failed earlier"):
         eng._call(lambda: 1)
     ok = SGLangEngine.__new__(SGLangEngine)
-    ok.failed = False
+    ok.failed = ok.stopped = False
     assert ok._call(lambda x: x + 1, 1) == 2
     with pytest.raises(ValueError):  # other errors pass through unchanged
         ok._call(lambda: int("x"))
@@ -41,7 +41,7 @@ def test_fp8_weights_are_v3s_release_format_and_dequantize_back(tmp_path):
 
     from r1moe.model import build_model, get_preset
     from r1moe.model.hf_io import SCALE_SUFFIX, HFReader, fp8_quantized
-    from r1moe.rollout.sglang_engine import FP8_QUANTIZATION_CONFIG, engine_tensors
+    from r1moe.rollout.sglang_weights import FP8_QUANTIZATION_CONFIG, engine_tensors
 
     cfg = get_preset("tiny-moe")
     sd = build_model(cfg, seed=0).state_dict()
@@ -97,7 +97,7 @@ def test_buckets_keep_every_tensor_aligned_for_sglangs_views():
     tensor's element size, whatever order the tensors came in."""
     import torch
 
-    from r1moe.rollout.sglang_engine import aligned_order
+    from r1moe.rollout.sglang_weights import aligned_order
 
     bucket = [("a", torch.zeros(3, dtype=torch.float8_e4m3fn)), ("b", torch.zeros(5, dtype=torch.bfloat16)),
               ("c", torch.zeros(2, dtype=torch.float32)), ("d", torch.zeros(7, dtype=torch.float8_e4m3fn)),
@@ -114,7 +114,7 @@ def test_fp8_engine_dir_and_setting(tmp_path):
 
     from r1moe.config import load_config
     from r1moe.model import ModelConfig, get_preset
-    from r1moe.rollout.sglang_engine import write_engine_dir
+    from r1moe.rollout.sglang_weights import write_engine_dir
 
     cfg = get_preset("tiny-moe")
     d = write_engine_dir(cfg, tmp_path / "fp8", quantization="fp8")
@@ -203,8 +203,7 @@ def _sync(packer_config, named, receiver, bucket_bytes=1 << 20):
 
     import torch
 
-    from r1moe.rollout.sglang_engine import DirectPacker, pack_direct
-    from r1moe.rollout.sglang_loader import load_direct
+    from r1moe.rollout.sglang_weights import DirectPacker, load_direct, pack_direct
 
     packer, bucket, size, first, sent = DirectPacker(packer_config), [], 0, True, 0
 
@@ -280,7 +279,7 @@ def test_direct_weight_sync_into_a_fused_shared_expert():
 def test_direct_weight_sync_errors_name_the_parameter():
     import torch
 
-    from r1moe.rollout.sglang_engine import DirectPacker
+    from r1moe.rollout.sglang_weights import DirectPacker
 
     cfg, sd = _hf_tensors()
     expected = _sglang_layout(cfg, sd)
@@ -309,19 +308,19 @@ def test_direct_weight_sync_errors_name_the_parameter():
 def test_weight_loader_setting_resolves_or_refuses_by_name():
     from r1moe.config import SGLangSection
     from r1moe.model import get_preset
-    from r1moe.rollout.sglang_engine import _direct_loader
+    from r1moe.rollout.sglang_weights import resolve_direct_loader
 
     moe = get_preset("tiny-moe").to_hf_dict()
     dense = get_preset("tiny-dense").to_hf_dict()
-    assert _direct_loader(SGLangSection(), moe, nccl_sync=False) == moe  # auto: direct where it applies
-    assert _direct_loader(SGLangSection(weight_loader="sglang"), moe, nccl_sync=False) is None
-    assert _direct_loader(SGLangSection(tp=2), moe, nccl_sync=False) is None
-    assert _direct_loader(SGLangSection(), dense, nccl_sync=False) is None
-    assert _direct_loader(SGLangSection(), moe, nccl_sync=True) is None
+    assert resolve_direct_loader(SGLangSection(), moe, nccl_sync=False) == moe  # auto: direct where it applies
+    assert resolve_direct_loader(SGLangSection(weight_loader="sglang"), moe, nccl_sync=False) is None
+    assert resolve_direct_loader(SGLangSection(tp=2), moe, nccl_sync=False) is None
+    assert resolve_direct_loader(SGLangSection(), dense, nccl_sync=False) is None
+    assert resolve_direct_loader(SGLangSection(), moe, nccl_sync=True) is None
     with pytest.raises(ValueError, match="weight_loader=direct cannot serve model_type"):
-        _direct_loader(SGLangSection(weight_loader="direct"), dense, nccl_sync=False)
+        resolve_direct_loader(SGLangSection(weight_loader="direct"), dense, nccl_sync=False)
     with pytest.raises(ValueError, match="weight_loader=direct cannot serve SGLang on GPUs of its own"):
-        _direct_loader(SGLangSection(weight_loader="direct", colocate=False), moe, nccl_sync=True)
+        resolve_direct_loader(SGLangSection(weight_loader="direct", colocate=False), moe, nccl_sync=True)
     with pytest.raises(ValueError, match="weight_loader=direct copies whole parameters: it needs tp=1"):
         SGLangSection(weight_loader="direct", tp=2)
 
@@ -357,7 +356,7 @@ def test_shutdown_stops_the_engines_processes_and_no_other_child():
             tokenizer_manager = Manager()
 
         eng = SGLangEngine.__new__(SGLangEngine)
-        eng.failed, eng.engine, eng.pids = False, Engine(), [ours.pid]
+        eng.failed, eng.stopped, eng.engine, eng.pids = False, False, Engine(), [ours.pid]
         eng.shutdown()
         table = _process_table()
         assert all(p not in table or table[p][1] == "Z" for p in [ours.pid, *grandchildren])

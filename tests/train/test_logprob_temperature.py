@@ -69,7 +69,7 @@ def test_sglang_sampling_dict_and_stop_cut(tiny_base):
 def test_sglang_engine_dir_holds_the_checkpoints_config_files(tmp_path, tiny_base):
     """SGLang starts from config files only when there is no init checkpoint: the same ones save_pretrained writes."""
     from r1moe.model import ModelConfig
-    from r1moe.rollout.sglang_engine import write_engine_dir
+    from r1moe.rollout.sglang_weights import write_engine_dir
 
     cfg = ModelConfig.from_json(tiny_base / "config.json")
     d = write_engine_dir(cfg, tmp_path / "engine", dtype=torch.float32)
