@@ -145,6 +145,57 @@ def bench_sync(ckpt: Path, tok, results: dict) -> None:
     torch.cuda.empty_cache()
 
 
+def bench_sync_parts(ckpt: Path, tok, results: dict) -> None:
+    """Where a direct-loader sync's time goes (one 4 GB bucket, best of 5 each): the whole sync; our packing alone
+    (DirectPacker + pack_direct); an update call carrying nothing (a 256-byte bucket; the same with a bucket as large
+    as the model's, which SGLang maps by CUDA IPC); one carrying only the kv_b_proj weights (SGLang's MLA
+    post-processing); a cache flush."""
+    import json as json_
+
+    from r1moe.config import SGLangSection
+    from r1moe.model import from_pretrained
+    from r1moe.rollout.sglang_engine import SGLangEngine
+    from r1moe.rollout.sglang_weights import DIRECT_LOADER, DirectPacker, engine_tensors, pack_direct
+
+    eng = SGLangEngine(ckpt, tok, eos_ids=[], settings=SGLangSection(mem_fraction_static=0.3, cuda_graph_max_bs=0,
+                                                                   colocate=False, weight_bucket_mb=4096),
+                       context_length=PROMPT + NEW + 8)
+    model = from_pretrained(ckpt, device="cuda", dtype=torch.bfloat16).eval()
+    sd = model.state_dict()
+    gb = sum(t.numel() * t.element_size() for t in sd.values()) / 1e9
+    dev = torch.device("cuda", torch.cuda.current_device())
+
+    def packed(names=None):
+        packer, bucket = DirectPacker(eng.direct), []
+        for name, t in engine_tensors(sd.items(), eng.settings.dtype, None):
+            bucket += packer.add(name, t)
+        packer.finish()
+        return [p for p in bucket if names is None or p.name in names]
+
+    def call(spec, flat):
+        spec.update(first=False, final=False)
+        assert eng.engine.update_weights_from_tensor([(json_.dumps(spec), flat)], load_format=DIRECT_LOADER,
+                                                     flush_cache=False)[0]
+
+    kv_b = {n for n in sd if n.endswith("kv_b_proj.weight")}
+    big = torch.empty(int(gb * 1e9), dtype=torch.uint8, device=dev)
+    parts = {"whole_sync": lambda: eng.update_weights(sd.items()),
+             "pack": lambda: pack_direct(packed(), dev),
+             "call_empty_small": lambda: call({"tensors": []}, torch.empty(256, dtype=torch.uint8, device=dev)),
+             "call_empty_model_size": lambda: call({"tensors": []}, big),
+             "call_kv_b_only": lambda: call(*pack_direct(packed(kv_b), dev)),
+             "flush_cache": lambda: eng.engine.flush_cache()}
+    rows = {}
+    for name, fn in parts.items():
+        t, _ = _timed(fn, repeat=5)
+        rows[name] = round(t, 4)
+    rows["whole_sync_gb_per_s"] = round(gb / rows["whole_sync"], 1)
+    results["weight_sync_parts"] = {"gb": round(gb, 3), "tensors": len(sd), "seconds": rows}
+    eng.shutdown()
+    eng = model = big = None
+    torch.cuda.empty_cache()
+
+
 def _megatron_sync(model, eng) -> dict:
     from r1moe.parallel import (
         MegatronOptions,
@@ -270,7 +321,7 @@ def bench_grpo(ckpt: Path, root: Path, results: dict, engines: list[str], log_di
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--only", nargs="+", choices=["engines", "sync", "replay", "grpo"],
+    ap.add_argument("--only", nargs="+", choices=["engines", "sync", "sync-parts", "replay", "grpo"],
                     default=["engines", "sync", "replay", "grpo"],
                     help="parts to run (on an H200, engines + replay took under 7 min, sync + grpo 6.6 min)")
     ap.add_argument("--grpo-engines", nargs="+", choices=["builtin", "sglang"], default=["builtin", "sglang"])
@@ -284,6 +335,7 @@ def main() -> int:
     ckpt = save_pretrained(build_model(BENCH_CFG.replace(eos_token_id=2), device="cuda", dtype=torch.bfloat16, seed=0),
                            root / "ckpt", tokenizer=tok)
     parts = {"engines": lambda: bench_engines(ckpt, tok, results), "sync": lambda: bench_sync(ckpt, tok, results),
+             "sync-parts": lambda: bench_sync_parts(ckpt, tok, results),
              "replay": lambda: bench_replay(ckpt, tok, results),
              "grpo": lambda: bench_grpo(ckpt, root, results, a.grpo_engines, Path(a.out).resolve().parent)}
     for name, fn in ((n, parts[n]) for n in a.only):

@@ -305,6 +305,49 @@ def test_direct_weight_sync_errors_name_the_parameter():
         _sync(cfg.to_hf_dict(), sd.items(), _receiver(bad))
 
 
+def test_pack_direct_lays_parts_row_major_at_aligned_offsets():
+    """Each parameter starts at a 256-byte offset; its parts follow each other in row-major order, whatever their
+    dtype, element count or strides (a transposed part is packed as the matrix it is, not as its storage)."""
+    import torch
+
+    from r1moe.rollout.sglang_weights import ALIGN, Packed, pack_direct
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 5, generator=g).to(torch.bfloat16)  # 30 bytes: the next one needs padding
+    b = torch.randn(4, 7, generator=g)
+    bt = torch.randn(7, 4, generator=g).t()  # non-contiguous
+    c = torch.randn(2, 3, generator=g).to(torch.float8_e4m3fn)
+    bucket = [Packed("a", (3, 5), [a]), Packed("b", (8, 7), [b, bt]), Packed("c", (2, 3), [c])]
+    spec, flat = pack_direct(bucket, torch.device("cpu"))
+    assert flat.dtype == torch.uint8
+    for (name, dtype, shape, offset), want in zip(spec["tensors"], (a, torch.cat([b, bt]), c)):
+        assert offset % ALIGN == 0, name
+        n = want.numel() * want.element_size()
+        got = flat[offset: offset + n].view(getattr(torch, dtype)).view(shape)
+        assert torch.equal(got.float(), want.float()), name
+    assert pack_direct([], torch.device("cpu"))[0] == {"tensors": []}
+
+
+def test_direct_packer_refuses_parts_that_do_not_match():
+    import torch
+
+    from r1moe.rollout.sglang_weights import DirectPacker
+
+    cfg, _ = _hf_tensors()
+    packer = DirectPacker(cfg.to_hf_dict())
+    list(packer.add("model.layers.1.mlp.experts.0.gate_proj.weight", torch.zeros(96, 128)))
+    with pytest.raises(ValueError, match=r"experts\.3\.gate_proj\.weight \(96, 64\) torch.float32 differs"):
+        list(packer.add("model.layers.1.mlp.experts.3.gate_proj.weight", torch.zeros(96, 64)))
+    with pytest.raises(ValueError, match=r"experts\.4\.up_proj\.weight \(96, 128\) torch.bfloat16 differs"):
+        list(packer.add("model.layers.1.mlp.experts.4.up_proj.weight", torch.zeros(96, 128, dtype=torch.bfloat16)))
+    packer = DirectPacker(cfg.to_hf_dict())  # one expert's up_proj 95 rows instead of 96: the parameter is refused
+    names = [f"model.layers.1.mlp.experts.{e}.{proj}.weight" for e in range(8) for proj in ("gate_proj", "up_proj")]
+    for name in names[:-1]:
+        assert list(packer.add(name, torch.zeros(96, 128))) == []
+    with pytest.raises(ValueError, match=r"the experts of model\.layers\.1\.mlp\.experts\.w13_weight differ"):
+        list(packer.add(names[-1], torch.zeros(95, 128)))
+
+
 def test_weight_loader_setting_resolves_or_refuses_by_name():
     from r1moe.config import SGLangSection
     from r1moe.model import get_preset
