@@ -97,12 +97,14 @@ def bench_engines(ckpt: Path, tok, results: dict) -> None:
 def bench_sync(ckpt: Path, tok, results: dict) -> None:
     """Weight sync into a colocated SGLang (CUDA IPC) at several bucket sizes, with the direct loader
     (rollout.sglang.weight_loader) and SGLang's own, from the reference model's bf16 state dict and from the megatron
-    export; `pack_s`: the part spent packing buckets (SGLang's flattened format) on our side."""
+    export; `pack_s`: the part spent packing buckets on our side (DirectPacker + pack_direct for the direct loader,
+    SGLang's flattened format for its own)."""
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
     from r1moe.config import SGLangSection
     from r1moe.model import from_pretrained
     from r1moe.rollout.sglang_engine import SGLangEngine
+    from r1moe.rollout.sglang_weights import DirectPacker, engine_tensors, pack_direct
 
     eng = SGLangEngine(ckpt, tok, eos_ids=[], settings=SGLangSection(mem_fraction_static=0.3, cuda_graph_max_bs=0,
                                                                    colocate=False),
@@ -110,14 +112,27 @@ def bench_sync(ckpt: Path, tok, results: dict) -> None:
     model = from_pretrained(ckpt, device="cuda", dtype=torch.bfloat16).eval()
     sd = model.state_dict()
     gb = sum(t.numel() * t.element_size() for t in sd.values()) / 1e9
-    rows, direct = {}, eng.direct
+    rows, direct, dev = {}, eng.direct, torch.device("cuda", torch.cuda.current_device())
     variants = (("direct", 256), ("direct", 1024), ("direct", 4096), ("sglang", 1024), ("sglang", 4096))
     for loader, mb in variants:
         eng.settings.weight_bucket_mb = mb
         eng.direct = direct if loader == "direct" else None
         t_sync, _ = _timed(lambda: eng.update_weights(sd.items()), repeat=3)
 
-        def pack(mb=mb):
+        def pack(mb=mb, loader=loader):
+            """The packing alone, as update_weights does it for this loader, without the update calls."""
+            if loader == "direct":
+                packer, bucket, size = DirectPacker(direct), [], 0
+                for name, t in engine_tensors(sd.items(), eng.settings.dtype, None):
+                    for group in packer.add(name, t):
+                        bucket.append(group)
+                        size += group.nbytes
+                        if size >= mb << 20:
+                            pack_direct(bucket, dev)
+                            bucket, size = [], 0
+                packer.finish()
+                pack_direct(bucket, dev)
+                return
             bucket, size = [], 0
             for name, t in sd.items():
                 bucket.append((name, t))
