@@ -214,6 +214,7 @@ class _Pending:
         self.parts: list[torch.Tensor | None] = [None] * count
         self.left, self.first = count, first
 
+
 ALIGN = 256
 
 
