@@ -104,7 +104,7 @@ def bench_sync(ckpt: Path, tok, results: dict) -> None:
     from r1moe.config import SGLangSection
     from r1moe.model import from_pretrained
     from r1moe.rollout.sglang_engine import SGLangEngine
-    from r1moe.rollout.sglang_weights import DirectPacker, engine_tensors, pack_direct
+    from r1moe.rollout.sglang_weights import direct_buckets, pack_direct
 
     eng = SGLangEngine(ckpt, tok, eos_ids=[], settings=SGLangSection(mem_fraction_static=0.3, cuda_graph_max_bs=0,
                                                                    colocate=False),
@@ -122,16 +122,8 @@ def bench_sync(ckpt: Path, tok, results: dict) -> None:
         def pack(mb=mb, loader=loader):
             """The packing alone, as update_weights does it for this loader, without the update calls."""
             if loader == "direct":
-                packer, bucket, size = DirectPacker(direct), [], 0
-                for name, t in engine_tensors(sd.items(), eng.settings.dtype, None):
-                    for group in packer.add(name, t):
-                        bucket.append(group)
-                        size += group.nbytes
-                        if size >= mb << 20:
-                            pack_direct(bucket, dev)
-                            bucket, size = [], 0
-                packer.finish()
-                pack_direct(bucket, dev)
+                for bucket, _, _ in direct_buckets(sd.items(), direct, eng.settings.dtype, mb << 20):
+                    pack_direct(bucket, dev)
                 return
             bucket, size = [], 0
             for name, t in sd.items():
@@ -170,7 +162,7 @@ def bench_sync_parts(ckpt: Path, tok, results: dict) -> None:
     from r1moe.config import SGLangSection
     from r1moe.model import from_pretrained
     from r1moe.rollout.sglang_engine import SGLangEngine
-    from r1moe.rollout.sglang_weights import DIRECT_LOADER, DirectPacker, engine_tensors, pack_direct
+    from r1moe.rollout.sglang_weights import DIRECT_LOADER, direct_buckets, pack_direct
 
     eng = SGLangEngine(ckpt, tok, eos_ids=[], settings=SGLangSection(mem_fraction_static=0.3, cuda_graph_max_bs=0,
                                                                    colocate=False, weight_bucket_mb=4096),
@@ -181,10 +173,7 @@ def bench_sync_parts(ckpt: Path, tok, results: dict) -> None:
     dev = torch.device("cuda", torch.cuda.current_device())
 
     def packed(names=None):
-        packer, bucket = DirectPacker(eng.direct), []
-        for name, t in engine_tensors(sd.items(), eng.settings.dtype, None):
-            bucket += packer.add(name, t)
-        packer.finish()
+        (bucket, _, _), = direct_buckets(sd.items(), eng.direct, eng.settings.dtype, float("inf"))
         return [p for p in bucket if names is None or p.name in names]
 
     def call(spec, flat):

@@ -59,9 +59,9 @@ from tokenizers import Tokenizer
 from .base import Generation, SamplingParams, check_prompts, compact_routes, ends_in_stop, split_stops
 from .sglang_weights import (
     DIRECT_LOADER,
-    DirectPacker,
     Packed,
     aligned_order,
+    direct_buckets,
     engine_tensors,
     pack_direct,
     resolve_direct_loader,
@@ -323,19 +323,11 @@ class SGLangEngine:
         self.weights_loaded = True
 
     def _update_direct(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """`weight_loader: direct`: SGLang's parameters packed whole (DirectPacker) into flat buckets, each copied
+        """`weight_loader: direct`: SGLang's parameters packed whole (`direct_buckets`) into flat buckets, each copied
         in by `load_direct` (r1moe/rollout/sglang_weights.py) inside SGLang."""
-        packer = DirectPacker(self.direct)
-        bucket, size, first, limit = [], 0, True, self.settings.weight_bucket_mb << 20
-        for name, t in engine_tensors(named_tensors, self.settings.dtype, None):
-            for group in packer.add(name, t):
-                bucket.append(group)
-                size += group.nbytes
-                if size >= limit:
-                    self._send_direct(bucket, first=first, final=False)
-                    bucket, size, first = [], 0, False
-        packer.finish()
-        self._send_direct(bucket, first=first, final=True)
+        for bucket, first, final in direct_buckets(named_tensors, self.direct, self.settings.dtype,
+                                                   self.settings.weight_bucket_mb << 20):
+            self._send_direct(bucket, first=first, final=final)
 
     def _send_direct(self, bucket: list[Packed], first: bool, final: bool) -> None:
         from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions

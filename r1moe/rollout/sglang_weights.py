@@ -215,6 +215,23 @@ class _Pending:
         self.left, self.first = count, first
 
 
+def direct_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], config: dict, dtype: str, limit_bytes: float
+                   ) -> Iterator[tuple[list[Packed], bool, bool]]:
+    """HF-named tensors (any order) -> (bucket, first, final): SGLang's parameters packed whole (`DirectPacker`,
+    fp32 matrices in the engine's `dtype`), a bucket handed on once it holds `limit_bytes`; the last one (maybe
+    empty) has final=True, and the packer's completeness check has run before it."""
+    packer, bucket, size, first = DirectPacker(config), [], 0, True
+    for name, t in engine_tensors(named_tensors, dtype, None):
+        for group in packer.add(name, t):
+            bucket.append(group)
+            size += group.nbytes
+            if size >= limit_bytes:
+                yield bucket, first, False
+                bucket, size, first = [], 0, False
+    packer.finish()
+    yield bucket, first, True
+
+
 ALIGN = 256
 
 

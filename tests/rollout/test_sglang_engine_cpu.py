@@ -203,25 +203,15 @@ def _sync(packer_config, named, receiver, bucket_bytes=1 << 20):
 
     import torch
 
-    from r1moe.rollout.sglang_weights import DirectPacker, load_direct, pack_direct
+    from r1moe.rollout.sglang_weights import direct_buckets, load_direct, pack_direct
 
-    packer, bucket, size, first, sent = DirectPacker(packer_config), [], 0, True, 0
-
-    def send(final):
+    sent = 0
+    for bucket, first, final in direct_buckets(named, packer_config, "float32", bucket_bytes):
         spec, flat = pack_direct(bucket, torch.device("cpu"))
         spec.update(first=first, final=final)
         load_direct(receiver, [(json.dumps(spec), flat)])
-
-    for name, t in named:
-        for group in packer.add(name, t):
-            bucket.append(group)
-            size += group.nbytes
-            if size >= bucket_bytes:
-                send(False)
-                bucket, size, first, sent = [], 0, False, sent + 1
-    packer.finish()
-    send(True)
-    return sent + 1
+        sent += 1
+    return sent
 
 
 @pytest.mark.parametrize("q_lora_rank", [96, None])
