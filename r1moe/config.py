@@ -6,6 +6,9 @@ are the DeepSeek-R1 paper values where it states them (../shared R1-SETTINGS.md)
 where they had to choose.
 
     cfg = load_config("recipes/tiny/r1_zero/grpo.yaml", ["train.steps=10", "rollout.group_size=4"])
+
+A little over 500 lines, kept whole: the tree's sections are one schema (each documents its keys where they are
+declared), and a recipe's every key resolves here.
 """
 
 from __future__ import annotations
