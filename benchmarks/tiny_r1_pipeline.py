@@ -54,9 +54,9 @@ def main() -> int:
         for name, t in json.loads(earlier.read_text()).items():
             if "seconds" in t and stages.get(name, {}).get("skipped"):
                 stages[name] = t
-    one_run = a.resume and len(a.timings) == 1 and all("started_s" in t for t in stages.values())
+    one_run = a.resume and len(a.timings) == 1 and all("ended_s" in t for t in stages.values())
     if one_run:
-        wall = max(t["started_s"] + t["seconds"] for t in stages.values())
+        wall = max(t["ended_s"] for t in stages.values())
     elif a.resume:
         wall = sum(t.get("seconds", 0.0) for t in stages.values())
     evals = [s.name for s in pipe.stages if s.kind == "eval"]

@@ -127,10 +127,17 @@ def general_sft(samples, template: str):
     return out
 
 
+def _timing(start: float, t0: float) -> dict[str, float]:
+    """A stage's seconds, and when it started and ended in seconds since the pipeline did. The ends are rounded on
+    their own (not started + seconds), so a stage that starts after another ended never reads as starting before."""
+    t1 = time.perf_counter()
+    return {"seconds": round(t1 - t0, 1), "started_s": round(t0 - start, 2), "ended_s": round(t1 - start, 2)}
+
+
 def run_pipeline(p: PipelineConfig, force: set[str] = frozenset(), recipe: str | Path | None = None) -> dict[str, dict]:
     """Run the stages that are not complete (and those in `force`); `recipe` (the file `p` was loaded from) is what
     the stage processes of `p.jobs > 1` read. Returns (and writes to root/pipeline_timings.json after each stage)
-    each stage's seconds and when it started, in seconds since the pipeline did."""
+    each stage's seconds and when it started and ended, in seconds since the pipeline did."""
     timings: dict[str, dict] = {}
     root = Path(p.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -154,7 +161,7 @@ def run_pipeline(p: PipelineConfig, force: set[str] = frozenset(), recipe: str |
         print(f"[pipeline] {s.name} ({s.kind}) -> {out}", flush=True)
         t0 = time.perf_counter()
         run_stage(p, s, resume=not forced)
-        timings[s.name] = {"seconds": round(time.perf_counter() - t0, 1), "started_s": round(t0 - start, 1)}
+        timings[s.name] = _timing(start, t0)
         print(f"[pipeline] {s.name}: done in {timings[s.name]['seconds']} s", flush=True)
         write_json_atomic(root / "pipeline_timings.json", timings)  # after each stage: the report reads it
     write_json_atomic(root / "pipeline_timings.json", timings)
@@ -254,7 +261,7 @@ def _run_concurrently(p: PipelineConfig, todo: list[StageSpec], force: set[str],
                 print("\n".join(tail), file=sys.stderr, flush=True)
                 continue
             done.add(name)
-            timings[name] = {"seconds": round(time.perf_counter() - t0, 1), "started_s": round(t0 - start, 1)}
+            timings[name] = _timing(start, t0)
             print(f"[pipeline] {name}: done in {timings[name]['seconds']} s", flush=True)
             write_json_atomic(root / "pipeline_timings.json", timings)
     if failed is not None:
