@@ -40,7 +40,8 @@ class PromptSample:
     language: str = "en"
     """Target language of the reasoning (language-consistency reward): "en", "zh", ..."""
     tests: str | None = None
-    """code only: Python test source appended to the completion's code and run in the sandbox."""
+    """code only: Python test source (top-level statements, usually asserts) run against the completion's code by
+    the sandbox's judge, in a process of its own (r1moe/rewards/harness.py)."""
     task: str | None = None
     """Name of the procedural task that generated it (`r1moe.data.tasks.TASKS`), so its verifier is used."""
 

@@ -19,12 +19,13 @@ the solution controls is what it returns to each call, which is exactly what a c
 
 What tests can do (the test source format is unchanged: Python statements, usually asserts, naming the solution's
 functions): call them with plain data, use the objects they return as above, catch the built-in exceptions they
-raise (others arrive as `SolutionError`), see in-place changes to list/dict/set arguments, capture what a call
-prints (it is written to the judge's stdout), use a standard module the solution imported. What they cannot: pass
-a function or another non-plain object to the solution; compare an object of the solution with `==` (identity
-only: return plain data); see a solution global change after the start (globals are copied once, and only the
-names the tests spell out); use a solution name that shadows a built-in (the tests see the built-in, or
-`def abs(x): return 0` would rewrite `assert abs(f(x) - y) < 1e-9`).
+raise (a subclass arrives as its nearest built-in class, others as `SolutionError`), see in-place changes to
+list/dict/set arguments, capture what a call prints (it is written to the judge's stdout), use a standard module
+the solution imported (`math.isclose(...)` without `import math`: the judge imports its own `math`, whatever the
+solution bound to the name). What they cannot: pass a function or another non-plain object to the solution;
+compare an object of the solution with `==` (identity only: return plain data); see a solution global change
+after the start (globals are copied once, and only the names the tests spell out); use a solution name that
+shadows a built-in (the tests see the built-in, or `def abs(x): return 0` would rewrite `assert abs(f(x) - y) < 1e-9`).
 
 Wire format: one JSON object per line. A value is a tagged list: ["N"] None, ["B", b] bool, ["I", hex] int,
 ["F", hex] float, ["C", hex, hex] complex, ["S", s] str, ["Y", latin-1 str] bytes, ["L", [...]] list,
@@ -38,6 +39,7 @@ from __future__ import annotations
 import ast
 import builtins
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -178,8 +180,6 @@ def _decode(data, remote_of):
         name = arg(str)
         if not _importable(name):
             raise ProtocolError(f"module {name!r} is not a public module of the standard library")
-        import importlib
-
         return importlib.import_module(name)
     raise ProtocolError(f"unknown tag {tag!r}")
 
@@ -197,6 +197,19 @@ def _send(f, obj) -> None:
 
 
 # ---------------------------------------------------------------- the solution's side
+
+
+def _builtin_exception_name(cls: type) -> str:
+    """The nearest built-in class of an exception (json.JSONDecodeError, a solution's `class BadInput(ValueError)`
+    -> ValueError), so `except ValueError:` in a test catches it as it would in one process; the class's own name
+    when the nearest is Exception or BaseException (the judge then raises SolutionError naming it). Nothing new for
+    the solution: it may raise any built-in exception itself."""
+    for base in cls.__mro__:
+        if base in (Exception, BaseException, object):
+            break
+        if getattr(builtins, base.__name__, None) is base:
+            return base.__name__
+    return cls.__name__
 
 
 def serve(fd_in: int, fd_out: int) -> None:
@@ -257,7 +270,7 @@ def serve(fd_in: int, fd_out: int) -> None:
             with contextlib.redirect_stdout(printed):
                 reply = answer(json.loads(line))
         except BaseException as e:  # noqa: BLE001 - the judge decides what an exception means
-            reply = {"err": [type(e).__name__, str(e)[:2000]]}
+            reply = {"err": [_builtin_exception_name(type(e)), str(e)[:2000]]}
         if printed.getvalue():
             reply["out"] = printed.getvalue()
         _send(wfile, reply)
@@ -401,6 +414,15 @@ def _free_names(tree: ast.Module) -> list[str]:
     return sorted(n for n in names if not hasattr(builtins, n) and not n.startswith("__"))
 
 
+def _module_names(tree: ast.Module) -> list[str]:
+    """Names the tests use as `name.attr` that are public standard modules (`math.isclose`, `re.match`): tests that
+    lean on the solution's `import math` get the judge's own module, never what the solution bound to the name (a
+    `math` whose `isclose` answers True would decide `assert math.isclose(f(x), y)`)."""
+    names = {n.value.id for n in ast.walk(tree)
+             if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and isinstance(n.value.ctx, ast.Load)}
+    return sorted(n for n in names if not hasattr(builtins, n) and _importable(n))
+
+
 def judge(fd_in: int, fd_out: int, fd_result: int) -> None:
     """Run each top-level statement of /sandbox/tests.py; write {"passed", "total", "failures", "protocol_error"} on
     `fd_result`."""
@@ -416,7 +438,8 @@ def judge(fd_in: int, fd_out: int, fd_result: int) -> None:
             raise SolutionError(f"the solution failed to load: {first['load_error']}")
         if first != {"ready": True}:
             raise ProtocolError("bad first message")
-        wanted = _free_names(tree)
+        modules = _module_names(tree)
+        wanted = [n for n in _free_names(tree) if n not in modules]
         found = _CHANNEL.request({"op": "globals", "h": 0, "names": wanted})["ok"]
         # Only names asked for: an extra `__builtins__` (or any name the tests did not spell) would replace what
         # the tests rely on, e.g. `abs` in `assert abs(f(x) - y) < 1e-9`.
@@ -424,6 +447,11 @@ def judge(fd_in: int, fd_out: int, fd_result: int) -> None:
             raise ProtocolError("the globals reply has names that were not asked for")
         ns = {"__name__": "__main__", "__builtins__": builtins}
         ns.update({name: decode(data, _remote_of) for name, data in found.items()})
+        for name in modules:
+            try:
+                ns[name] = importlib.import_module(name)
+            except Exception:  # noqa: BLE001, S112 - not importable here: the name stays unbound (NameError)
+                continue
     except Exception as e:  # noqa: BLE001 - reported as the failure of every statement
         failures.append(f"{type(e).__name__}: {e}")
         ns = None

@@ -45,7 +45,6 @@ class BatchReward(Protocol):
 
 # ---------------------------------------------------------------- answer extraction
 
-_ANSWER = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)" + re.escape(ANSWER_CLOSE), re.DOTALL)
 _CODE = re.compile(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL)
 MAX_ANSWER_CHARS = 2000
 
@@ -71,13 +70,35 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+def after_reasoning(completion: str) -> str:
+    """What follows the reasoning: the text after the last `</think>`; the whole completion when the reasoning never
+    closes (an answer in an unclosed `<think>` still counts: such a reply is correct but malformed, which the format
+    reward judges) or there is none."""
+    return completion.rsplit(THINK_CLOSE, 1)[1] if THINK_CLOSE in completion else completion
+
+
+def _last_answer_tag(text: str) -> str | None:
+    # The last non-overlapping <answer>...</answer> in linear time; a non-greedy regex rescans to the end from every
+    # unclosed <answer> (quadratic: a degenerate reply of 20k "<answer>" tokens took 20 s).
+    found, pos = None, 0
+    while (start := text.find(ANSWER_OPEN, pos)) >= 0:
+        end = text.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
+        if end < 0:
+            break
+        found, pos = text[start + len(ANSWER_OPEN):end], end + len(ANSWER_CLOSE)
+    return found
+
+
 def extract_answer(completion: str) -> str | None:
-    """Content of the last `<answer>...</answer>` (stripped), else of the last `\\boxed{...}`, else None.
+    """Content of the last `<answer>...</answer>` (stripped), else of the last `\\boxed{...}`, else None; only in
+    what follows the reasoning (`after_reasoning`): a box or answer tag inside a closed `<think>` block is a step of
+    the reasoning, not the final answer ("<think>... \\boxed{2}</think> The answer is 3." has not answered 2).
 
     Shared by the rewards and evaluation (cons@k majority votes over it)."""
-    found = _ANSWER.findall(completion)
-    if found:
-        return found[-1].strip()
+    completion = after_reasoning(completion)
+    found = _last_answer_tag(completion)
+    if found is not None:
+        return found.strip()
     return last_boxed(completion)
 
 
@@ -109,9 +130,37 @@ def _braces_balanced(text: str) -> bool:
     return depth == 0
 
 
+_SUPERSCRIPTS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-")
+_VULGAR = {"½": r"\frac{1}{2}", "⅓": r"\frac{1}{3}", "⅔": r"\frac{2}{3}", "¼": r"\frac{1}{4}", "¾": r"\frac{3}{4}"}
+_UNICODE_MATH: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
+    (re.compile("[⁰¹²³⁴⁵⁶⁷⁸⁹⁻]+"), lambda m: "^{" + m.group().translate(_SUPERSCRIPTS) + "}"),  # x² -> x^{2}
+    (re.compile(r"√\s*(\d+(?:\.\d+)?|[A-Za-z]|\(([^()]*)\))"), lambda m: rf"\sqrt{{{m.group(2) or m.group(1)}}}"),
+    (re.compile("√"), lambda m: r"\sqrt"),  # √{3}
+    (re.compile("[½⅓⅔¼¾]"), lambda m: _VULGAR[m.group()]),
+    (re.compile(r"°\s*([CF](?![A-Za-z]))?"),  # 30°, 30°C
+     lambda m: r"^{\circ}" + (rf"\text{{{m.group(1)}}}" if m.group(1) else "")),
+    (re.compile("∞"), lambda m: r"\infty "),
+    (re.compile("·"), lambda m: r"\cdot "),
+]
+# A digit group separator other than a comma between groups of three digits: `12\,345` (LaTeX/SI thin space),
+# `12 345`, `1~000`. math-verify reads `12\,345` as 12 + 345 and `1\,000` as 1 * 0.
+_THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:(?:\\[,;: ]|\\thinspace ?|~|[ \u00a0\u2009\u202f])\d{3})+(?!\d)")
+
+
+def _normalise_math_text(text: str) -> str:
+    """Unicode math math-verify does not read: other scripts' digits (`５`, `٥`), superscripts, `√`, `°`, `∞`, `·`,
+    vulgar fractions; then digit groups separated by thin spaces or spaces are joined."""
+    if not text.isascii():
+        text = "".join(str(int(c)) if c.isdecimal() and not c.isascii() else c for c in text)
+        for pattern, repl in _UNICODE_MATH:
+            text = pattern.sub(repl, text)
+    return _THOUSANDS.sub(lambda m: re.sub(r"\D", "", m.group()), text)
+
+
 def _math_verify_timeout() -> int | None:
-    # math-verify times out with signal.alarm, which only works in the main thread; elsewhere it runs unbounded,
-    # which the MAX_ANSWER_CHARS cap keeps cheap.
+    # math-verify times out with signal.alarm, which only works in the main thread; elsewhere it runs unbounded (the
+    # MAX_ANSWER_CHARS cap does not bound `100000000!`), so math is graded in the main thread: evaluate.py runs only
+    # the sandboxed code grading in threads.
     return 5 if threading.current_thread() is threading.main_thread() else None
 
 
@@ -126,10 +175,11 @@ def parse_math_answer(text: str) -> tuple:
       `-1, 4` and `5 or 6` are the sets {-1, 4} and {5, 6}; prose ("the answer is 5") reads as a product of
       letters and matches no number.
     - Before parsing: `**` becomes `^` (Python powers), an escaped dollar `\\$` (currency) and a final full stop
-      are dropped. Units (`10 \\text{ cm}`), degrees (`30^\\circ`) and `\\%` are math-verify's: units and
-      degree signs are dropped, `50\\%` matches both 50 and 0.5.
+      are dropped; Unicode math is spelled in LaTeX (`30°`, `x²`, `√2`, `５`) and digit groups split by thin spaces
+      are joined (`12\\,345`, `1 000`: 12345 and 1000, not 12 + 345 and 1 * 0). Units (`10 \\text{ cm}`), degrees
+      (`30^\\circ`) and `\\%` are math-verify's: units and degree signs are dropped, `50\\%` matches both 50 and 0.5.
     """
-    text = text.strip().replace("**", "^").replace("\\$", "")
+    text = _normalise_math_text(text.strip().replace("**", "^").replace("\\$", ""))
     text = text[:-1].rstrip() if text.endswith(".") else text
     if not text:
         return ()
@@ -245,6 +295,17 @@ SHARED_WORD_MARGIN = 1.0
 """A word counts for the target language when its Zipf frequency there is within this of its highest frequency in
 any Latin-script language (1.0 = a factor of 10): words shared by two languages ("question", "table" in English and
 French; "also" in English and German) count for both."""
+AMBIGUOUS_WORD_MARGIN = 2.0
+"""A word whose frequency in the target language (its large word list where the small one lacks it) is within this
+of its highest frequency, but not within SHARED_WORD_MARGIN, carries no language signal: a word of both, far more
+frequent in the other ("ten" in English and Polish, "per" in English and Italian, "primes" and "parabola", which
+only the large English list knows). Function words of another language stay far off ("est", "la", "die" under
+English: 2.4 and more)."""
+MATH_OPERATOR_NAMES = frozenset((
+    "sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "log", "ln", "lg",
+    "exp", "mod", "pmod", "bmod", "gcd", "lcm", "det", "max", "min", "sup", "inf", "lim", "arg", "deg", "dim", "ker"))
+"""LaTeX's operator names written as plain words ("sin x", "5 mod 7"): notation, not words of a language (as their
+`\\sin` spelling is), whatever another language's word list says of "sin" (Spanish) or "mod" (Danish)."""
 
 
 def _script(word: str) -> str:
@@ -263,28 +324,46 @@ def _latin_frequencies(word: str) -> dict[str, float]:
     return {lang: zipf_frequency(word, lang, wordlist="small") for lang in LATIN_WORDLISTS}
 
 
+@functools.lru_cache(maxsize=65536)
+def _target_frequency(word: str, language: str) -> float:
+    # The large list of the target only (in a language's own large list, another's words are noise: "nous" is in
+    # the large English one, which is why a word needs more than being there to count: AMBIGUOUS_WORD_MARGIN).
+    from wordfreq import zipf_frequency
+
+    try:
+        return zipf_frequency(word, language, wordlist="large")
+    except LookupError:  # no large list for this language
+        return zipf_frequency(word, language, wordlist="small")
+
+
 def word_language_vote(word: str, language: str) -> bool | None:
     """Whether `word` is a word of `language` (True/False), or None when it carries no language signal.
 
     - CJK ideograph: exact by script (a word of "zh" and of no Latin-script language).
-    - Latin-script word of two letters or more: wordfreq's frequency in `language` is > 0 and within
-      SHARED_WORD_MARGIN of its frequency in the Latin-script language where it is most frequent. A word no Latin
-      list knows (a variable name, a LaTeX command, a proper name, a typo) and a single letter (x, y, a) are None.
+    - Latin-script word of two letters or more: True when wordfreq's frequency in `language` is > 0 and within
+      SHARED_WORD_MARGIN of its frequency in the Latin-script language where it is most frequent; None when within
+      AMBIGUOUS_WORD_MARGIN (a word of both); else False. A word no Latin list knows (a variable name, a LaTeX
+      command, a proper name, a typo), a single letter (x, y, a) and an operator name (sin, mod: MATH_OPERATOR_NAMES)
+      are None.
     - Any other script (Cyrillic, Arabic, kana, ...): a word of none of the supported languages.
     """
     script = _script(word)
     target = LANGUAGE_SCRIPTS[language]
     if script == "cjk" or script == "other":
         return script == target
-    if len(word) < 2:
+    word = word.lower()
+    if len(word) < 2 or word in MATH_OPERATOR_NAMES:
         return None
-    freqs = _latin_frequencies(word.lower())
+    freqs = _latin_frequencies(word)
     best = max(freqs.values())
     if best == 0.0:
         return None
     if target != "latin":
         return False
-    return freqs[language] > 0.0 and freqs[language] >= best - SHARED_WORD_MARGIN
+    if freqs[language] > 0.0 and freqs[language] >= best - SHARED_WORD_MARGIN:
+        return True
+    ours = max(freqs[language], _target_frequency(word, language))
+    return None if ours > 0.0 and ours >= best - AMBIGUOUS_WORD_MARGIN else False
 
 
 def chain_of_thought(completion: str) -> str:

@@ -342,7 +342,8 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxR
 
 def run_tests(solution: str, tests: str, limits: SandboxLimits = SandboxLimits()) -> TestReport:
     """Run every top-level statement of `tests` against `solution` (protocol in `harness.py`); `.ok` iff all
-    passed. A `tests` that is not valid Python or has no statement is a ValueError (a data bug, not a failure)."""
+    passed. A `tests` that is not valid Python, has no statement or whose checks never run
+    (`_check_tests_run_something`) is a ValueError (a data bug, not a failure)."""
     import ast
 
     try:
@@ -351,6 +352,7 @@ def run_tests(solution: str, tests: str, limits: SandboxLimits = SandboxLimits()
         raise ValueError(f"the tests are not valid Python: {e}") from None
     if not tree.body:
         raise ValueError("the tests have no statement: every solution would pass")
+    _check_tests_run_something(tree)
     programs = _Programs(_bwrap(), limits)
     open_fds: set[int] = set()
 
@@ -384,6 +386,25 @@ def run_tests(solution: str, tests: str, limits: SandboxLimits = SandboxLimits()
     finally:
         close(*list(open_fds))
         programs.close()
+
+
+def _check_tests_run_something(tree) -> None:
+    """ValueError for tests whose checks never run, which every solution that loads would pass: only definitions
+    (pytest functions, unittest classes, HumanEval's `def check(candidate)` without `check(entry_point)`), or a
+    top-level `check`/`test*` function that nothing calls (its asserts are skipped)."""
+    import ast
+
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    checks = (ast.Assert, ast.Call, ast.Raise)
+    if not any(isinstance(n, checks) for stmt in tree.body if not isinstance(stmt, defs) for n in ast.walk(stmt)):
+        raise ValueError("the tests check nothing at top level (no assert, call or raise outside definitions: "
+                         "pytest/unittest-style or an uncalled check function?): every solution would pass")
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    uncalled = [s.name for s in tree.body if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and (s.name == "check" or s.name.startswith("test")) and s.name not in used]
+    if uncalled:
+        raise ValueError(f"the tests define {', '.join(uncalled)} but never call it: its asserts would never run "
+                         "(the judge runs top-level statements, not pytest)")
 
 
 def _read_result(fd: int, deadline: float) -> TestReport | None:

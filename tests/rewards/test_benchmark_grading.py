@@ -41,6 +41,9 @@ def test_choice_letter(completion, letter):
     ("1.5000001\n", "1.5\n", False),
     ("1 2\n3\n", "1 2 3\n", False),  # lines matter
     ("yes\n", "Yes\n", False),
+    ("5\r\n6\r\n", "5\n6", True),  # CRLF
+    ("Yes 1.50\n", "Yes 1.5\n", False),  # decimals compare only as whole lines (LiveCodeBench)
+    ("1\x1e2\n", "1\n2\n", False),  # lines end at "\n" only
 ])
 def test_stdout_matches(got, expected, same):
     assert stdout_matches(got, expected) is same
@@ -72,6 +75,14 @@ def test_grade_functional_in_the_sandbox():
     wrong = "class Solution:\n    def f(self, nums, k=1):\n        return nums[0]\n"
     v = grade_functional(wrong, "f", cases, FAST)
     assert not v.ok and v.passed < 3 and v.failure
+
+
+def test_grade_functional_takes_a_tuple_for_a_list():
+    cases = [IOCase("[1, 3]", "[1, 3]", "functional"), IOCase("[2]", "[2]", "functional")]
+    as_tuple = "class Solution:\n    def f(self, xs):\n        return tuple(xs)\n"
+    assert grade_functional(as_tuple, "f", cases, FAST).ok  # JSON has no tuples: LiveCodeBench lists them
+    wrong = "class Solution:\n    def f(self, xs):\n        return tuple(reversed(xs))\n"
+    assert not grade_functional(wrong, "f", cases, FAST).ok
 
 
 def test_benchmark_graders_from_release_files():

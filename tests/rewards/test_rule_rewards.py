@@ -91,7 +91,7 @@ def think(*parts):
     (FR, think(FR_COT), 1.0),
     (DE, think(DE_COT), 1.0),
     (ZH, think(ZH_COT), 1.0),
-    (EN, think(FR_COT), 1 / 15),  # "on" is an English word too; "D'" is a single letter
+    (EN, think(FR_COT), 1 / 14),  # "on" is an English word too; "D'" a single letter; "somme" English's (Somme)
     (EN, think(DE_COT), 0.0),
     (FR, think(EN_COT), 0.0),
     (DE, think(FR_COT), 0.0),
@@ -122,11 +122,11 @@ def test_language_consistency(sample, completion, expected):
 
 
 def test_words_the_prompt_contains_are_not_counted():
-    reverse = PromptSample(prompt="Reverse the word mesa", answer="asem", kind="general", task="reverse_word")
-    cot = "<think>The letters of mesa in reverse order.</think><answer>asem</answer>"
-    assert language_consistency_reward(cot, reverse) == 1.0  # "mesa" is Spanish, but it is the question's word
+    reverse = PromptSample(prompt="Reverse the word silla", answer="allis", kind="general", task="reverse_word")
+    cot = "<think>The letters of silla in reverse order.</think><answer>allis</answer>"
+    assert language_consistency_reward(cot, reverse) == 1.0  # "silla" is Spanish, but it is the question's word
     other = PromptSample(prompt="Reverse the word pita", answer="atip", kind="general", task="reverse_word")
-    assert language_consistency_reward(cot, other) == pytest.approx(4 / 5)  # letters, of, in, order | mesa
+    assert language_consistency_reward(cot, other) == pytest.approx(4 / 5)  # letters, of, in, order | silla
 
 
 def test_mixed_language_is_strictly_between():
