@@ -248,10 +248,20 @@ def _init_weights(model: CausalLM) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" = cuda when torch sees a GPU, else cpu; any other name as torch spells it."""
+    """"auto" = cuda when torch sees a GPU, else cpu; any other name as torch spells it. A name torch does not know,
+    or a CUDA device this machine does not have, is a ValueError naming it (before anything is built)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s) torch can use; use auto or "
+                             f"cpu" + (f", or cuda:0..cuda:{count - 1}" if count else ""))
+    return device
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

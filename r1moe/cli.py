@@ -118,7 +118,7 @@ def parse_stage_args(argv: list[str] | None, stage: str) -> tuple[JobConfig, boo
     """`r1moe STAGE RECIPE [key=value ...] [--resume]` -> (config, resume)."""
     import argparse
 
-    from r1moe.config import load_config
+    from r1moe.config import load_stage_config
 
     p = argparse.ArgumentParser(prog=f"r1moe {stage}", description=f"Run the {stage} stage from a recipe.")
     p.add_argument("recipe", help="recipe YAML (recipes/...)")
@@ -130,15 +130,17 @@ def parse_stage_args(argv: list[str] | None, stage: str) -> tuple[JobConfig, boo
     p.add_argument("--allow-config-change", metavar="KEYS", default="",
                    help="comma-separated config keys (or sections) that --resume may find changed, e.g. "
                         "train.steps,logging.wandb; any other difference stops the resume")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides after a flag too: `r1moe sft R --resume k=v`
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         p.error(f"overrides must look like key=value: {bad}")
-    extra = [f"stage={stage}"]
+    extra = []
     if args.allow_config_change:
+        if not (args.resume or "checkpoint.resume=true" in args.overrides):
+            p.error("--allow-config-change applies to --resume only (it names what a resumed run may find changed)")
         keys = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
         extra.append(f"checkpoint.allow_config_change=[{','.join(keys)}]")
-    cfg = load_config(args.recipe, [*args.overrides, *extra])
+    cfg = load_stage_config(args.recipe, [*args.overrides, *extra], stage)
     return cfg, args.resume or cfg.checkpoint.resume
 
 

@@ -29,7 +29,8 @@ from r1moe.parallel.config import ParallelConfig
 @dataclass
 class ModelSection:
     preset: str = "tiny-moe"
-    """Architecture from r1moe.model.PRESETS; ignored when `init` names a checkpoint (its config.json wins)."""
+    """Architecture from r1moe.model.PRESETS. With `init`, the checkpoint's config.json builds the model and a preset
+    set beside it must describe it (its shape is checked: an error if not)."""
     init: str | None = None
     """HF checkpoint directory to start from; None = random init of `preset` (pretraining)."""
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -116,6 +117,7 @@ class OptimSection:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
+    """Clip the gradient norm to this; 0 = no clipping."""
 
 
 @dataclass
@@ -338,10 +340,11 @@ class JobConfig:
         _positive(self.eval, "eval", ["samples"])
         _positive(self.data, "data", ["seq_len", "max_prompt_tokens", "tokenizer_vocab_size"])
         _positive(self.checkpoint, "checkpoint", ["keep"])
-        _non_negative(self.train, "train", ["micro_batch_size", "threads", "eval_every"])
+        _non_negative(self.train, "train", ["micro_batch_size", "threads", "eval_every", "mtp_weight", "expert_bias_rate"])
         _non_negative(self.rollout, "rollout", ["micro_batch_size", "top_k"])
         _non_negative(self.eval, "eval", ["max_new_tokens", "max_questions"])
-        _non_negative(self.optim, "optim", ["lr", "warmup_steps", "weight_decay"])
+        _non_negative(self.optim, "optim", ["lr", "warmup_steps", "weight_decay", "grad_clip"])
+        _non_negative(self.algo, "algo", ["eps_low", "ref_refresh_every"])
         _non_negative(self.checkpoint, "checkpoint", ["every"])
         if self.train.epochs is not None and self.train.epochs <= 0:
             raise ValueError(f"train.epochs={self.train.epochs} must be > 0 (or null to use train.steps)")
@@ -453,6 +456,9 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
             layers.append(OmegaConf.load(path))
         except Exception as e:  # noqa: BLE001 -- yaml's and omegaconf's errors both; they carry line numbers
             raise ValueError(f"{path}: invalid YAML: {e}") from None
+        if not OmegaConf.is_dict(layers[-1]) or not layers[-1]:
+            raise ValueError(f"{path}: a recipe is a mapping of config sections (model:, data:, ...); this file holds "
+                             f"{'nothing' if not layers[-1] else 'a list'}")
     try:
         merged = OmegaConf.merge(*layers)
         if overrides:
@@ -465,6 +471,19 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
         msg = str(e).splitlines()[0]
         raise ValueError(f"{where}bad config key {key!r}: {msg}") from None
     _check_steps_or_epochs(cfg, recipe, layers[1:])
+    return cfg
+
+
+def load_stage_config(recipe: str | Path, overrides: list[str], stage: str) -> JobConfig:
+    """`load_config` for a run of `stage` (`r1moe STAGE`, a pipeline stage of that kind): a recipe or override that
+    names another stage is an error, not replaced in silence (`r1moe pretrain sft.yaml`)."""
+    cfg = load_config(recipe, [*overrides, f"stage={stage}"])
+    said = [(f"{recipe}: stage", OmegaConf.load(recipe).get("stage"))]
+    said += [("override stage", o.split("=", 1)[1].strip()) for o in overrides if o.split("=", 1)[0].strip() == "stage"]
+    for where, value in said:
+        if value is not None and value != stage:
+            raise ValueError(f"{where}={value!r}, but this runs the {stage} stage: run it with `r1moe {value}` (or "
+                             f"as a pipeline stage of kind {value}), or fix the recipe")
     return cfg
 
 

@@ -219,15 +219,29 @@ def load_spec(cls: type[T], path: str | Path, overrides: list[str] | None = None
         raise ValueError(f"{path}: bad key {getattr(e, 'full_key', None)!r}: {str(e).splitlines()[0]}") from None
 
 
+STAGE_KEYS = {"pretrain": ("recipe", "overrides"), "sft": ("recipe", "overrides"), "grpo": ("recipe", "overrides"),
+              "rm": ("recipe", "overrides"), "data": ("make",), "rejection": ("rejection",), "eval": ("eval",)}
+"""The keys of a pipeline stage each kind reads (besides name and kind); any other one set is an error."""
+
+
 def load_pipeline(path: str | Path) -> PipelineConfig:
     path = Path(path)
     cfg = load_spec(PipelineConfig, path, what="pipeline recipe")
+    if not cfg.stages:
+        raise ValueError(f"{path}: no stages: a pipeline recipe lists its stages under `stages:`")
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names) or "" in names:
         raise ValueError(f"{path}: stage names must be unique and non-empty, got {names}")
     for s in cfg.stages:
         if s.kind in ("pretrain", "sft", "grpo", "rm") and not s.recipe:
             raise ValueError(f"{path}: stage {s.name!r} ({s.kind}) needs a recipe")
+        reads = STAGE_KEYS.get(s.kind, ())
+        given = {"recipe": s.recipe, "overrides": s.overrides, "make": s.make, "rejection": s.rejection,
+                 "eval": s.eval}
+        unused = [k for k, v in given.items() if v and k not in reads]
+        if unused:
+            raise ValueError(f"{path}: stage {s.name!r}: {', '.join(unused)} has no effect on a stage of kind "
+                             f"{s.kind} (it reads {', '.join(reads) or 'nothing but its name'})")
         for d in s.make:
             if d.what == "tokenizer" and not d.corpus:
                 raise ValueError(f"{path}: stage {s.name!r}: a tokenizer entry needs `corpus` (an earlier entry's out)")

@@ -39,3 +39,13 @@ def test_installed_entry_point_prints_the_version():
     proc = subprocess.run([sys.executable, "-m", "r1moe.cli", "--version"], capture_output=True, text=True,
                           check=False, timeout=60)
     assert (proc.returncode, proc.stdout.strip()) == (0, f"r1moe {__version__}")
+
+
+def test_overrides_may_follow_the_flags():
+    """`r1moe sft RECIPE --resume key=value`: an override after a flag is read, not "unrecognized arguments"."""
+    from r1moe.cli import parse_stage_args
+
+    cfg, resume = parse_stage_args(["recipes/tiny/r1/stage1_cold_start.yaml", "--resume", "train.seed=7",
+                                    "--allow-config-change", "train.steps", "optim.lr=1e-4"], "sft")
+    assert resume and cfg.train.seed == 7 and cfg.optim.lr == 1e-4
+    assert cfg.checkpoint.allow_config_change == ["train.steps"] and cfg.stage == "sft"

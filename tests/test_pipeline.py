@@ -125,6 +125,33 @@ def test_data_entry_key_its_kind_does_not_read_is_an_error(tmp_path):
             load_pipeline(bad)
 
 
+def test_stage_key_its_kind_does_not_read_is_an_error(tmp_path):
+    """A stage's key its kind never reads (a recipe on a data stage, `make:` on a pretrain stage) and a pipeline
+    without stages are errors at load, naming the stage and the key."""
+    make = [{"what": "prompts", "task": "digits", "n": 5, "out": "p.jsonl"}]
+    for stage, key in (({"name": "d", "kind": "data", "make": make, "recipe": "recipes/tiny/r1_zero/pretrain.yaml"},
+                        "recipe"),
+                       ({"name": "d", "kind": "data", "make": make, "overrides": ["train.steps=2"]}, "overrides"),
+                       ({"name": "p", "kind": "pretrain", "recipe": "recipes/tiny/r1_zero/pretrain.yaml",
+                         "make": make}, "make"),
+                       ({"name": "r", "kind": "report", "overrides": ["x=1"]}, "overrides")):
+        bad = _write(tmp_path / "p.yaml", {"name": "x", "stages": [stage]})
+        with pytest.raises(ValueError, match=f"stage '{stage['name']}': {key} has no effect on a stage of kind"):
+            load_pipeline(bad)
+    with pytest.raises(ValueError, match="no stages"):
+        load_pipeline(_write(tmp_path / "empty.yaml", {"name": "x"}))
+
+
+def test_a_stage_recipe_of_another_kind_is_an_error(tmp_path):
+    """`kind: pretrain` with an SFT recipe would run the recipe as pretraining: the recipe's stage must agree."""
+    from r1moe.pipeline import _spec_of
+
+    spec = load_pipeline(_write(tmp_path / "p.yaml", {"name": "x", "stages": [
+        {"name": "p", "kind": "pretrain", "recipe": "recipes/tiny/r1/stage1_cold_start.yaml"}]}))
+    with pytest.raises(ValueError, match="stage='sft', but this runs the pretrain stage"):
+        _spec_of(spec.stages[0])
+
+
 def test_report_reads_several_eval_stages(tiny_pipeline):
     """Each checkpoint evaluated by a stage of its own (`report.eval_stage: a, b`): the report reads them together;
     a name that is no eval stage is an error when the recipe loads, a label two stages share when the report runs."""

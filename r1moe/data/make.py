@@ -22,6 +22,7 @@ import inspect
 import sys
 from collections.abc import Iterable, Iterator
 from itertools import islice
+from pathlib import Path
 from typing import TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -118,6 +119,8 @@ def data_make_main(argv: list[str] | None = None) -> int:
     bad_rate = next((r for r in CORPUS_RATES if getattr(args, r) is not None and not 0 <= getattr(args, r) <= 1), None)
     if bad_rate:
         return _usage_error(parser, f"--{bad_rate.replace('_', '-')}={getattr(args, bad_rate)} must be in [0, 1]")
+    if Path(args.out).is_dir():
+        return _usage_error(parser, f"--out {args.out} is a directory; name the JSONL file to write")
     difficulty = 1 if args.difficulty is None else args.difficulty
     template = args.template or "r1_zero"
     try:
@@ -143,6 +146,9 @@ def data_make_main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"r1moe data make: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # --out in a directory that cannot be written
+        print(f"r1moe data make: error: --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"wrote {count} {args.task} records to {args.out}")
     return 0
 

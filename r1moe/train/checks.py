@@ -8,9 +8,54 @@ init checkpoint, the data) stay with the stage: a recipe is valid before its inp
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 from r1moe.config import JobConfig, ParallelSection
+
+_LM_NOT_READ = ("rollout", "algo", "rewards", "eval", "data.eval", "data.max_prompt_tokens", "train.eval_every")
+NOT_READ: dict[str, tuple[str, ...]] = {
+    "pretrain": _LM_NOT_READ,
+    "sft": _LM_NOT_READ,
+    "rm": ("rollout", "algo", "rewards", "eval", "data.max_prompt_tokens"),
+    "grpo": ("train.mtp_weight",),
+}
+"""Config keys (or whole sections) a stage never reads: set away from their defaults, they are an error naming them
+(`check_not_read`), not a silent no-op (`rollout.group_size` in an SFT recipe, `train.mtp_weight` in GRPO, which
+trains no MTP head)."""
+
+
+def changed_keys(cfg: Any, default: Any, prefix: str) -> list[str]:
+    """The leaf keys under `prefix` where `cfg` differs from `default` (dataclasses compared field by field)."""
+    if dataclasses.is_dataclass(cfg):
+        return [k for f in dataclasses.fields(cfg)
+                for k in changed_keys(getattr(cfg, f.name), getattr(default, f.name), f"{prefix}.{f.name}")]
+    return [] if cfg == default else [prefix]
+
+
+def _select(node: Any, key: str) -> Any:
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_not_read(cfg: JobConfig) -> None:
+    default = JobConfig(stage=cfg.stage)
+    changed = [k for key in NOT_READ.get(cfg.stage, ()) for k in changed_keys(_select(cfg, key), _select(default, key),
+                                                                             key)]
+    if changed:
+        shown = ", ".join(f"{k}={_select(cfg, k)!r}" for k in changed)
+        raise ValueError(f"{shown}: `r1moe {cfg.stage}` does not read {'this key' if len(changed) == 1 else 'these keys'}"
+                         f" (no effect); remove {'it' if len(changed) == 1 else 'them'}")
+
+
+def _check_common(cfg: JobConfig) -> None:
+    """Values one setting makes meaningless, in every training stage."""
+    o = cfg.optim
+    if o.schedule == "constant" and o.min_lr_ratio != 1.0:
+        raise ValueError(f"optim.min_lr_ratio={o.min_lr_ratio}: no effect with optim.schedule=constant; set "
+                         f"optim.schedule=cosine or linear, or remove it")
 
 
 def check_megatron_config(cfg: JobConfig) -> None:
@@ -68,6 +113,19 @@ def check_grpo(cfg: JobConfig) -> None:
         if name not in REWARD_FUNCS:
             raise ValueError(f"rewards.weights: unknown reward {name!r}; known: {sorted(REWARD_FUNCS)}")
     _need_tokenizer_source(cfg)
+    ro, a = cfg.rollout, cfg.algo
+    if ro.group_size < 2:
+        raise ValueError(f"rollout.group_size={ro.group_size}: GRPO's advantage is relative to the group's other "
+                         f"outputs, so a group of one learns nothing; use >= 2 (R1: 16)")
+    if ro.temperature == 0:
+        raise ValueError("rollout.temperature=0: greedy rollouts make every output of a group the same (advantage 0, "
+                         "nothing learned); sample at T > 0 (R1: 1.0)")
+    if a.norm_const is not None and (a.agg != "seq_sum_norm" or a.norm_const <= 0):
+        raise ValueError(f"algo.norm_const={a.norm_const}: " + ("must be > 0" if a.agg == "seq_sum_norm" else
+                         f"no effect with algo.agg={a.agg!r} (it is seq_sum_norm's normaliser); remove it"))
+    if a.ref_refresh_every and a.beta == 0:
+        raise ValueError(f"algo.ref_refresh_every={a.ref_refresh_every}: no effect with algo.beta=0 (no reference "
+                         f"model); remove it or set algo.beta > 0")
     if cfg.rollout.engine == "sglang" and cfg.train.device != "auto" and not cfg.train.device.startswith("cuda"):
         raise ValueError(f"rollout.engine=sglang runs on GPUs: train.device={cfg.train.device!r} must be auto or "
                          f"cuda (or use rollout.engine=builtin)")
@@ -103,6 +161,8 @@ def validate(cfg: JobConfig) -> None:
     else:
         check_reference_config(cfg.parallel)
     _check_tokenizer_vocab_size(cfg)
+    check_not_read(cfg)
+    _check_common(cfg)
     STAGE_CHECKS[cfg.stage](cfg)
 
 

@@ -33,7 +33,10 @@ def setup_torch(train: TrainSection) -> torch.device:
     if train.threads > 0:
         torch.set_num_threads(train.threads)
     seed_everything(train.seed)
-    return resolve_device(train.device)
+    try:
+        return resolve_device(train.device)
+    except ValueError as e:
+        raise ValueError(f"train.{e}") from None
 
 
 def config_dict(cfg: JobConfig) -> dict[str, Any]:
@@ -93,6 +96,7 @@ def build_policy(cfg: JobConfig, tok: Tokenizer, device: torch.device) -> Causal
     if init is not None:
         model = from_pretrained(init, dtype=dtype, device=str(device))
         apply_init_overrides(model.cfg, cfg.model.overrides, init)
+        check_preset_matches(cfg.model.preset, model.cfg, init)
     else:
         mcfg = get_preset(cfg.model.preset)
         try:
@@ -105,6 +109,24 @@ def build_policy(cfg: JobConfig, tok: Tokenizer, device: torch.device) -> Causal
     check_tokenizer_fits(tok, model.cfg, f"model {init or cfg.model.preset}")
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     return model
+
+
+PRESET_CHECKED_FIELDS = ("architecture", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                         "intermediate_size", "n_routed_experts")
+
+
+def check_preset_matches(preset: str, mcfg: ModelConfig, init: Any) -> None:
+    """model.preset beside model.init is a statement of which model the checkpoint is (the real-scale recipes name
+    both): the checkpoint's config.json builds the model, and a preset whose shape disagrees with it is an error, not
+    a value silently ignored. The default preset (not set by the recipe) is not checked."""
+    if preset == ModelSection().preset:
+        return
+    want = get_preset(preset)
+    differ = [f"{f}: preset {getattr(want, f)!r}, checkpoint {getattr(mcfg, f)!r}" for f in PRESET_CHECKED_FIELDS
+              if getattr(want, f) != getattr(mcfg, f)]
+    if differ:
+        raise ValueError(f"model.preset={preset!r} does not describe model.init={init} ({'; '.join(differ)}): fix "
+                         f"the preset or remove it (the checkpoint's config.json sets the architecture)")
 
 
 def num_marker_rows(tok: Tokenizer, vocab_size: int) -> int:

@@ -32,7 +32,7 @@ from r1moe.plots import plot_run
 from r1moe.progress import progress_bar
 from r1moe.rollout import BuiltinEngine, RolloutEngine, SamplingParams
 
-from . import common, rundir
+from . import checks, common, rundir
 from .guard import NonFiniteGuard
 from .packing import shuffled_indices
 from .policy import Policy, ReferencePolicy, build_rl_batch
@@ -180,6 +180,7 @@ def run(cfg: JobConfig, resume: bool = False, *, policy_factory=None, engine_fac
     from r1moe.rewards import compute_rewards
     from r1moe.templates import completion_prefix
 
+    checks.validate(cfg)  # the config alone: keys with no effect, data.train, a tokenizer source
     if policy_factory is None:
         check_backends(cfg)  # before anything is read or written
     sampler, held_out, tok = _load(cfg)

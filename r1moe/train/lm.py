@@ -22,7 +22,7 @@ from r1moe.tracking import MetricsLogger
 
 from . import checkpointing, common, rundir
 from .guard import NonFiniteGuard
-from .packing import IGNORE, Example, iterate_batches, mtp_targets, pack_examples
+from .packing import IGNORE, Example, check_packed, iterate_batches, mtp_targets, pack_examples
 
 
 def _masked_ce(logits, targets):
@@ -42,6 +42,7 @@ def _training_rows(cfg: JobConfig, examples: list[Example] | IndexedRows, tok: T
     if isinstance(examples, IndexedRows):
         return examples, examples.num_rows
     rows = pack_examples(examples, cfg.data.seq_len, special_ids(tok)[0])
+    check_packed(examples, rows, cfg.data.seq_len)
     return rows, len(rows)
 
 

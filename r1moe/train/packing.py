@@ -10,6 +10,7 @@ Legend: R rows, T seq_len.
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -63,6 +64,19 @@ def pack_examples(examples: list[Example], seq_len: int, pad_id: int) -> list[tu
     if cur_in:
         rows.append(_pad_row(cur_in, cur_tg, cur_sg, seq_len, pad_id))
     return rows
+
+
+def check_packed(examples: list[Example], rows: list[tuple[list[int], list[int], list[int]]], seq_len: int) -> None:
+    """After `pack_examples` of a whole dataset: the examples truncated at seq_len are counted on stderr, and rows
+    with no token to train on at all (every SFT prompt longer than seq_len) are a ValueError naming data.seq_len."""
+    cut = [ex for ex in examples if len(ex.ids) > seq_len + 1]
+    if cut:
+        emptied = sum(not any(ex.loss_mask[1:seq_len + 1]) and any(ex.loss_mask[1:]) for ex in cut)
+        print(f"[data] {len(cut)} of {len(examples)} examples are longer than data.seq_len={seq_len} and were "
+              f"truncated ({emptied} of them lost every loss token)", file=sys.stderr, flush=True)
+    if examples and not any(t != IGNORE for _, targets, _ in rows for t in targets):
+        raise ValueError(f"no example has a token to train on after truncation at data.seq_len={seq_len} (the loss "
+                         f"tokens lie past it in all {len(examples)}); raise data.seq_len")
 
 
 def _pad_row(inp, tgt, seg, seq_len, pad_id):

@@ -175,26 +175,35 @@ class ReferencePolicy:
             torch.cuda.synchronize()
         metrics = {"perf/logprob_s": time.perf_counter() - t0}
         size = -(-n // a.num_minibatches)
-        stats, counts = [], None
+        # train.micro_batch_size: rows per forward/backward, gradients accumulated over an update's minibatch (each
+        # micro-batch's loss over the minibatch's denominator, so their sum is the minibatch's loss)
+        micro = self.cfg.train.micro_batch_size or size
+        stats, counts, first = [], None, []
         for i in range(0, n, size):
-            sl = slice(i, i + size)
-            mb = batch.rows(sl)
-            logp, c = sequence_logprobs(model, mb, temperature, expert_counts=a.update_expert_bias)
-            if i == 0:  # before the first update: the weights that generated the rollout
-                metrics.update(logprob_mismatch(logp if old is None else old[sl], mb))
-            loss, st = compute_grpo_loss(
-                logp, None if old is None else old[sl], adv_N[sl], mb.response_mask_NT,
-                ref_logp_BT=None if ref_lp is None else ref_lp[sl], beta=a.beta, eps_low=a.eps_low,
-                eps_high=a.eps_high, agg=a.agg, norm_const=norm_const,
-                loss_denominator=compute_loss_denominator(mb.response_mask_NT, a.agg).clamp(min=1))
-            loss.backward()
+            den = compute_loss_denominator(batch.rows(slice(i, i + size)).response_mask_NT, a.agg).clamp(min=1)
+            total = 0.0
+            for j in range(i, min(i + size, n), micro):
+                sl = slice(j, min(j + micro, i + size))
+                mb = batch.rows(sl)
+                logp, c = sequence_logprobs(model, mb, temperature, expert_counts=a.update_expert_bias)
+                if i == 0:  # before the first update: the weights that generated the rollout
+                    first.append(logp.detach())
+                loss, st = compute_grpo_loss(
+                    logp, None if old is None else old[sl], adv_N[sl], mb.response_mask_NT,
+                    ref_logp_BT=None if ref_lp is None else ref_lp[sl], beta=a.beta, eps_low=a.eps_low,
+                    eps_high=a.eps_high, agg=a.agg, norm_const=norm_const, loss_denominator=den)
+                loss.backward()
+                total = total + loss.detach()
+                stats.append(st)
+                if c is not None:
+                    counts = c if counts is None else counts + c
+            if i == 0:
+                rows = slice(0, min(size, n))
+                metrics.update(logprob_mismatch(torch.cat(first) if old is None else old[rows], batch.rows(rows)))
             outcome = common.guarded_step(model, self.opt, self.sched, self.cfg.optim.grad_clip, guard, step,
-                                          loss=loss)
+                                          loss=total)
             metrics["train/grad_norm"] = outcome.grad_norm
             skipped += outcome.skipped
-            stats.append(st)
-            if c is not None:
-                counts = c if counts is None else counts + c
         if a.update_expert_bias and not skipped:
             common.apply_expert_bias_update(model, counts, self.cfg.train.expert_bias_rate)
         metrics.update(type(stats[0]).merge(stats).to_dict("train/"))

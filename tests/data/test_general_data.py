@@ -94,3 +94,10 @@ def test_data_make_errors(tmp_path, capsys):
     assert data_make_main(["linear", "--n", "100000", "--seed", "0", "--out", str(out)]) == 1
     assert "supplied only" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_data_make_out_that_is_a_directory_is_a_usage_error(tmp_path, capsys):
+    assert data_make_main(["linear", "--n", "3", "--seed", "0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path} is a directory" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

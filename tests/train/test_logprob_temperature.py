@@ -1,6 +1,7 @@
 """Log-probs at the rollout temperature (rollout/base.py, train/policy.py): the built-in engine reports
 log softmax(logits / T) of the sampled token, the trainer computes the same, so on-policy the ratio is 1."""
 
+import pytest
 import torch
 
 from r1moe.algorithms import compute_token_logprobs
@@ -76,3 +77,34 @@ def test_sglang_engine_dir_holds_the_checkpoints_config_files(tmp_path, tiny_bas
     assert sorted(p.name for p in d.iterdir()) == ["config.json", "generation_config.json"]
     for name in ("config.json", "generation_config.json"):
         assert (d / name).read_text() == (tiny_base / name).read_text()
+
+
+def test_reference_grpo_micro_batches_accumulate_to_the_same_update(tiny_base, one_thread):
+    """train.micro_batch_size splits each update's minibatch into forward/backward passes whose gradients add up to
+    the whole minibatch's: the same weights after the step (any aggregation), the same metrics."""
+    tok = load_tokenizer(tiny_base)
+    engine = BuiltinEngine(from_pretrained(tiny_base).eval(), tok, eos_ids=[2])
+    gens = engine.generate([tok.encode("1 + 2 =").ids, tok.encode("30 - 4 =").ids] * 3,
+                           SamplingParams(temperature=1.0, max_new_tokens=7, seed=5))
+    batch = build_rl_batch(gens, 0, torch.device("cpu"))
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.25, -0.25])
+    for agg in ("seq_mean_group_mean", "token_mean"):
+        after = []
+        for micro in (0, 2, 1):
+            torch.manual_seed(0)
+            cfg = load_config("recipes/tiny/r1_zero/grpo.yaml", [
+                f"model.init={tiny_base}", "algo.num_minibatches=2", "train.batch_size=2", f"algo.agg={agg}",
+                f"train.micro_batch_size={micro}", "optim.lr=1e-3"])
+            policy = ReferencePolicy(cfg, tok, torch.device("cpu"), total_updates=4)
+            m = policy.train_grpo(batch, adv, cfg.algo, 6.0, temperature=1.0)
+            after.append((m, [p.detach().clone() for p in policy.model.parameters()]))
+        (m0, w0), *rest = after
+        for m, w in rest:
+            # float rounding of other batch shapes only (~3e-6), against steps of ~lr = 1e-3 (below)
+            assert max(float((a - b).abs().max()) for a, b in zip(w0, w)) < 2e-5, agg
+            assert m["train/grad_norm"] == pytest.approx(m0["train/grad_norm"], rel=1e-5)
+            assert m["train/pg_loss"] == pytest.approx(m0["train/pg_loss"], abs=1e-6)
+            assert m["rollout/logprob_abs_diff"] == pytest.approx(m0["rollout/logprob_abs_diff"], abs=1e-6)
+        base = [p.detach() for p in from_pretrained(tiny_base).parameters()]
+        moved = max(float((a - b).abs().max()) for a, b in zip(w0, base))
+        assert moved > 5e-4, "the step changed nothing"

@@ -27,8 +27,8 @@ def _single_thread(one_thread):
 
 def _args(run, tiny_data, *flags, **extra):
     over = {"data.train": tiny_data / "corpus.jsonl", "train.steps": 4, "train.batch_size": 2, "data.seq_len": 128,
-            "optim.warmup_steps": 0, "optim.schedule": "constant", "optim.lr": 1e-3, "checkpoint.every": 2,
-            "train.threads": 1}
+            "optim.warmup_steps": 0, "optim.schedule": "constant", "optim.min_lr_ratio": 1.0, "optim.lr": 1e-3,
+            "checkpoint.every": 2, "train.threads": 1}
     over.update(extra)
     return ["pretrain", RECIPE, *tiny_overrides(run, **over), *flags]
 
@@ -155,7 +155,8 @@ def _poison(f):
     f.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["nan_weights", "truncated_weights", "truncated_trainer_state"])
+@pytest.mark.parametrize("damage", ["nan_weights", "truncated_weights", "truncated_trainer_state",
+                                    "garbled_trainer_state"])
 def test_resume_from_a_damaged_checkpoint_is_an_input_error(damage, tmp_path, tiny_data, capsys):
     run = tmp_path / "run"
     assert cli.main(_args(run, tiny_data)) == 0
@@ -170,7 +171,10 @@ def test_resume_from_a_damaged_checkpoint_is_an_input_error(damage, tmp_path, ti
         expect = f"{ckpt / 'model.safetensors'}: not a readable safetensors file"
     else:
         f = ckpt / "trainer_state.pt"
-        f.write_bytes(f.read_bytes()[:100])
+        if damage == "truncated_trainer_state":
+            f.write_bytes(f.read_bytes()[:100])
+        else:  # text where the pickle was (a pickle of "garbage" reads as an int opcode: ValueError)
+            f.write_text("garbage\n")
         expect = f"{ckpt / 'trainer_state.pt'}: unreadable"
     assert cli.main(_args(run, tiny_data, "--resume")) == 2
     err = capsys.readouterr().err
