@@ -118,7 +118,7 @@ def parse_stage_args(argv: list[str] | None, stage: str) -> tuple[JobConfig, boo
     """`r1moe STAGE RECIPE [key=value ...] [--resume]` -> (config, resume)."""
     import argparse
 
-    from r1moe.config import load_stage_config
+    from r1moe.config import load_config
 
     p = argparse.ArgumentParser(prog=f"r1moe {stage}", description=f"Run the {stage} stage from a recipe.")
     p.add_argument("recipe", help="recipe YAML (recipes/...)")
@@ -136,11 +136,11 @@ def parse_stage_args(argv: list[str] | None, stage: str) -> tuple[JobConfig, boo
         p.error(f"overrides must look like key=value: {bad}")
     extra = []
     if args.allow_config_change:
-        if not (args.resume or "checkpoint.resume=true" in args.overrides):
-            p.error("--allow-config-change applies to --resume only (it names what a resumed run may find changed)")
         keys = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
         extra.append(f"checkpoint.allow_config_change=[{','.join(keys)}]")
-    cfg = load_stage_config(args.recipe, [*args.overrides, *extra], stage)
+    cfg = load_config(args.recipe, [*args.overrides, *extra], stage=stage)
+    if args.allow_config_change and not (args.resume or cfg.checkpoint.resume):
+        p.error("--allow-config-change applies to --resume only (it names what a resumed run may find changed)")
     return cfg, args.resume or cfg.checkpoint.resume
 
 

@@ -444,8 +444,10 @@ def _is_config_key(cfg: Any, key: str) -> bool:
     return True
 
 
-def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
-    """Recipe YAML + `key=value` overrides -> JobConfig. Errors name the file and the key."""
+def load_config(recipe: str | Path | None, overrides: list[str] | None = None, stage: str | None = None) -> JobConfig:
+    """Recipe YAML + `key=value` overrides -> JobConfig. Errors name the file and the key. `stage`: the run's stage
+    (`r1moe STAGE`, a pipeline stage of that kind); a recipe or override naming another is an error, not replaced in
+    silence (`r1moe pretrain sft.yaml`)."""
     base = OmegaConf.structured(JobConfig)
     layers = [base]
     if recipe is not None:
@@ -459,6 +461,15 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
         if not OmegaConf.is_dict(layers[-1]) or not layers[-1]:
             raise ValueError(f"{path}: a recipe is a mapping of config sections (model:, data:, ...); this file holds "
                              f"{'nothing' if not layers[-1] else 'a list'}")
+    if stage is not None:
+        said = [(f"{recipe}: stage", layers[-1].get("stage"))] if recipe is not None else []
+        said += [("override stage", o.split("=", 1)[1].strip()) for o in overrides or []
+                 if o.split("=", 1)[0].strip() == "stage"]
+        for where, value in said:
+            if value is not None and value != stage:
+                raise ValueError(f"{where}={value!r}, but this runs the {stage} stage: run it with `r1moe {value}` "
+                                 f"(or as a pipeline stage of kind {value}), or fix the recipe")
+        overrides = [*(overrides or []), f"stage={stage}"]
     try:
         merged = OmegaConf.merge(*layers)
         if overrides:
@@ -471,19 +482,6 @@ def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -
         msg = str(e).splitlines()[0]
         raise ValueError(f"{where}bad config key {key!r}: {msg}") from None
     _check_steps_or_epochs(cfg, recipe, layers[1:])
-    return cfg
-
-
-def load_stage_config(recipe: str | Path, overrides: list[str], stage: str) -> JobConfig:
-    """`load_config` for a run of `stage` (`r1moe STAGE`, a pipeline stage of that kind): a recipe or override that
-    names another stage is an error, not replaced in silence (`r1moe pretrain sft.yaml`)."""
-    cfg = load_config(recipe, [*overrides, f"stage={stage}"])
-    said = [(f"{recipe}: stage", OmegaConf.load(recipe).get("stage"))]
-    said += [("override stage", o.split("=", 1)[1].strip()) for o in overrides if o.split("=", 1)[0].strip() == "stage"]
-    for where, value in said:
-        if value is not None and value != stage:
-            raise ValueError(f"{where}={value!r}, but this runs the {stage} stage: run it with `r1moe {value}` (or "
-                             f"as a pipeline stage of kind {value}), or fix the recipe")
     return cfg
 
 

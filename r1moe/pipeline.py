@@ -45,9 +45,9 @@ def run_stage(p: PipelineConfig, s: StageSpec, resume: bool = True) -> dict:
     if s.kind in ("pretrain", "sft", "grpo", "rm"):
         import importlib
 
-        from r1moe.config import load_stage_config
+        from r1moe.config import load_config
 
-        cfg = load_stage_config(s.recipe, list(s.overrides), s.kind)
+        cfg = load_config(s.recipe, s.overrides, stage=s.kind)
         module = importlib.import_module(f"r1moe.train.{s.kind}")
         return module.run(cfg, resume=resume and (cfg.run_dir / "checkpoints").is_dir())
     out.mkdir(parents=True, exist_ok=True)
@@ -196,9 +196,9 @@ def stage_dependencies(p: PipelineConfig) -> dict[str, set[str]]:
 
 def _spec_of(s: StageSpec):
     if s.kind in ("pretrain", "sft", "grpo", "rm"):
-        from r1moe.config import load_stage_config
+        from r1moe.config import load_config
 
-        return load_stage_config(s.recipe, list(s.overrides), s.kind)
+        return load_config(s.recipe, s.overrides, stage=s.kind)
     return {"data": [], "rejection": s.rejection, "eval": s.eval}.get(s.kind)
 
 

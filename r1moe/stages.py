@@ -236,9 +236,8 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
         if s.kind in ("pretrain", "sft", "grpo", "rm") and not s.recipe:
             raise ValueError(f"{path}: stage {s.name!r} ({s.kind}) needs a recipe")
         reads = STAGE_KEYS.get(s.kind, ())
-        given = {"recipe": s.recipe, "overrides": s.overrides, "make": s.make, "rejection": s.rejection,
-                 "eval": s.eval}
-        unused = [k for k, v in given.items() if v and k not in reads]
+        unused = [f.name for f in dataclasses.fields(s)
+                  if f.name not in ("name", "kind", *reads) and getattr(s, f.name)]
         if unused:
             raise ValueError(f"{path}: stage {s.name!r}: {', '.join(unused)} has no effect on a stage of kind "
                              f"{s.kind} (it reads {', '.join(reads) or 'nothing but its name'})")

@@ -180,7 +180,7 @@ class ReferencePolicy:
         micro = self.cfg.train.micro_batch_size or size
         stats, counts, first = [], None, []
         for i in range(0, n, size):
-            den = compute_loss_denominator(batch.rows(slice(i, i + size)).response_mask_NT, a.agg).clamp(min=1)
+            den = compute_loss_denominator(batch.response_mask_NT[i:i + size], a.agg).clamp(min=1)
             total = 0.0
             for j in range(i, min(i + size, n), micro):
                 sl = slice(j, min(j + micro, i + size))
